@@ -1,0 +1,51 @@
+"""The static-index training pipeline:
+
+ingest -> validate_data -> quality_gate -> text_features -> sid_quantization -> instruction_dataset
+       -> finetune -> evaluate -> log_to_mlflow        (baselines run beside, on the same split)
+"""
+from __future__ import annotations
+
+from zenml import pipeline
+
+from steps import (
+    baselines,
+    evaluate,
+    finetune,
+    ingest,
+    instruction_dataset,
+    log_to_mlflow,
+    quality_gate,
+    sid_quantization,
+    text_features,
+    validate_data,
+)
+
+# which config sections each step sees (its cache key changes only when these change)
+SECTIONS = {
+    "ingest": ("data",),
+    "validate_data": ("validation",),
+    "text_features": ("features", "model", "index", "train", "seed"),
+    "sid_quantization": ("index", "seed"),
+    "instruction_dataset": ("tasks", "train", "data", "seed"),
+    "finetune": ("model", "train", "seed"),
+    "evaluate": ("model", "eval", "train", "seed"),
+    "baselines": ("baselines", "eval", "data", "train", "seed"),
+}
+
+
+def pick(config: dict, step: str) -> dict:
+    return {k: config[k] for k in SECTIONS[step] if k in config}
+
+
+@pipeline(enable_cache=True)
+def training_pipeline(config: dict) -> None:
+    dataset = ingest(config=pick(config, "ingest"))
+    quality = validate_data(dataset, config=pick(config, "validate_data"))
+    passed = quality_gate(quality)
+    features = text_features(dataset, passed, config=pick(config, "text_features"))
+    index = sid_quantization(features, config=pick(config, "sid_quantization"))
+    instructions = instruction_dataset(dataset, index, config=pick(config, "instruction_dataset"))
+    recommender = finetune(instructions, index, config=pick(config, "finetune"))
+    report = evaluate(recommender, instructions, index, config=pick(config, "evaluate"))
+    base = baselines(dataset, config=pick(config, "baselines"), after="quality_gate")
+    log_to_mlflow(dataset, quality, index, instructions, recommender, report, base, config=config)

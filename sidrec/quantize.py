@@ -1,0 +1,654 @@
+"""Semantic-ID quantizers: residual k-means (RQ-KMeans) and RQ-VAE.
+
+Both turn an embedding matrix ``x [n, d]`` into ``M`` code levels of ``N`` codes
+each. Identical raw code tuples are made unique by appending one extra level
+(the index of the item inside its group of identical raw codes), so every
+entity gets a distinct semantic ID.
+
+The fitted quantizer is kept as a :class:`QuantizerState` (codebooks, input
+standardisation and, for RQ-VAE, the MLP weights) so that new items can be
+assigned later without retraining (:func:`assign_new`). States are saved as
+safetensors + JSON only (no pickle).
+
+Everything is deterministic given a seed on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from sidrec.config import IndexConfig, RQVAEConfig
+
+STATE_FILE = "quantizer.safetensors"
+META_FILE = "quantizer.json"
+FORMAT_VERSION = 1
+_CHUNK = 16384  # rows per distance computation chunk
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def auto_codebook_size(n: int, levels: int) -> int:
+    """Codebook size N for a catalog of ``n`` items and ``levels`` levels.
+
+    Smallest power of two >= 2 * ceil(n ** (1/levels)), clamped to [4, 256]
+    (1682 items, 3 levels -> 32). The root is computed exactly on integers.
+    """
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    n = max(int(n), 1)
+    root = max(int(round(n ** (1.0 / levels))), 1)
+    while root**levels < n:  # exact integer ceil of the root
+        root += 1
+    while root > 1 and (root - 1) ** levels >= n:
+        root -= 1
+    target = 2 * root
+    size = 1
+    while size < target:
+        size *= 2
+    return int(min(max(size, 4), 256))
+
+
+def _as_matrix(x, name: str = "x") -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [n, d], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise ValueError(f"{name} has {bad} rows with NaN/inf values")
+    return arr
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of ``c`` for every row of ``x`` (first on ties)."""
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    c_sq = (c * c).sum(1)
+    for s in range(0, x.shape[0], _CHUNK):
+        xb = x[s : s + _CHUNK]
+        d = c_sq[None, :] - 2.0 * (xb @ c.T)  # ||x||^2 is constant per row
+        out[s : s + _CHUNK] = d.argmin(1)
+    return out
+
+
+def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]
+    return d.clamp_min_(0.0)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """Lloyd k-means with k-means++ init; returns ``[k, d]`` centroids.
+
+    If ``x`` has fewer than ``k`` distinct rows, only that many centroids are
+    fitted and the remaining slots repeat the first centroid (``argmin`` picks
+    the first of equal distances, so the repeats are never assigned).
+    Empty clusters are re-seeded with the points farthest from their centroid.
+    """
+    x = x.float()
+    n = x.shape[0]
+    n_distinct = int(torch.unique(x, dim=0).shape[0])
+    k_eff = max(1, min(k, n_distinct))
+
+    # k-means++ init
+    x_sq = (x * x).sum(1)
+
+    def d2_to(i: int) -> torch.Tensor:
+        d = x_sq - 2.0 * (x @ x[i]) + x_sq[i]
+        d[i] = 0.0
+        return d.clamp_min_(0.0)
+
+    first = int(torch.randint(n, (1,), generator=generator))
+    idx = [first]
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[first] = True
+    d2 = d2_to(first)
+    for _ in range(1, k_eff):
+        d2 = d2.masked_fill(chosen, 0.0)
+        total = d2.sum()
+        if float(total) <= 0:
+            break
+        nxt = int(torch.multinomial(d2 / total, 1, generator=generator))
+        idx.append(nxt)
+        chosen[nxt] = True
+        d2 = torch.minimum(d2, d2_to(nxt))
+    c = x[idx].clone()
+    k_eff = c.shape[0]
+
+    assign = None
+    for _ in range(iters):
+        new_assign = _nearest(x, c)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        onehot = torch.zeros(n, k_eff, dtype=x.dtype)
+        onehot[torch.arange(n), assign] = 1.0
+        sums = onehot.T @ x
+        counts = torch.bincount(assign, minlength=k_eff)
+        empty = (counts == 0).nonzero().flatten()
+        nonempty = counts > 0
+        c[nonempty] = sums[nonempty] / counts[nonempty, None].float()
+        if empty.numel():
+            # re-seed empty clusters with the worst-fitted points
+            err = ((x - c[assign]) ** 2).sum(1)
+            far = torch.argsort(err, descending=True, stable=True)[: empty.numel()]
+            c[empty] = x[far]
+            assign = None  # force another pass
+    if k_eff < k:
+        c = torch.cat([c, c[:1].expand(k - k_eff, -1)], 0)
+    return c
+
+
+class _MLP(nn.Module):
+    """Linear layers with ReLU in between (none after the last)."""
+
+    def __init__(self, dims: list[int]):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "_MLP":
+        n_layers = len({k.split(".")[1] for k in state})
+        dims = [state[f"layers.{i}.weight"].shape[1] for i in range(n_layers)]
+        dims.append(state[f"layers.{n_layers - 1}.weight"].shape[0])
+        m = cls(dims)
+        m.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+        return m.eval()
+
+
+def _mlp_state(m: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().astype(np.float32).copy() for k, v in m.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(eq=False)
+class QuantizerState:
+    """Everything needed to assign new vectors to codes later (no retraining).
+
+    ``codebooks[l]`` is ``[N, d_code]``; inputs are standardised with
+    ``(x - mean) / scale`` first. For ``rq_vae`` the standardised input goes
+    through the ``encoder`` MLP before residual quantization and ``decoder``
+    maps summed codewords back to the standardised input space.
+    """
+
+    kind: str  # "rq_kmeans" | "rq_vae"
+    codebooks: list[np.ndarray]
+    mean: np.ndarray
+    scale: np.ndarray
+    encoder: dict[str, np.ndarray] = field(default_factory=dict)
+    decoder: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in ("rq_kmeans", "rq_vae"):
+            raise ValueError(f"unknown quantizer kind {self.kind!r} (expected 'rq_kmeans' or 'rq_vae')")
+        if not self.codebooks:
+            raise ValueError("a quantizer needs at least one codebook")
+        if self.kind == "rq_vae" and (not self.encoder or not self.decoder):
+            raise ValueError("an rq_vae state needs encoder and decoder weights")
+        self.codebooks = [np.asarray(c, dtype=np.float32) for c in self.codebooks]
+        self.mean = np.asarray(self.mean, dtype=np.float32)
+        self.scale = np.asarray(self.scale, dtype=np.float32)
+
+    # -- shape info
+    @property
+    def levels(self) -> int:
+        return len(self.codebooks)
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [int(c.shape[0]) for c in self.codebooks]
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    # -- encoding
+    def _latent(self, x: np.ndarray) -> torch.Tensor:
+        x = _as_matrix(x)
+        if x.shape[1] != self.input_dim:
+            raise ValueError(f"x has dimension {x.shape[1]} but the quantizer was fitted on {self.input_dim}")
+        z = torch.from_numpy((x - self.mean) / self.scale)
+        if self.kind == "rq_vae":
+            with torch.no_grad():
+                z = _MLP.from_state(self.encoder)(z)
+        return z
+
+    def _residual_assign(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Greedy residual assignment: codes ``[n, M]`` and the residual entering each level."""
+        r = z.clone()
+        codes, residuals = [], []
+        for cb in self.codebooks:
+            c = torch.from_numpy(cb)
+            residuals.append(r)
+            idx = _nearest(r, c)
+            codes.append(idx)
+            r = r - c[idx]
+        return torch.stack(codes, 1), residuals
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """Raw ``[n, M]`` int64 codes (before collision resolution)."""
+        codes, _ = self._residual_assign(self._latent(x))
+        return codes.numpy().astype(np.int64)
+
+    def reconstruct(self, codes: np.ndarray) -> np.ndarray:
+        """Standardised-space reconstruction from ``[n, >=M]`` codes (extra levels ignored)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        q = sum(self.codebooks[l][codes[:, l]] for l in range(self.levels))
+        if self.kind == "rq_vae":
+            with torch.no_grad():
+                q = _MLP.from_state(self.decoder)(torch.from_numpy(np.asarray(q, dtype=np.float32))).numpy()
+        return np.asarray(q, dtype=np.float32)
+
+    def reconstruction_error(self, x: np.ndarray) -> float:
+        """MSE between the standardised input and its reconstruction from its codes."""
+        x = _as_matrix(x)
+        target = (x - self.mean) / self.scale
+        return float(np.mean((self.reconstruct(self.assign(x)) - target) ** 2))
+
+    # -- persistence
+    def save(self, directory) -> Path:
+        """Write ``quantizer.safetensors`` + ``quantizer.json`` into ``directory`` (atomically per file)."""
+        from safetensors.numpy import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {f"codebook.{i}": np.ascontiguousarray(c) for i, c in enumerate(self.codebooks)}
+        tensors["mean"] = np.ascontiguousarray(self.mean)
+        tensors["scale"] = np.ascontiguousarray(self.scale)
+        for k, v in self.encoder.items():
+            tensors[f"encoder.{k}"] = np.ascontiguousarray(v)
+        for k, v in self.decoder.items():
+            tensors[f"decoder.{k}"] = np.ascontiguousarray(v)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "levels": self.levels,
+            "codebook_sizes": self.codebook_sizes,
+            "input_dim": self.input_dim,
+        }
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".quantizer-", suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp, metadata={"kind": self.kind})
+        os.replace(tmp, d / STATE_FILE)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".quantizer-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, d / META_FILE)
+        return d
+
+    @classmethod
+    def load(cls, directory) -> "QuantizerState":
+        from safetensors.numpy import load_file
+
+        d = Path(directory)
+        if not (d / STATE_FILE).is_file() or not (d / META_FILE).is_file():
+            raise FileNotFoundError(f"{d}: no saved quantizer ({STATE_FILE} + {META_FILE}) found")
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{d / META_FILE}: unsupported quantizer format {meta.get('format_version')!r}")
+        t = load_file(str(d / STATE_FILE))
+        books = [t[f"codebook.{i}"] for i in range(int(meta["levels"]))]
+        enc = {k[len("encoder."):]: v for k, v in t.items() if k.startswith("encoder.")}
+        dec = {k[len("decoder."):]: v for k, v in t.items() if k.startswith("decoder.")}
+        return cls(kind=meta["kind"], codebooks=books, mean=t["mean"], scale=t["scale"], encoder=enc, decoder=dec)
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mean = x.mean(0).astype(np.float32)
+    std = x.std(0).astype(np.float32)
+    scale = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+    return ((x - mean) / scale).astype(np.float32), mean, scale
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, iters: int = 50) -> QuantizerState:
+    """Residual k-means: standardise ``x``, then k-means per level on the residual."""
+    x = _as_matrix(x)
+    xs, mean, scale = _standardise(x)
+    gen = torch.Generator().manual_seed(int(seed))
+    r = torch.from_numpy(xs)
+    books = []
+    for _ in range(levels):
+        c = kmeans(r, codebook_size, iters, gen)
+        books.append(c.numpy().copy())
+        r = r - c[_nearest(r, c)]
+    return QuantizerState("rq_kmeans", books, mean, scale)
+
+
+def fit_rq_vae(
+    x: np.ndarray,
+    levels: int,
+    codebook_size: int,
+    seed: int,
+    cfg: Optional[RQVAEConfig] = None,
+    kmeans_iters: int = 20,
+    progress: bool = True,
+) -> QuantizerState:
+    """RQ-VAE: MLP encoder -> residual VQ -> MLP decoder.
+
+    Codebooks are k-means-initialised on the first batch's residuals.
+    Loss = recon MSE + sum_l (||sg(r_l) - e_l||^2 + beta * ||r_l - sg(e_l)||^2), with the
+    straight-through estimator for the decoder's gradient. Codes unused during an
+    epoch are re-seeded with random residuals of the last batch (dead-code reset).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or RQVAEConfig()
+    x = _as_matrix(x)
+    xs, mean, scale = _standardise(x)
+    n, d = xs.shape
+    data = torch.from_numpy(xs)
+    bs = min(cfg.batch_size, n)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(int(seed))
+        enc = _MLP([d, *cfg.hidden_dims, cfg.latent_dim])
+        dec = _MLP([cfg.latent_dim, *reversed(cfg.hidden_dims), d])
+
+        perm = torch.randperm(n, generator=gen)
+        with torch.no_grad():
+            r = enc(data[perm[:bs]])
+            init = []
+            for _ in range(levels):
+                c = kmeans(r, codebook_size, kmeans_iters, gen)
+                if torch.unique(r, dim=0).shape[0] < codebook_size:
+                    # too few distinct points: jitter the padded slots so they can still learn
+                    c = c + 0.01 * torch.randn(c.shape, generator=gen) * r.std().clamp_min(1e-3)
+                init.append(c)
+                r = r - c[_nearest(r, c)]
+        books = nn.ParameterList(nn.Parameter(c.clone()) for c in init)
+
+        params = list(enc.parameters()) + list(dec.parameters()) + list(books.parameters())
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+
+        bar = tqdm(range(cfg.epochs), desc="rq-vae", leave=False, disable=not progress)
+        for epoch in bar:
+            order = perm if epoch == 0 else torch.randperm(n, generator=gen)
+            usage = [torch.zeros(codebook_size, dtype=torch.long) for _ in range(levels)]
+            last_res: list[torch.Tensor] = []
+            tot = 0.0
+            for s in range(0, n, bs):
+                xb = data[order[s : s + bs]]
+                z = enc(xb)
+                r = z
+                q = torch.zeros_like(z)
+                vq_loss = z.new_zeros(())
+                last_res = []
+                for l in range(levels):
+                    cb = books[l]
+                    with torch.no_grad():
+                        idx = _nearest(r.detach(), cb.detach())
+                    usage[l] += torch.bincount(idx, minlength=codebook_size)
+                    e = cb[idx]
+                    vq_loss = vq_loss + ((e - r.detach()) ** 2).mean() + cfg.beta * ((r - e.detach()) ** 2).mean()
+                    last_res.append(r.detach())
+                    q = q + e
+                    r = r - e.detach()
+                zq = z + (q - z).detach()  # straight-through
+                recon = dec(zq)
+                loss = ((recon - xb) ** 2).mean() + vq_loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach()) * xb.shape[0]
+            bar.set_postfix(loss=f"{tot / n:.4f}")
+            if epoch < cfg.epochs - 1:
+                with torch.no_grad():
+                    for l in range(levels):
+                        dead = (usage[l] == 0).nonzero().flatten()
+                        if dead.numel():
+                            src = last_res[l]
+                            pick = torch.randint(src.shape[0], (dead.numel(),), generator=gen)
+                            books[l][dead] = src[pick]
+        bar.close()
+
+    return QuantizerState(
+        "rq_vae",
+        [b.detach().numpy().copy() for b in books],
+        mean,
+        scale,
+        encoder=_mlp_state(enc),
+        decoder=_mlp_state(dec),
+    )
+
+
+# --------------------------------------------------------------------------- collisions & stats
+
+
+def _group_ids(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group id of every row (identical rows share one) and the group sizes."""
+    if rows.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    _, inv, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+    return inv.reshape(-1).astype(np.int64), counts.astype(np.int64)
+
+
+def _rank_in_group(inv: np.ndarray, n_groups: int) -> np.ndarray:
+    """Position of every row inside its group, in row order."""
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty_like(inv)
+    rank[order] = np.arange(inv.shape[0]) - starts[inv[order]]
+    return rank
+
+
+def resolve_collisions(raw_codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Make code rows unique by appending one level when needed.
+
+    Returns ``(codes, extra_level_sizes)``: if every raw row is already unique the
+    codes come back unchanged and ``extra_level_sizes == []``; otherwise one column
+    is appended holding each item's index within its group of identical raw
+    codes (row order), and ``extra_level_sizes == [max group size]``.
+    """
+    raw = np.asarray(raw_codes, dtype=np.int64)
+    if raw.ndim != 2:
+        raise ValueError(f"raw_codes must be 2-D [n, M], got shape {raw.shape}")
+    inv, counts = _group_ids(raw)
+    if counts.size == 0 or counts.max() <= 1:
+        return raw.copy(), []
+    rank = _rank_in_group(inv, counts.size)
+    return np.concatenate([raw, rank[:, None]], 1), [int(counts.max())]
+
+
+def count_duplicates(codes: np.ndarray) -> int:
+    """Number of rows that repeat an earlier row."""
+    codes = np.asarray(codes)
+    if codes.shape[0] == 0:
+        return 0
+    return int(codes.shape[0] - np.unique(codes, axis=0).shape[0])
+
+
+def raw_collision_rate(raw_codes: np.ndarray) -> float:
+    """1 - (#distinct rows) / n."""
+    raw = np.asarray(raw_codes)
+    n = raw.shape[0]
+    return 0.0 if n == 0 else float(count_duplicates(raw) / n)
+
+
+def code_stats(codes: np.ndarray, level_sizes: list[int], raw_levels: Optional[int] = None) -> dict[str, float]:
+    """Usage statistics per level.
+
+    ``utilization_level_i``: share of the level's codes used by at least one row;
+    ``perplexity_level_i``: exp(entropy) of the code usage distribution;
+    ``max_group_size``: largest group of rows sharing the first ``raw_levels``
+    columns (default: all columns, i.e. 1 for unique codes).
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    n = codes.shape[0]
+    out: dict[str, float] = {"num_entities": float(n), "num_levels": float(codes.shape[1])}
+    for i, size in enumerate(level_sizes):
+        counts = np.bincount(codes[:, i], minlength=size).astype(np.float64) if n else np.zeros(size)
+        out[f"utilization_level_{i}"] = float((counts > 0).sum() / max(size, 1))
+        p = counts[counts > 0] / max(n, 1)
+        out[f"perplexity_level_{i}"] = float(np.exp(-(p * np.log(p)).sum())) if n else 0.0
+    k = codes.shape[1] if raw_levels is None else raw_levels
+    _, counts = _group_ids(codes[:, :k])
+    out["max_group_size"] = float(counts.max()) if counts.size else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------- top level
+
+
+@dataclass(eq=False)
+class QuantizationResult:
+    codes: np.ndarray  # [n, L] int64, unique rows
+    level_sizes: list[int]
+    raw_collision_rate: float
+    collisions: int
+    recon_error: float
+    stats: dict[str, float]
+    state: QuantizerState
+
+
+def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True) -> QuantizationResult:
+    """Fit the configured quantizer on ``x``, assign codes and resolve collisions."""
+    x = _as_matrix(x)
+    m = cfg.levels
+    n_codes = auto_codebook_size(x.shape[0], m) if cfg.codebook_size == "auto" else int(cfg.codebook_size)
+    if cfg.quantizer == "rq_kmeans":
+        state = fit_rq_kmeans(x, m, n_codes, seed, cfg.kmeans_iters)
+    else:
+        state = fit_rq_vae(x, m, n_codes, seed, cfg.rqvae, progress=progress)
+    raw = state.assign(x)
+    codes, extra = resolve_collisions(raw)
+    sizes = [n_codes] * m + extra
+    stats = code_stats(codes, sizes, raw_levels=m)
+    return QuantizationResult(
+        codes=codes,
+        level_sizes=sizes,
+        raw_collision_rate=raw_collision_rate(raw),
+        collisions=count_duplicates(codes),
+        recon_error=state.reconstruction_error(x),
+        stats=stats,
+        state=state,
+    )
+
+
+def assign_new(
+    state: QuantizerState, existing_codes: np.ndarray, level_sizes: list[int], x_new: np.ndarray
+) -> tuple[np.ndarray, list[int]]:
+    """Codes for new items, unique against ``existing_codes`` and each other.
+
+    Returns ``(codes [m, L], new_level_sizes)``; existing codes never change.
+
+    * With a disambiguation level (``L == M + 1``) a new item's extra index is
+      ``max(existing extra index in its raw group) + 1 + its rank among the new
+      items of that group``; the last level size grows when needed.
+    * Without one (``L == M``), adding a level would change every existing SID,
+      so a new item whose raw tuple is taken moves, at the last level, to the
+      nearest codeword whose full tuple is still free. If all ``N`` last-level
+      codes under its prefix are taken a ``ValueError`` is raised.
+    """
+    m = state.levels
+    sizes = [int(s) for s in level_sizes]
+    existing = np.asarray(existing_codes, dtype=np.int64).reshape(-1, len(sizes))
+    L = len(sizes)
+    if L not in (m, m + 1):
+        raise ValueError(f"existing codes have {L} levels but the quantizer has {m} (expected {m} or {m + 1})")
+    if sizes[:m] != state.codebook_sizes:
+        raise ValueError(f"level sizes {sizes[:m]} do not match the quantizer's codebook sizes {state.codebook_sizes}")
+    z = state._latent(x_new)
+    raw_t, residuals = state._residual_assign(z)
+    raw = raw_t.numpy().astype(np.int64)
+    n_new = raw.shape[0]
+
+    if L == m + 1:
+        # next free extra index per existing raw group
+        next_free: dict[tuple, int] = {}
+        for row in existing:
+            key = tuple(row[:m].tolist())
+            next_free[key] = max(next_free.get(key, 0), int(row[m]) + 1)
+        inv, counts = _group_ids(raw)
+        rank = _rank_in_group(inv, counts.size)
+        base = np.array([next_free.get(tuple(r.tolist()), 0) for r in raw], dtype=np.int64)
+        extra = base + rank
+        codes = np.concatenate([raw, extra[:, None]], 1)
+        if n_new:
+            sizes[m] = max(sizes[m], int(extra.max()) + 1)
+        return codes, sizes
+
+    # L == m: no disambiguation level; move colliding items to the nearest free last-level code
+    taken = {tuple(r.tolist()) for r in existing}
+    last_cb = torch.from_numpy(state.codebooks[-1])
+    codes = raw.copy()
+    for i in range(n_new):
+        key = tuple(raw[i].tolist())
+        if key not in taken:
+            taken.add(key)
+            continue
+        dist = _sq_dists(residuals[-1][i : i + 1], last_cb)[0]
+        for c in torch.argsort(dist, stable=True).tolist():
+            cand = key[:-1] + (int(c),)
+            if cand not in taken:
+                codes[i, -1] = c
+                taken.add(cand)
+                break
+        else:
+            raise ValueError(
+                f"new item {i}: every last-level code under prefix {key[:-1]} is taken; "
+                "re-index with a disambiguation level (or a larger codebook)"
+            )
+    return codes, sizes
+
+
+def plot_code_usage(codes: np.ndarray, level_sizes: list[int], path) -> None:
+    """PNG with one bar chart of code counts per level (Agg canvas; pyplot is not touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    codes = np.asarray(codes, dtype=np.int64)
+    n_levels = len(level_sizes)
+    fig = Figure(figsize=(8, 2.2 * n_levels), tight_layout=True)
+    FigureCanvasAgg(fig)
+    for i, size in enumerate(level_sizes):
+        ax = fig.add_subplot(n_levels, 1, i + 1)
+        counts = np.bincount(codes[:, i], minlength=size) if codes.shape[0] else np.zeros(size, dtype=int)
+        ax.bar(np.arange(size), counts, width=1.0, color="C0")
+        used = int((counts > 0).sum())
+        ax.set_title(f"level {i}: {used}/{size} codes used", fontsize=9)
+        ax.set_xlim(-0.5, size - 0.5)
+        ax.set_ylabel("items")
+    fig.axes[-1].set_xlabel("code")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, format="png", dpi=80)
+
+
+__all__ = [
+    "QuantizationResult",
+    "QuantizerState",
+    "assign_new",
+    "auto_codebook_size",
+    "code_stats",
+    "count_duplicates",
+    "fit_rq_kmeans",
+    "fit_rq_vae",
+    "kmeans",
+    "plot_code_usage",
+    "quantize",
+    "raw_collision_rate",
+    "resolve_collisions",
+]

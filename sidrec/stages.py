@@ -1,0 +1,175 @@
+"""One function per pipeline stage. The ZenML steps in ``steps/`` are thin wrappers around these,
+so every stage runs (and is tested) without ZenML."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from sidrec.artifacts import EntityFeatures, EvalReport, IndexBundle, InstructionSet, TrainedRecommender
+from sidrec.config import RunConfig
+
+
+def set_threads(cfg: RunConfig) -> None:
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("SIDREC_PROGRESS", "1") != "0"
+
+
+# 1. ingestion -------------------------------------------------------------------------------
+def ingest(cfg: RunConfig):
+    from sidrec.data import load_dataset
+
+    return load_dataset(cfg.data)
+
+
+# 2. validation ------------------------------------------------------------------------------
+def validate(ds, cfg: RunConfig, docs_dir: Optional[Path] = None):
+    from sidrec.validation import validate_dataset
+
+    docs_dir = docs_dir or Path(tempfile.mkdtemp(prefix="sidrec-gx-docs-"))
+    return validate_dataset(ds, cfg.validation, docs_dir)
+
+
+# 3. text features ---------------------------------------------------------------------------
+def featurize(ds, cfg: RunConfig) -> EntityFeatures:
+    from sidrec.text import backbone_embeddings, item_texts, minilm_embeddings, user_texts
+
+    set_threads(cfg)
+    items = item_texts(ds)
+    want_users = cfg.index.entities == "items+users"
+    user_ids, utexts = user_texts(ds, cfg.features.user_history_titles)
+    prog = progress_enabled()
+    if cfg.features.embedder == "minilm":
+        emb = lambda texts, what: minilm_embeddings(texts, cfg.features.batch_size, prog)  # noqa: E731
+    else:
+        from sidrec.model import load_backbone
+
+        lm, tok = load_backbone(cfg.model.backbone)
+        emb = lambda texts, what: backbone_embeddings(  # noqa: E731
+            texts, lm, tok, cfg.features.batch_size, cfg.features.max_text_tokens, compute_dtype(cfg), prog, desc=f"embed {what}")
+    item_emb = emb(items, "items")
+    user_emb = emb(utexts, "users") if want_users else None
+    return EntityFeatures(
+        item_ids=ds.items["item_id"].tolist(), item_texts=items, item_embeddings=item_emb,
+        user_ids=user_ids, user_texts=utexts, user_embeddings=user_emb, embedder=cfg.features.embedder,
+    )
+
+
+# 4. SID quantization (static) ---------------------------------------------------------------
+def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
+    from sidrec.index import SIDIndex
+    from sidrec.quantize import plot_code_usage, quantize
+
+    res = quantize(features.item_embeddings, cfg.index, cfg.seed)
+    items = SIDIndex(entity_ids=list(features.item_ids), codes=res.codes, level_sizes=list(res.level_sizes))
+    report = {
+        "index/collision_rate_raw": float(res.raw_collision_rate),
+        "index/collisions": int(res.collisions),
+        "index/recon_error": float(res.recon_error),
+        "index/levels": items.num_levels,
+        "index/codebook_size": int(res.state.codebook_sizes[0]) if hasattr(res.state, "codebook_sizes") else res.level_sizes[0],
+        **{f"index/{k}": float(v) for k, v in res.stats.items()},
+    }
+    users = None
+    if cfg.index.entities == "items+users" and features.user_embeddings is not None:
+        ures = quantize(features.user_embeddings, cfg.index, cfg.seed + 1)
+        users = SIDIndex(entity_ids=list(features.user_ids), codes=ures.codes, level_sizes=list(ures.level_sizes), prefix="u_")
+        report["index/users/collision_rate_raw"] = float(ures.raw_collision_rate)
+        report["index/users/collisions"] = int(ures.collisions)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "code_usage.png"
+        plot_code_usage(items.codes, items.level_sizes, png)
+        usage = png.read_bytes()
+    return IndexBundle(items=items, state=res.state, report=report, users=users, usage_png=usage)
+
+
+# 5. instruction dataset ---------------------------------------------------------------------
+def instruct(ds, bundle: IndexBundle, cfg: RunConfig) -> InstructionSet:
+    from sidrec.tasks import build_instructions
+
+    n_train = cfg.tasks.max_train_examples or cfg.train.steps * cfg.train.batch_size
+    rows = build_instructions(ds, bundle.items, cfg.tasks, n_train, cfg.data.max_history, cfg.seed)
+    return InstructionSet(rows=rows, meta={"n_train": int((rows["split"] == "train").sum())})
+
+
+# 6. LoRA fine-tuning ------------------------------------------------------------------------
+def build_model(cfg: RunConfig, bundle: IndexBundle):
+    from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
+
+    lm, tok = load_backbone(cfg.model.backbone)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    lm = add_lora(lm, cfg.model.lora)
+    vocab = SIDVocab.from_index(bundle.items, lm.get_input_embeddings().weight.shape[0])
+    model = SIDRecModel(lm, vocab, seed=cfg.seed)
+    return model, tok, Encoder(tok, vocab)
+
+
+def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
+             log: Optional[Callable[[int, dict], None]] = None) -> TrainedRecommender:
+    from sidrec.model import save_recommender
+    from sidrec.train import train
+
+    set_threads(cfg)
+    seed_everything(cfg.seed)
+    model, tok, encoder = build_model(cfg, bundle)
+    losses: list[tuple[int, float]] = []
+
+    def _log(step: int, m: dict) -> None:
+        losses.append((step, m["train/loss"]))
+        if log is not None:
+            log(step, m)
+
+    res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled())
+    meta = {"backbone": cfg.model.backbone, "train": res.summary(), "loss_curve": losses,
+            "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode}
+    save_recommender(model, tok, out_dir, meta)
+    return TrainedRecommender(path=out_dir, meta=meta)
+
+
+# 7. constrained-decoding evaluation ----------------------------------------------------------
+def evaluate(rec: TrainedRecommender, instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig) -> EvalReport:
+    from sidrec.evaluate import evaluate_llm
+    from sidrec.model import Encoder, load_recommender
+
+    set_threads(cfg)
+    model, tok, _ = load_recommender(Path(rec.path), cfg.model.backbone)
+    encoder = Encoder(tok, model.vocab)
+    parts = {p: instructions.part(p) for p in ("valid", "test")}
+    metrics, preds = evaluate_llm(model, encoder, bundle.items, parts, cfg.eval, cfg.seed, compute_dtype(cfg), progress_enabled())
+    return EvalReport(metrics=metrics, predictions=preds, meta={"beams": cfg.eval.beams})
+
+
+# 8. baselines -------------------------------------------------------------------------------
+def baselines(ds, cfg: RunConfig) -> dict[str, float]:
+    from sidrec.evaluate import evaluate_baselines
+
+    set_threads(cfg)
+    seed_everything(cfg.seed)
+    return evaluate_baselines(ds, cfg.baselines, cfg.eval.ks, cfg.seed, cfg.data.max_history, progress_enabled())
+
+
+def png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()

@@ -1,0 +1,166 @@
+"""MLflow logging: one experiment per dataset, one run per pipeline run.
+
+Logging happens in one place, after evaluation, from the artifacts themselves, so a re-run whose
+steps all come from ZenML's cache still produces a complete MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from sidrec.config import REPO_ROOT, RunConfig
+
+STATE_DIR = Path(os.environ.get("SIDREC_HOME", REPO_ROOT / ".sidrec"))
+
+
+def tracking_uri(cfg: Optional[RunConfig] = None) -> str:
+    if cfg is not None and cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(STATE_DIR / 'mlflow.db').resolve()}"
+
+
+def experiment_name(cfg: RunConfig) -> str:
+    return cfg.tracking.experiment or f"sidrec-{cfg.data.dataset_name}"
+
+
+def setup_mlflow(cfg: RunConfig):
+    """Point MLflow at the configured store and return the experiment id (created with a fixed artifact root)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    name = experiment_name(cfg)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        root = STATE_DIR / "mlartifacts" / name
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            return mlflow.create_experiment(name, artifact_location=root.resolve().as_uri())
+        except Exception:  # created concurrently by another run
+            exp = mlflow.get_experiment_by_name(name)
+    return exp.experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _plot_loss(curve: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if curve:
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (target span)")
+    ax.set_title("LoRA fine-tuning loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_comparison(metrics: dict, path: Path, split: str = "test") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [f"{m}_at_{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]
+    systems = {"LLM (SID)": f"{split}/", "SASRec": f"baseline/sasrec/{split}/", "popularity": f"baseline/popularity/{split}/"}
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    x = np.arange(len(names))
+    w = 0.8 / len(systems)
+    for i, (label, pre) in enumerate(systems.items()):
+        vals = [metrics.get(pre + n, np.nan) for n in names]
+        ax.bar(x + i * w, vals, w, label=label)
+    ax.set_xticks(x + w, names, rotation=20)
+    ax.set_title(f"{split}: LLM recommender vs baselines")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, recommender, report, baseline_metrics: dict,
+                     zenml_run_id: str = "", zenml_run_name: str = "") -> tuple[str, dict]:
+    """Create the MLflow run for one pipeline run; returns ``(mlflow_run_id, flat metrics)``."""
+    import mlflow
+
+    exp_id = setup_mlflow(cfg)
+    metrics: dict[str, float] = {}
+    metrics.update(report.metrics)
+    metrics.update(baseline_metrics)
+    metrics.update(bundle.report)
+    train_summary = dict(recommender.meta.get("train", {}))
+    metrics.update(train_summary)
+    tags = {
+        "index_mode": cfg.index.mode,
+        "index_entities": cfg.index.entities,
+        "quantizer": cfg.index.quantizer,
+        "backbone": cfg.model.backbone,
+        "dataset": dataset.name,
+        "dataset_hash": dataset.fingerprint(),
+        "git_commit": git_commit(),
+        "zenml_run_id": zenml_run_id,
+        "zenml_run_name": zenml_run_name,
+        "config_name": cfg.name,
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=zenml_run_name or cfg.name, tags=tags) as run:
+        params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        for step, loss in recommender.meta.get("loss_curve", []):
+            mlflow.log_metric("train/loss", float(loss), step=int(step))
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            # data quality: our summary page + the Great Expectations Data Docs site
+            from sidrec.reports import quality_html
+
+            (tmp / "data_quality.html").write_text(quality_html(quality))
+            mlflow.log_artifact(str(tmp / "data_quality.html"), "data_quality")
+            if quality.docs_dir and Path(quality.docs_dir).is_dir():
+                mlflow.log_artifacts(quality.docs_dir, "data_quality/data_docs")
+            # SID index: item -> SID table, code-usage plot, index report
+            bundle.items.to_frame().to_csv(tmp / "item_sids.csv", index=False)
+            mlflow.log_artifact(str(tmp / "item_sids.csv"), "index")
+            if bundle.users is not None:
+                bundle.users.to_frame().to_csv(tmp / "user_sids.csv", index=False)
+                mlflow.log_artifact(str(tmp / "user_sids.csv"), "index")
+            if bundle.usage_png:
+                (tmp / "code_usage.png").write_bytes(bundle.usage_png)
+                mlflow.log_artifact(str(tmp / "code_usage.png"), "index")
+            # the model: LoRA adapter + SID embeddings + tokenizer
+            mlflow.log_artifacts(str(recommender.path), "model")
+            # evaluation: predictions, metrics, plots
+            report.predictions.to_parquet(tmp / "predictions.parquet", index=False)
+            mlflow.log_artifact(str(tmp / "predictions.parquet"), "evaluation")
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+            mlflow.log_artifact(str(tmp / "metrics.json"), "evaluation")
+            _plot_loss(recommender.meta.get("loss_curve", []), tmp / "train_loss.png")
+            mlflow.log_artifact(str(tmp / "train_loss.png"), "plots")
+            _plot_comparison(metrics, tmp / "llm_vs_baselines.png")
+            mlflow.log_artifact(str(tmp / "llm_vs_baselines.png"), "plots")
+            instructions.rows.groupby(["split", "task"]).head(20).to_json(tmp / "instructions_sample.jsonl", orient="records", lines=True)
+            mlflow.log_artifact(str(tmp / "instructions_sample.jsonl"), "instructions")
+    return run.info.run_id, metrics

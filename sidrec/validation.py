@@ -1,0 +1,236 @@
+"""Data-quality checks with Great Expectations (1.x) and a static Data Docs site.
+
+Three suites run against the canonical `Dataset`:
+
+- ``interactions``: ids and timestamps present; every interacted item has a row in ``items``;
+- ``items``: item ids present and unique; enough items have text (``mostly=min_text_share``);
+- ``users`` (a per-user table computed with pandas): enough interactions per user; timestamps
+  non-decreasing within each user's sequence.
+
+Every expectation is critical: `raise_on_failure` raises `ValidationFailed` with a one-line summary.
+Great Expectations is imported lazily (it is slow to import).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from sidrec.config import ValidationConfig
+from sidrec.errors import DataError, ValidationFailed
+
+SITE_NAME = "sidrec_data_docs"
+
+
+@dataclass
+class QualityReport:
+    success: bool
+    results: list[dict] = field(default_factory=list)
+    docs_dir: Optional[str] = None
+
+    def failures(self) -> list[dict]:
+        return [r for r in self.results if r["critical"] and not r["success"]]
+
+    def summary(self) -> str:
+        fails = self.failures()
+        if not fails:
+            return f"data validation passed ({len(self.results)} expectations)"
+        parts = [f"{r['suite']}.{r['column']} {r['description']} ({r['observed']})" for r in fails]
+        return "data validation failed: " + "; ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"success": bool(self.success), "results": [dict(r) for r in self.results], "docs_dir": self.docs_dir}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "QualityReport":
+        return cls(success=bool(data["success"]), results=[dict(r) for r in data.get("results", [])], docs_dir=data.get("docs_dir"))
+
+
+def raise_on_failure(report: QualityReport) -> None:
+    if not report.success:
+        raise ValidationFailed(report.summary())
+
+
+# ----------------------------------------------------------------------------------------------
+# tables to validate
+# ----------------------------------------------------------------------------------------------
+def _item_text(items: pd.DataFrame, text_fields: list[str]) -> pd.Series:
+    cols = [c for c in text_fields if c in items.columns] or (["title"] if "title" in items.columns else [])
+    if not cols:
+        return pd.Series([None] * len(items), index=items.index, dtype=object)
+    parts = [items[c].fillna("").astype(str).str.strip() for c in cols]
+    text = parts[0]
+    for p in parts[1:]:
+        text = text.str.cat(p, sep=" ")
+    text = text.str.strip()
+    return text.astype(object).where(text != "", None)
+
+
+def _user_table(inter: pd.DataFrame) -> pd.DataFrame:
+    u = inter["user_id"]
+    ts = inter["timestamp"]
+    back = ts.groupby(u, sort=False).diff() < 0  # a timestamp earlier than the previous one of that user
+    per_user = pd.DataFrame({"user_id": u, "_back": back.to_numpy()}).groupby("user_id", sort=False)
+    out = per_user.agg(n_interactions=("_back", "size"), _n_back=("_back", "sum")).reset_index()
+    out["ordered"] = out["_n_back"] == 0
+    return out[["user_id", "n_interactions", "ordered"]].astype({"n_interactions": "int64", "ordered": bool})
+
+
+# ----------------------------------------------------------------------------------------------
+# Great Expectations
+# ----------------------------------------------------------------------------------------------
+def _quiet_gx() -> None:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("great_expectations"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+
+def _fmt(v: Any) -> str:
+    return f"'{v}'" if isinstance(v, str) else repr(v.item() if hasattr(v, "item") else v)
+
+
+def _observed(res: Any, column: str) -> str:
+    """Short text of what was observed, e.g. "12 unexpected of 99287, e.g. 'x', 'y'"."""
+    r = res.result or {}
+    if r.get("unexpected_count") is not None:
+        n = int(r["unexpected_count"])
+        total = r.get("element_count")
+        text = f"{n} unexpected" + (f" of {total}" if total is not None else "")
+        if n:
+            idx = r.get("partial_unexpected_index_list") or []
+            if idx and isinstance(idx[0], dict) and "user_id" in idx[0]:
+                sample = [
+                    f"user '{d['user_id']}'" + ("" if column == "ordered" else f" ({_fmt(d.get(column))})")
+                    for d in idx[:3]
+                ]
+            else:
+                sample = [_fmt(v) for v in (r.get("partial_unexpected_list") or [])[:3]]
+            if sample:
+                text += ", e.g. " + ", ".join(sample)
+        return text
+    if "observed_value" in r:
+        return f"observed {r['observed_value']}"
+    if res.exception_info and res.exception_info.get("raised_exception"):
+        msg = str(res.exception_info.get("exception_message") or "error").splitlines()[0]
+        return f"error: {msg[:120]}"
+    return "ok" if res.success else "failed"
+
+
+def validate_dataset(ds, cfg: ValidationConfig, docs_dir: Optional[Path]) -> QualityReport:
+    """Run the three suites; write Data Docs (static HTML, index.html) into `docs_dir` when given."""
+    _quiet_gx()
+    import great_expectations as gx  # noqa: WPS433 (slow import, kept local)
+    import great_expectations.expectations as gxe
+
+    _quiet_gx()
+
+    inter = ds.interactions[["user_id", "item_id", "timestamp"]].copy()
+    items = pd.DataFrame({"item_id": ds.items["item_id"], "text": _item_text(ds.items, list(ds.text_fields))})
+    users = _user_table(ds.interactions)
+    item_ids = sorted(set(ds.items["item_id"].dropna().astype(str)))
+    min_share = float(cfg.min_text_share)
+
+    # (table, frame, [(expectation, column, description)])
+    plan = [
+        (
+            "interactions",
+            inter,
+            [
+                (gxe.ExpectColumnValuesToNotBeNull(column="user_id"), "user_id", "not null"),
+                (gxe.ExpectColumnValuesToNotBeNull(column="item_id"), "item_id", "not null"),
+                (gxe.ExpectColumnValuesToNotBeNull(column="timestamp"), "timestamp", "not null"),
+                (gxe.ExpectColumnValuesToBeInSet(column="item_id", value_set=item_ids), "item_id", "values in items table"),
+            ],
+        ),
+        (
+            "items",
+            items,
+            [
+                (gxe.ExpectColumnValuesToNotBeNull(column="item_id"), "item_id", "not null"),
+                (gxe.ExpectColumnValuesToBeUnique(column="item_id"), "item_id", "unique"),
+                (
+                    gxe.ExpectColumnValuesToNotBeNull(column="text", mostly=min_share),
+                    "text",
+                    f"non-empty for >= {min_share:.0%} of items",
+                ),
+            ],
+        ),
+        (
+            "users",
+            users,
+            [
+                (
+                    gxe.ExpectColumnValuesToBeBetween(column="n_interactions", min_value=int(cfg.min_history)),
+                    "n_interactions",
+                    f">= {int(cfg.min_history)} per user",
+                ),
+                (gxe.ExpectColumnValuesToBeInSet(column="ordered", value_set=[True]), "ordered", "timestamps non-decreasing per user"),
+            ],
+        ),
+    ]
+
+    try:
+        context = gx.get_context(mode="ephemeral")
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        docs_path: Optional[Path] = None
+        if docs_dir is not None:
+            docs_path = Path(docs_dir).resolve()
+            docs_path.mkdir(parents=True, exist_ok=True)
+            context.add_data_docs_site(
+                site_name=SITE_NAME,
+                site_config={
+                    "class_name": "SiteBuilder",
+                    "show_how_to_buttons": False,
+                    "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_path)},
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                },
+            )
+        source = context.data_sources.add_pandas(name=f"sidrec_{ds.name}".replace(" ", "_") or "sidrec")
+        results: list[dict] = []
+        for table, frame, exps in plan:
+            asset = source.add_dataframe_asset(name=table)
+            batch_def = asset.add_batch_definition_whole_dataframe(f"{table}_all")
+            suite = context.suites.add(gx.ExpectationSuite(name=f"{ds.name}.{table}"))
+            meta = {}
+            for exp, col, desc in exps:
+                added = suite.add_expectation(exp)
+                meta[str(added.id)] = (col, desc)
+            vd = context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"{ds.name}.{table}.validation", data=batch_def, suite=suite)
+            )
+            fmt: Any = "BASIC"
+            if "user_id" in frame.columns and table == "users":
+                fmt = {"result_format": "SUMMARY", "unexpected_index_column_names": ["user_id"], "partial_unexpected_count": 3}
+            res = vd.run(batch_parameters={"dataframe": frame}, result_format=fmt)
+            by_id = {str(r.expectation_config.id): r for r in res.results}
+            for exp_id, (col, desc) in meta.items():
+                r = by_id[exp_id]
+                results.append(
+                    {
+                        "suite": table,
+                        "expectation": r.expectation_config.type,
+                        "column": col,
+                        "description": desc,
+                        "success": bool(r.success),
+                        "critical": True,
+                        "observed": _observed(r, col),
+                    }
+                )
+        if docs_path is not None:
+            context.build_data_docs(site_names=[SITE_NAME])
+    except (DataError, MemoryError):
+        raise
+    except Exception as e:  # GE internals: one line, no traceback
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"data validation could not run ({type(e).__name__}: {first[:200]})") from None
+
+    success = all(r["success"] for r in results if r["critical"])
+    return QualityReport(success=success, results=results, docs_dir=str(docs_path) if docs_path is not None else None)

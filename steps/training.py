@@ -1,0 +1,134 @@
+"""The training pipeline's steps. Each parses only the config sections it uses (so its cache key
+changes only when they change) and declares the `sidrec` modules whose source it depends on."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from zenml import get_step_context, log_metadata, step
+from zenml.config.cache_policy import CachePolicy
+
+import sidrec.artifacts
+import sidrec.baselines
+import sidrec.data
+import sidrec.decode
+import sidrec.evaluate
+import sidrec.index
+import sidrec.metrics
+import sidrec.model
+import sidrec.quantize
+import sidrec.stages
+import sidrec.tasks
+import sidrec.text
+import sidrec.train
+import sidrec.validation
+from materializers import (
+    DatasetMaterializer,
+    EntityFeaturesMaterializer,
+    EvalReportMaterializer,
+    IndexBundleMaterializer,
+    InstructionSetMaterializer,
+    QualityReportMaterializer,
+    TrainedRecommenderMaterializer,
+)
+from sidrec.artifacts import EntityFeatures, EvalReport, IndexBundle, InstructionSet, TrainedRecommender
+from sidrec.config import RunConfig
+from sidrec.data import Dataset
+from sidrec.validation import QualityReport
+
+
+def _meta(**metadata) -> None:
+    """Attach metadata to the running step (a no-op when a step is called via ``.entrypoint``)."""
+    try:
+        get_step_context()
+    except RuntimeError:
+        return
+    log_metadata(metadata=metadata)
+
+
+def _cfg(config: dict) -> RunConfig:
+    return RunConfig.model_validate(config)
+
+
+def _deps(*modules) -> CachePolicy:
+    return CachePolicy(source_dependencies=[sidrec.stages, sidrec.artifacts, *modules])
+
+
+@step(output_materializers=DatasetMaterializer, cache_policy=_deps(sidrec.data))
+def ingest(config: dict) -> Annotated[Dataset, "dataset"]:
+    ds = sidrec.stages.ingest(_cfg(config))
+    _meta(**{"dataset": ds.stats()})
+    return ds
+
+
+@step(output_materializers=QualityReportMaterializer, cache_policy=_deps(sidrec.validation))
+def validate_data(dataset: Dataset, config: dict) -> Annotated[QualityReport, "quality_report"]:
+    docs = Path(tempfile.mkdtemp(prefix="sidrec-gx-"))
+    report = sidrec.stages.validate(dataset, _cfg(config), docs)
+    _meta(**{"data_quality": {"success": bool(report.success), "summary": report.summary()}})
+    return report
+
+
+@step(cache_policy=_deps(sidrec.validation))
+def quality_gate(report: QualityReport) -> Annotated[bool, "quality_passed"]:
+    """Stops the run before any training when a critical expectation failed."""
+    from sidrec.validation import raise_on_failure
+
+    raise_on_failure(report)
+    return True
+
+
+@step(output_materializers=EntityFeaturesMaterializer, cache_policy=_deps(sidrec.text, sidrec.model))
+def text_features(dataset: Dataset, quality_passed: bool, config: dict) -> Annotated[EntityFeatures, "features"]:
+    return sidrec.stages.featurize(dataset, _cfg(config))
+
+
+@step(output_materializers=IndexBundleMaterializer, cache_policy=_deps(sidrec.quantize, sidrec.index))
+def sid_quantization(features: EntityFeatures, config: dict) -> Annotated[IndexBundle, "sid_index"]:
+    bundle = sidrec.stages.build_index(features, _cfg(config))
+    _meta(**{"index": {k.replace("/", "_"): v for k, v in bundle.report.items()}})
+    return bundle
+
+
+@step(output_materializers=InstructionSetMaterializer, cache_policy=_deps(sidrec.tasks, sidrec.text))
+def instruction_dataset(dataset: Dataset, sid_index: IndexBundle, config: dict) -> Annotated[InstructionSet, "instructions"]:
+    return sidrec.stages.instruct(dataset, sid_index, _cfg(config))
+
+
+@step(output_materializers=TrainedRecommenderMaterializer, cache_policy=_deps(sidrec.train, sidrec.model))
+def finetune(instructions: InstructionSet, sid_index: IndexBundle, config: dict) -> Annotated[TrainedRecommender, "recommender"]:
+    out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
+    rec = sidrec.stages.finetune(instructions, sid_index, _cfg(config), out)
+    _meta(**{"train": rec.meta["train"]})
+    return rec
+
+
+@step(output_materializers=EvalReportMaterializer,
+      cache_policy=_deps(sidrec.evaluate, sidrec.decode, sidrec.metrics, sidrec.model))
+def evaluate(recommender: TrainedRecommender, instructions: InstructionSet, sid_index: IndexBundle,
+             config: dict) -> Annotated[EvalReport, "eval_report"]:
+    return sidrec.stages.evaluate(recommender, instructions, sid_index, _cfg(config))
+
+
+@step(cache_policy=_deps(sidrec.evaluate, sidrec.baselines, sidrec.metrics))
+def baselines(dataset: Dataset, config: dict) -> Annotated[dict, "baseline_metrics"]:
+    return sidrec.stages.baselines(dataset, _cfg(config))
+
+
+@step(enable_cache=False)
+def log_to_mlflow(dataset: Dataset, quality: QualityReport, sid_index: IndexBundle, instructions: InstructionSet,
+                  recommender: TrainedRecommender, eval_report: EvalReport, baseline_metrics: dict,
+                  config: dict) -> Annotated[dict, "metrics"]:
+    """One MLflow run per pipeline run (never cached, so cached re-runs are still fully logged)."""
+    from sidrec.tracking import log_training_run
+
+    ctx = get_step_context()
+    run_id, metrics = log_training_run(
+        _cfg(config), dataset=dataset, quality=quality, bundle=sid_index, instructions=instructions,
+        recommender=recommender, report=eval_report, baseline_metrics=baseline_metrics,
+        zenml_run_id=str(ctx.pipeline_run.id), zenml_run_name=ctx.pipeline_run.name,
+    )
+    _meta(**{"mlflow_run_id": run_id})
+    metrics["mlflow_run_id"] = run_id
+    return metrics

@@ -1,0 +1,64 @@
+"""The config schema and the CLI's error contract."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidrec.config import load_config, parse_config
+from sidrec.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.name
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"index": {"levls": 3}}, "index.levls': unknown key"),
+    ({"index": {"levels": 0}}, "index.levels"),
+    ({"index": {"codebook_size": 1}}, "codebook_size"),
+    ({"eval": {"beams": 5, "ks": [10]}}, "larger than beams"),
+    ({"train": {"steps": "many"}}, "train.steps"),
+    ({"data": {"format": "xml"}}, "data.format"),
+    ({"tasks": {"seqrec": 0, "text_to_sid": 0, "sid_to_text": 0, "titles_to_sid": 0}}, "at least one task"),
+    ([1, 2], "top level must be a mapping"),
+])
+def test_bad_configs_name_the_field(data, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, "x.yaml")
+    msg = str(e.value)
+    assert needle in msg and msg.startswith("x.yaml") and "\n" not in msg
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  path: data/ml-100k\nindex:\n  levls: 3\n")
+    out = _cli("train", "--config", str(bad))
+    assert out.returncode == 2
+    err = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "index.levls" in err[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_missing_data_exits_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {tmp_path / 'nope'}\n")
+    out = _cli("train", "--config", str(cfg))
+    assert out.returncode == 2 and "data.path does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_help_lists_commands():
+    out = _cli("--help")
+    assert out.returncode == 0 and "train" in out.stdout and "fetch" in out.stdout
+    out = _cli("train", "--help")
+    assert "--config" in out.stdout and "--metrics-out" in out.stdout

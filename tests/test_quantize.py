@@ -1,0 +1,264 @@
+"""Quantizers (RQ-KMeans, RQ-VAE), collision resolution and incremental assignment."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sidrec.config import IndexConfig, RQVAEConfig
+from sidrec.quantize import (
+    QuantizerState,
+    assign_new,
+    auto_codebook_size,
+    code_stats,
+    fit_rq_kmeans,
+    fit_rq_vae,
+    plot_code_usage,
+    quantize,
+    raw_collision_rate,
+    resolve_collisions,
+)
+
+SMALL_VAE = RQVAEConfig(latent_dim=16, hidden_dims=[64], epochs=40, batch_size=128, lr=3e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add sync overhead (and are very slow on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _unique_rows(codes: np.ndarray) -> bool:
+    return np.unique(codes, axis=0).shape[0] == codes.shape[0]
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(8, 16)) * 10.0
+    labels = np.repeat(np.arange(8), 50)
+    x = (centers[labels] + rng.normal(size=(400, 16))).astype(np.float32)
+    return x, labels
+
+
+def _purity(codes0: np.ndarray, labels: np.ndarray) -> float:
+    return sum(np.bincount(labels[codes0 == c]).max() for c in np.unique(codes0)) / len(labels)
+
+
+@pytest.fixture(scope="module")
+def kmeans_result(blobs):
+    x, _ = blobs
+    return quantize(x, IndexConfig(quantizer="rq_kmeans", levels=3, codebook_size=8, kmeans_iters=30), seed=1)
+
+
+@pytest.fixture(scope="module")
+def vae_result(blobs):
+    x, _ = blobs
+    cfg = IndexConfig(quantizer="rq_vae", levels=2, codebook_size=8, rqvae=SMALL_VAE)
+    return quantize(x, cfg, seed=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "n,levels,expected",
+    [(1682, 3, 32), (1, 3, 4), (64, 3, 8), (65, 3, 16), (100, 2, 32), (10**6, 3, 256), (10**9, 2, 256), (50, 1, 128)],
+)
+def test_auto_codebook_size(n, levels, expected):
+    assert auto_codebook_size(n, levels) == expected
+
+
+def test_rq_kmeans_separates_blobs(kmeans_result, blobs):
+    _, labels = blobs
+    r = kmeans_result
+    assert r.codes.dtype == np.int64
+    assert _purity(r.codes[:, 0], labels) == 1.0
+    assert len(np.unique(r.codes[:, 0])) == 8  # one code per blob
+    assert r.stats["utilization_level_0"] == 1.0
+    assert r.stats["perplexity_level_0"] == pytest.approx(8.0)
+    assert r.stats["utilization_level_1"] >= 0.75
+    assert _unique_rows(r.codes)
+    assert r.collisions == 0
+    assert r.level_sizes[:3] == [8, 8, 8]
+    assert r.codes.shape[1] == len(r.level_sizes)
+    for lvl, size in enumerate(r.level_sizes):
+        assert r.codes[:, lvl].min() >= 0 and r.codes[:, lvl].max() < size
+    # the standardised data is mostly between-blob variance, which level 0 already explains
+    assert r.recon_error < 0.05
+    assert r.raw_collision_rate == pytest.approx(raw_collision_rate(r.state.assign(blobs[0])))
+
+
+def test_rq_vae_separates_blobs(vae_result, blobs):
+    _, labels = blobs
+    r = vae_result
+    assert r.state.kind == "rq_vae"
+    assert _purity(r.codes[:, 0], labels) >= 0.95
+    assert r.stats["utilization_level_0"] >= 0.75
+    assert _unique_rows(r.codes)
+    assert r.collisions == 0
+    assert np.isfinite(r.recon_error) and r.recon_error < 1.0
+
+
+def test_determinism(blobs, kmeans_result, vae_result):
+    x, _ = blobs
+    again = quantize(x, IndexConfig(quantizer="rq_kmeans", levels=3, codebook_size=8, kmeans_iters=30), seed=1)
+    np.testing.assert_array_equal(again.codes, kmeans_result.codes)
+    cfg = IndexConfig(quantizer="rq_vae", levels=2, codebook_size=8, rqvae=SMALL_VAE)
+    again = quantize(x, cfg, seed=1, progress=False)
+    np.testing.assert_array_equal(again.codes, vae_result.codes)
+    for a, b in zip(again.state.codebooks, vae_result.state.codebooks):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_seed_changes_kmeans_init(blobs):
+    x, _ = blobs
+    a = fit_rq_kmeans(x, 2, 8, seed=0, iters=30).assign(x)
+    b = fit_rq_kmeans(x, 2, 8, seed=5, iters=30).assign(x)
+    # blob partition is the same, only the code labels may be permuted
+    assert _purity(b[:, 0], a[:, 0]) == 1.0
+
+
+def test_raw_collision_rate_hand_made():
+    raw = np.array([[0, 0], [0, 0], [1, 0], [0, 0], [1, 1]])
+    assert raw_collision_rate(raw) == pytest.approx(1 - 3 / 5)
+    assert raw_collision_rate(np.array([[0], [1], [2]])) == 0.0
+
+
+def test_quantize_with_duplicate_points_and_fewer_points_than_codes():
+    # 5 distinct, far-apart points repeated [3, 1, 1, 1, 2] times; 8 codes > 5 distinct points
+    rng = np.random.default_rng(3)
+    pts = rng.normal(size=(5, 4)) * 10
+    x = np.repeat(pts, [3, 1, 1, 1, 2], axis=0).astype(np.float32)
+    r = quantize(x, IndexConfig(levels=1, codebook_size=8, kmeans_iters=10), seed=0)
+    assert r.raw_collision_rate == pytest.approx(1 - 5 / 8)
+    assert r.level_sizes == [8, 3]
+    assert r.state.codebook_sizes == [8]  # all N slots allocated
+    assert len(np.unique(r.codes[:, 0])) == 5
+    np.testing.assert_array_equal(r.codes[:, 1], [0, 1, 2, 0, 0, 0, 0, 1])
+    assert r.collisions == 0
+    assert r.stats["max_group_size"] == 3
+    assert r.recon_error == pytest.approx(0.0, abs=1e-8)
+
+
+def test_resolve_collisions():
+    raw = np.array([[1, 2], [0, 0], [1, 2], [3, 3], [1, 2], [0, 0]])
+    codes, extra = resolve_collisions(raw)
+    assert extra == [3]
+    np.testing.assert_array_equal(codes[:, :2], raw)
+    np.testing.assert_array_equal(codes[:, 2], [0, 0, 1, 0, 2, 1])
+    assert _unique_rows(codes)
+
+    unique = np.array([[0, 1], [1, 0]])
+    codes, extra = resolve_collisions(unique)
+    assert extra == [] and codes.shape == (2, 2)
+    np.testing.assert_array_equal(codes, unique)
+
+
+def test_resolve_collisions_all_collide():
+    raw = np.zeros((37, 3), dtype=np.int64)
+    codes, extra = resolve_collisions(raw)
+    assert extra == [37]
+    np.testing.assert_array_equal(codes[:, 3], np.arange(37))
+    assert _unique_rows(codes)
+
+
+def test_code_stats_hand_made():
+    codes = np.array([[0, 0], [0, 1], [1, 0], [2, 0]])
+    s = code_stats(codes, [4, 2])
+    assert s["utilization_level_0"] == 0.75
+    assert s["perplexity_level_0"] == pytest.approx(np.exp(-(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25))))
+    assert s["utilization_level_1"] == 1.0
+    assert s["max_group_size"] == 1
+    assert code_stats(codes, [4, 2], raw_levels=1)["max_group_size"] == 2
+
+
+def test_assign_new_with_extra_level(blobs, kmeans_result):
+    x, _ = blobs
+    r = kmeans_result
+    assert r.codes.shape[1] == 4  # blob data collides at 3 levels -> extra level
+    # duplicates of existing items (guaranteed raw collisions) + fresh points near the blobs
+    rng = np.random.default_rng(7)
+    x_new = np.concatenate([x[:5], x[:5], x[100:110] + 0.01 * rng.normal(size=(10, 16))]).astype(np.float32)
+    new, sizes = assign_new(r.state, r.codes, r.level_sizes, x_new)
+    assert new.shape == (20, 4)
+    np.testing.assert_array_equal(new[:, :3], r.state.assign(x_new))
+    both = np.concatenate([r.codes, new])
+    assert _unique_rows(both)
+    assert sizes[:3] == r.level_sizes[:3]
+    assert sizes[3] >= r.level_sizes[3]
+    assert sizes[3] == both[:, 3].max() + 1 or sizes[3] == r.level_sizes[3]
+    for lvl, size in enumerate(sizes):
+        assert both[:, lvl].max() < size
+    # the extra index continues after the existing members of the group
+    grp = (r.codes[:, :3] == new[0, :3]).all(1)
+    assert new[0, 3] == r.codes[grp, 3].max() + 1
+
+
+def test_assign_new_without_extra_level():
+    rng = np.random.default_rng(1)
+    centers = (rng.normal(size=(8, 6)) * 10).astype(np.float32)
+    # 16 slots but only 8 distinct points: slots 8..15 are free
+    state = fit_rq_kmeans(centers, levels=1, codebook_size=16, seed=0, iters=10)
+    existing, extra = resolve_collisions(state.assign(centers))
+    assert extra == [] and existing.shape == (8, 1)
+    x_new = (centers[[2, 2, 5]] + 0.01).astype(np.float32)
+    new, sizes = assign_new(state, existing, [16], x_new)
+    assert sizes == [16]
+    assert _unique_rows(np.concatenate([existing, new]))
+
+    full = fit_rq_kmeans(centers, levels=1, codebook_size=8, seed=0, iters=10)
+    existing = full.assign(centers)
+    assert _unique_rows(existing)
+    with pytest.raises(ValueError, match="taken"):
+        assign_new(full, existing, [8], centers[:1])
+
+
+@pytest.mark.parametrize("which", ["kmeans", "vae"])
+def test_state_save_load_round_trip(tmp_path, blobs, kmeans_result, vae_result, which):
+    x, _ = blobs
+    state = kmeans_result.state if which == "kmeans" else vae_result.state
+    state.save(tmp_path / "q")
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["quantizer.json", "quantizer.safetensors"]
+    loaded = QuantizerState.load(tmp_path / "q")
+    assert loaded.kind == state.kind
+    np.testing.assert_array_equal(loaded.assign(x), state.assign(x))
+    assert loaded.reconstruction_error(x) == pytest.approx(state.reconstruction_error(x))
+
+
+def test_load_missing_state(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no saved quantizer"):
+        QuantizerState.load(tmp_path)
+
+
+def test_random_high_dim_vectors():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 576)).astype(np.float32)
+    r = quantize(x, IndexConfig(levels=3, codebook_size="auto", kmeans_iters=10), seed=0)
+    assert r.level_sizes[:3] == [32, 32, 32]
+    assert _unique_rows(r.codes) and r.collisions == 0
+    assert r.stats["utilization_level_0"] >= 0.9
+    assert 0.0 < r.recon_error < 1.0  # standardised input has unit variance per dimension
+    assert 0.0 <= r.raw_collision_rate < 1.0
+
+    cfg = RQVAEConfig(latent_dim=16, hidden_dims=[64], epochs=2, batch_size=512)
+    state = fit_rq_vae(x, 3, 32, seed=0, cfg=cfg, progress=False)
+    raw = state.assign(x)
+    assert raw.shape == (2000, 3) and raw.max() < 32
+    codes, _ = resolve_collisions(raw)
+    assert _unique_rows(codes)
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(np.zeros(5), IndexConfig(), seed=0)
+    bad = np.ones((4, 3), dtype=np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        quantize(bad, IndexConfig(), seed=0)
+
+
+def test_plot_code_usage(tmp_path, kmeans_result):
+    out = tmp_path / "plots" / "usage.png"
+    plot_code_usage(kmeans_result.codes, kmeans_result.level_sizes, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

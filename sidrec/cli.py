@@ -109,13 +109,23 @@ def _reraise_step_error(run_name: str) -> None:
 
 
 def _check_inputs(cfg) -> None:
-    """Fail fast, before ZenML starts, on inputs that are plainly missing."""
-    from sidrec.errors import DataError
+    """Pre-flight, before ZenML starts a run: bad data or a bad backbone path fail here with one line,
+    leaving no pipeline run, artifact or registry entry behind. Loading is cheap (ml-100k: ~0.3 s)."""
+    from sidrec.data import load_dataset
+    from sidrec.errors import DataError, ModelError
 
     path = cfg.data.resolve(cfg.data.path)
     if not path.exists():
         hint = "run `make fetch` to extract MovieLens-100k" if "ml-100k" in str(path) else "fix data.path"
         raise DataError(f"{path}: data.path does not exist; {hint}")
+    load_dataset(cfg.data)
+    backbone = cfg.model.backbone
+    if backbone not in ("smollm2", "tiny"):
+        p = Path(backbone).expanduser()
+        p = p if p.is_absolute() else REPO_ROOT / p
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model.backbone: {p} is not a Hugging Face model folder (no config.json); "
+                             "use 'smollm2' or a local causal-LM folder")
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:

@@ -1,4 +1,5 @@
-"""The static-index training pipeline:
+"""The training pipeline (static index shown; in dynamic mode `dynamic_finetune` replaces the three
+steps sid_quantization -> instruction_dataset -> finetune and emits the same three artifacts):
 
 ingest -> validate_data -> quality_gate -> text_features -> sid_quantization -> instruction_dataset
        -> finetune -> evaluate -> log_to_mlflow        (baselines run beside, on the same split)
@@ -9,6 +10,7 @@ from zenml import pipeline
 
 from steps import (
     baselines,
+    dynamic_finetune,
     evaluate,
     finetune,
     ingest,
@@ -28,6 +30,7 @@ SECTIONS = {
     "sid_quantization": ("index", "seed"),
     "instruction_dataset": ("tasks", "train", "data", "seed"),
     "finetune": ("model", "train", "seed"),
+    "dynamic_finetune": ("index", "tasks", "model", "train", "data", "features", "seed"),
     "evaluate": ("model", "eval", "train", "seed"),
     "baselines": ("baselines", "eval", "data", "train", "seed"),
 }
@@ -43,9 +46,12 @@ def training_pipeline(config: dict) -> None:
     quality = validate_data(dataset, config=pick(config, "validate_data"))
     passed = quality_gate(quality)
     features = text_features(dataset, passed, config=pick(config, "text_features"))
-    index = sid_quantization(features, config=pick(config, "sid_quantization"))
-    instructions = instruction_dataset(dataset, index, config=pick(config, "instruction_dataset"))
-    recommender = finetune(instructions, index, config=pick(config, "finetune"))
+    if config.get("index", {}).get("mode", "static") == "dynamic":
+        recommender, index, instructions = dynamic_finetune(dataset, features, config=pick(config, "dynamic_finetune"))
+    else:
+        index = sid_quantization(features, config=pick(config, "sid_quantization"))
+        instructions = instruction_dataset(dataset, index, config=pick(config, "instruction_dataset"))
+        recommender = finetune(instructions, index, config=pick(config, "finetune"))
     report = evaluate(recommender, instructions, index, config=pick(config, "evaluate"))
     base = baselines(dataset, config=pick(config, "baselines"), after="quality_gate")
     log_to_mlflow(dataset, quality, index, instructions, recommender, report, base, config=config)

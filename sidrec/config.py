@@ -84,6 +84,21 @@ class RQVAEConfig(_Strict):
     beta: float = Field(0.25, ge=0, description="commitment loss weight")
 
 
+class DynamicConfig(_Strict):
+    """ED2-style dynamic index: quantizer heads on the backbone's pooled text representations,
+    trained together with LoRA; SID token embeddings are a learned projection of the codewords."""
+
+    code_dim: int = Field(64, ge=2, description="dimension of the quantizer space (backbone hidden -> code_dim)")
+    refresh_every: int = Field(100, ge=1, description="re-encode entity texts and refresh assignments every K steps")
+    text_tokens: int = Field(32, ge=4, description="entity text tokens seen by the index generator")
+    entity_batch: int = Field(16, ge=2, description="entities per step for the regulator losses")
+    index_align: float = Field(0.1, ge=0, description="ED2 index-level alignment (InfoNCE SID-sequence vs text) weight; 0 disables")
+    token_align: float = Field(0.25, ge=0, description="ED2 token-level alignment (quantizer input vs codeword) weight; 0 disables")
+    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature")
+    codebook_lr: float = Field(5e-3, gt=0)
+    extra_level_cap: int = Field(256, ge=2, description="max entities sharing one M-level code (disambiguation level size)")
+
+
 class IndexConfig(_Strict):
     mode: Literal["static", "dynamic"] = "static"
     entities: Literal["items", "items+users"] = "items"
@@ -92,6 +107,9 @@ class IndexConfig(_Strict):
     codebook_size: Union[int, Literal["auto"]] = Field(256, description="N codes per level, or 'auto' to scale down for small catalogs")
     kmeans_iters: int = Field(50, ge=1)
     rqvae: RQVAEConfig = Field(default_factory=RQVAEConfig)
+    dynamic: "DynamicConfig" = Field(default_factory=lambda: DynamicConfig())
+    sa_init: bool = Field(False, description="TS-Rec SA-Init: SID token embeddings start as the mean pretrained embedding of their items' keywords")
+    keywords_per_token: int = Field(5, ge=1, description="TS-Rec: TF-IDF keywords kept per SID token/prefix")
 
     @field_validator("codebook_size")
     @classmethod
@@ -108,12 +126,17 @@ class TasksConfig(_Strict):
     text_to_sid: float = Field(0.2, ge=0, description="item text -> SID (STORE tokenization)")
     sid_to_text: float = Field(0.1, ge=0, description="SID -> item title (STORE reconstruction)")
     titles_to_sid: float = Field(0.2, ge=0, description="history titles -> next SID")
+    user_pred: float = Field(0.0, ge=0, description="ED2 (dual index): an item + users who liked it -> another such user")
+    user_to_text: float = Field(0.0, ge=0, description="ED2 (dual index): user SID -> preference text")
+    text_to_user: float = Field(0.0, ge=0, description="ED2 (dual index): preference text -> user SID")
+    ts_align: float = Field(0.0, ge=0, description="TS-Rec TS-Align: SID prefix -> keywords of the items under it")
     max_train_examples: Optional[int] = Field(None, ge=1, description="cap on the number of training examples (sampled by weight)")
     prompt_history: int = Field(10, ge=1, description="items of history shown in a prompt")
 
     @model_validator(mode="after")
     def _some_task(self):
-        if self.seqrec + self.text_to_sid + self.sid_to_text + self.titles_to_sid <= 0:
+        if self.seqrec + self.text_to_sid + self.sid_to_text + self.titles_to_sid + self.user_pred \
+                + self.user_to_text + self.text_to_user + self.ts_align <= 0:
             raise ValueError("at least one task needs a weight > 0")
         return self
 
@@ -142,6 +165,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     log_every: int = Field(10, ge=1)
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: all cores)")
+    checkpoint_every: Optional[int] = Field(50, ge=1, description="save a resumable checkpoint every N steps (None: never)")
+    checkpoint_dir: Optional[str] = Field(None, description="checkpoint folder (default: $SIDREC_HOME/checkpoints/finetune); "
+                                          "a run resumes from the latest checkpoint of the same config + data")
 
 
 class EvalConfig(_Strict):
@@ -192,6 +218,35 @@ class TrackingConfig(_Strict):
     experiment: Optional[str] = Field(None, description="MLflow experiment (default: sidrec-<dataset>)")
 
 
+class PromotionConfig(_Strict):
+    """The promotion gate (`run.py promote`): challenger vs champion on the newest test set."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["test/recall_at_10", "test/ndcg_at_10"],
+                               description="metrics (higher is better) the challenger must not be worse on")
+    tolerance: float = Field(0.0, ge=0, description="absolute drop allowed on each gate metric before the challenger counts as worse")
+    max_invalid_rate: float = Field(0.0, ge=0, le=1, description="highest test/invalid_rate a promoted model may have")
+    require_validation: bool = Field(True, description="the challenger's training run must carry data_validation=passed")
+    beat_popularity: bool = Field(True, description="with no champion yet, the first model must beat the popularity baseline")
+    test_max_users: Optional[int] = Field(None, ge=1, description="re-score on a seeded sample of test users (default: all)")
+
+
+class RegistryConfig(_Strict):
+    """MLflow model registry: names, the decision log and the promotion lock."""
+
+    model_name: Optional[str] = Field(None, description="registered model name (default: sidrec-<dataset>)")
+    auto_register: bool = Field(False, description="`run.py train` also registers the trained model as the challenger (same as `train --register`)")
+    decision_log: Optional[str] = Field(None, description="JSON-lines decision log (default: next to the sqlite store, else $SIDREC_HOME)")
+    lock_dir: Optional[str] = Field(None, description="folder of the promotion lock files (default: next to the decision log)")
+
+
+class RetrainConfig(_Strict):
+    """`run.py retrain`: warm start and the drift report."""
+
+    warm_start: bool = Field(True, description="start from the champion's adapter when its SID index is compatible")
+    reuse_index: bool = Field(True, description="keep the champion's SIDs and assign new items with the saved quantizer (no re-fit)")
+    lock_file: Optional[str] = Field(None, description="flock file used by the schedule (default: $SIDREC_HOME/retrain.lock)")
+
+
 class RunConfig(_Strict):
     name: str = "sidrec"
     seed: int = 42
@@ -205,6 +260,9 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     def flat(self) -> dict[str, object]:
         """The resolved config as flat dotted keys (for MLflow params)."""

@@ -96,6 +96,37 @@ def _tiny_model(tokenizer_dir: Path):
     return LlamaForCausalLM(cfg), tok
 
 
+_CAUSAL_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def check_backbone_folder(path: Path) -> None:
+    """Cheap pre-flight (no transformers import): ``path`` must hold a causal LM with safetensors
+    weights and a tokenizer. Raises ModelError naming the file and what to do."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"model.backbone: {path} has no config.json; it is not a Hugging Face model folder")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model.backbone: {cfg_file} is not valid JSON ({type(e).__name__}); re-export the model") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ModelError(f"model.backbone: {cfg_file} has no 'model_type'; it is not a Hugging Face model config")
+    archs = cfg.get("architectures") or []
+    if archs and not any(str(a).endswith(_CAUSAL_ARCH_SUFFIXES) for a in archs):
+        raise ModelError(
+            f"model.backbone: {cfg_file} describes a {', '.join(map(str, archs))} ({cfg['model_type']}) model, not a causal LM; "
+            "use a *ForCausalLM checkpoint (e.g. 'smollm2')"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(
+            f"model.backbone: {path} has no *.safetensors weights; save the model with safe_serialization=True "
+            "(pickle-based .bin/.pt weights are not loaded)"
+        )
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        raise ModelError(f"model.backbone: {path} has no tokenizer (tokenizer.json / tokenizer_config.json); save the tokenizer beside the model")
+
+
 def load_backbone(spec: str):
     """Return ``(model, tokenizer)`` for a backbone spec (see module docstring); float32 weights."""
     _quiet_transformers()
@@ -113,12 +144,11 @@ def load_backbone(spec: str):
             path = REPO_ROOT / path
         if not path.is_dir():
             raise ModelError(f"model.backbone: {spec} is not a folder; give 'smollm2', 'tiny' or a local Hugging Face model folder")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.backbone: {path} has no config.json; it is not a Hugging Face model folder")
+        check_backbone_folder(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+            path, local_files_only=True, trust_remote_code=False, dtype=torch.float32, use_safetensors=True
         )
     except Exception as e:  # transformers raises many types here
         raise ModelError(f"model.backbone: {path} could not be loaded as a causal LM ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -250,14 +280,18 @@ class SIDRecModel(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.sid_embeddings.shape[1]
+        return self.base_embeddings().weight.shape[1]
+
+    def sid_table(self) -> torch.Tensor:
+        """[n_sid_tokens, hidden]: input embeddings of SID tokens and, tied, their output rows."""
+        return self.sid_embeddings
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         base = self.vocab.base_vocab
         is_sid = input_ids >= base
         emb = self.base_embeddings()(input_ids.clamp(max=base - 1))
         if is_sid.any():
-            sid = self.sid_embeddings[(input_ids - base).clamp(min=0)]
+            sid = self.sid_table()[(input_ids - base).clamp(min=0)]
             emb = torch.where(is_sid.unsqueeze(-1), sid.to(emb.dtype), emb)
         return emb
 
@@ -272,7 +306,7 @@ class SIDRecModel(nn.Module):
         return out.last_hidden_state, (out.cache if use_cache else None)
 
     def sid_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
-        w = self.sid_embeddings[self.vocab.level_slice(level)]
+        w = self.sid_table()[self.vocab.level_slice(level)]
         return h @ w.to(h.dtype).T
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:

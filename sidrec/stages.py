@@ -108,7 +108,8 @@ def instruct(ds, bundle: IndexBundle, cfg: RunConfig) -> InstructionSet:
     from sidrec.tasks import build_instructions
 
     n_train = cfg.tasks.max_train_examples or cfg.train.steps * cfg.train.batch_size
-    rows = build_instructions(ds, bundle.items, cfg.tasks, n_train, cfg.data.max_history, cfg.seed)
+    rows = build_instructions(ds, bundle.items, cfg.tasks, n_train, cfg.data.max_history, cfg.seed,
+                              user_index=bundle.users)
     return InstructionSet(rows=rows, meta={"n_train": int((rows["split"] == "train").sum())})
 
 
@@ -120,9 +121,22 @@ def build_model(cfg: RunConfig, bundle: IndexBundle):
     for p in lm.parameters():
         p.requires_grad_(False)
     lm = add_lora(lm, cfg.model.lora)
-    vocab = SIDVocab.from_index(bundle.items, lm.get_input_embeddings().weight.shape[0])
+    extra = (bundle.users,) if bundle.users is not None else ()
+    vocab = SIDVocab.from_index(bundle.items, lm.get_input_embeddings().weight.shape[0], extra_indices=extra)
     model = SIDRecModel(lm, vocab, seed=cfg.seed)
     return model, tok, Encoder(tok, vocab)
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    """Where fine-tuning checkpoints go: ``train.checkpoint_dir`` or ``$SIDREC_HOME/checkpoints/finetune``.
+    Each run writes to a sub-folder named by a hash of its config, seed, training rows and initial
+    parameters, so a rerun of the same training resumes and nothing else ever does."""
+    from sidrec.config import REPO_ROOT
+
+    if cfg.train.checkpoint_dir:
+        p = Path(cfg.train.checkpoint_dir).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+    return Path(os.environ.get("SIDREC_HOME", REPO_ROOT / ".sidrec")) / "checkpoints" / "finetune"
 
 
 def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
@@ -140,7 +154,8 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
         if log is not None:
             log(step, m)
 
-    res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled())
+    res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled(),
+                checkpoint_dir=checkpoint_dir(cfg))
     meta = {"backbone": cfg.model.backbone, "train": res.summary(), "loss_curve": losses,
             "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode}
     save_recommender(model, tok, out_dir, meta)
@@ -173,3 +188,62 @@ def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
+
+
+# 4-6 (dynamic mode). the index is learned with the LLM: one stage owns quantizer + instructions + LoRA -------------
+def _dynamic_state(gen) -> "object":
+    """The generator as a QuantizerState (standardise -> linear encoder -> residual codebooks), so new
+    entities can be assigned later from backbone representations computed with the trained adapter."""
+    from sidrec.quantize import QuantizerState
+
+    w = gen.proj_in.weight.detach().float()
+    b = gen.proj_in.bias.detach().float()
+    pinv = torch.linalg.pinv(w)  # a linear decoder: code space -> standardised input space
+    return QuantizerState(
+        kind="rq_vae",
+        codebooks=[c.detach().float().numpy() for c in gen.codebooks],
+        mean=gen.mean.numpy(), scale=gen.scale.numpy(),
+        encoder={"layers.0.weight": w.numpy(), "layers.0.bias": b.numpy()},
+        decoder={"layers.0.weight": pinv.numpy(), "layers.0.bias": (-(pinv @ b)).numpy()},
+    )
+
+
+def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path,
+                     log: Optional[Callable[[int, dict], None]] = None):
+    """Train index generator(s) and LoRA together; returns (TrainedRecommender, IndexBundle, InstructionSet)."""
+    from sidrec.dynamic import train_dynamic
+    from sidrec.model import add_lora, load_backbone, save_recommender
+    from sidrec.quantize import code_stats, plot_code_usage
+
+    set_threads(cfg)
+    seed_everything(cfg.seed)
+    lm, tok = load_backbone(cfg.model.backbone)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    lm = add_lora(lm, cfg.model.lora)
+    res = train_dynamic(ds, features, cfg, lm, tok, log=log, progress=progress_enabled())
+    last = res.log[-1] if res.log else {}
+    levels = cfg.index.levels
+    report = {
+        "index/collision_rate_raw": float(last.get("collision_rate_raw/items", 0.0)),
+        "index/collisions": int(len(res.items.codes) - len({tuple(c) for c in res.items.codes.tolist()})),
+        "index/levels": res.items.num_levels,
+        "index/codebook_size": int(res.items.level_sizes[0]),
+        **{f"index/{k}": float(v) for k, v in code_stats(res.items.codes[:, :levels], res.items.level_sizes[:levels]).items()},
+        "index/churn_items_last_refresh": float(last.get("churn/items", 0.0)),
+    }
+    if res.users is not None:
+        report["index/users/collision_rate_raw"] = float(last.get("collision_rate_raw/users", 0.0))
+        report["index/users/collisions"] = int(len(res.users.codes) - len({tuple(c) for c in res.users.codes.tolist()}))
+        report["index/churn_users_last_refresh"] = float(last.get("churn/users", 0.0))
+    meta = {"backbone": cfg.model.backbone, "train": res.summary, "loss_curve": res.losses,
+            "lora": cfg.model.lora.model_dump(), "index_mode": "dynamic", "dynamic_log": res.log}
+    save_recommender(res.model, tok, out_dir, meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "code_usage.png"
+        plot_code_usage(res.items.codes, res.items.level_sizes, png)
+        usage = png.read_bytes()
+    bundle = IndexBundle(items=res.items, state=_dynamic_state(res.generators[0]), report=report, users=res.users,
+                         usage_png=usage)
+    instr = InstructionSet(rows=res.rows, meta={"n_train": int((res.rows["split"] == "train").sum()), "dynamic": True})
+    return TrainedRecommender(path=out_dir, meta=meta), bundle, instr

@@ -1,7 +1,12 @@
-"""Instruction tasks: (prompt, target) rows built from the dataset and the SID index.
+"""Instruction tasks: (prompt, target) rows built from the dataset and the SID index(es).
 
-Prompts are deliberately short: every template word costs compute on every example.
-SID tokens appear inline (``<a_3><b_12><c_0>``) and are encoded atomically by
+Examples are first drawn as *specs* that refer to entities by id (task, template, user, history
+item ids, target item/user), then *rendered* against an index into prompt/target strings. A static
+run renders once; a dynamic run re-renders after every index refresh, so training targets always
+follow the current index.
+
+Prompts are deliberately short: every template word costs compute on every example. SID tokens
+appear inline (``<a_3><b_12><c_0>``, users ``<u_a_1>...``) and are encoded atomically by
 ``sidrec.model.Encoder``.
 
 Tasks (weights in ``TasksConfig``):
@@ -9,8 +14,14 @@ Tasks (weights in ``TasksConfig``):
 - ``text_to_sid``: item text -> SID (STORE: the LLM as tokenizer).
 - ``sid_to_text``: SID -> item title (STORE: token -> text reconstruction).
 - ``titles_to_sid``: history titles -> next item SID.
+- ``user_pred`` (ED2, dual index): an item and users who liked it -> another user who did.
+- ``user_to_text`` / ``text_to_user`` (ED2, dual index): user SID <-> preference text.
+- ``ts_align`` (TS-Rec): a SID prefix -> the keywords of the items under it.
+User-set data and user texts come from the training part of each sequence only.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -20,14 +31,22 @@ TEMPLATES: dict[str, list[str]] = {
     "text_to_sid": ["Item: {text} ID:", "{text} ->"],
     "sid_to_text": ["Item {sid} title:", "{sid} is"],
     "titles_to_sid": ["Liked: {titles}. Next:", "{titles} ->"],
+    "user_pred": ["Item {sid} liked by {users}. Also:", "{sid}: {users} ->"],
+    "user_to_text": ["User {user} likes:", "{user} prefers"],
+    "text_to_user": ["Likes: {text}. User:", "{text} ->"],
+    "ts_align": ["Token {prefix} means:", "{prefix} keywords:"],
 }
-TARGET_KIND = {"seqrec": "sid", "text_to_sid": "sid", "sid_to_text": "text", "titles_to_sid": "sid"}
+TARGET_KIND = {"seqrec": "sid", "text_to_sid": "sid", "sid_to_text": "text", "titles_to_sid": "sid",
+               "user_pred": "user", "user_to_text": "text", "text_to_user": "user", "ts_align": "text"}
+USER_TASKS = ("user_pred", "user_to_text", "text_to_user")
 COLUMNS = ["split", "task", "template", "user_id", "prompt", "target", "target_kind", "target_item"]
+SPEC_COLUMNS = ["split", "task", "template", "user_id", "history", "target_item", "others", "prefix_len"]
 EVAL_TEMPLATE = 0
 
 
-def seqrec_prompt(history_sids: list[str], template: int = EVAL_TEMPLATE) -> str:
-    return TEMPLATES["seqrec"][template].format(history="".join(history_sids))
+def seqrec_prompt(history_sids: list[str], template: int = EVAL_TEMPLATE, user_sid: str = "") -> str:
+    prompt = TEMPLATES["seqrec"][template].format(history="".join(history_sids))
+    return f"{user_sid} {prompt}" if user_sid else prompt
 
 
 def _titles(items: pd.DataFrame) -> dict[str, str]:
@@ -36,81 +55,156 @@ def _titles(items: pd.DataFrame) -> dict[str, str]:
     return {i: short_title(t, 40) for i, t in zip(items["item_id"], items["title"])}
 
 
-def eval_rows(ds, index, part: str, max_history: int, prompt_history: int) -> pd.DataFrame:
-    """One seqrec row per user for ``valid`` or ``test`` (fixed template, no sampling)."""
-    split = ds.split(part, max_history)
-    sids = {e: index.sid(i) for i, e in enumerate(index.entity_ids)}
-    prompts = [seqrec_prompt([sids[h] for h in hist[-prompt_history:]]) for hist in split["history"]]
-    return pd.DataFrame(
-        {
-            "split": part,
-            "task": "seqrec",
-            "template": EVAL_TEMPLATE,
-            "user_id": split["user_id"].to_numpy(),
-            "prompt": prompts,
-            "target": [sids[t] for t in split["target"]],
-            "target_kind": "sid",
-            "target_item": split["target"].to_numpy(),
-        },
-        columns=COLUMNS,
-    )
+def user_sets(ds) -> dict[str, list[str]]:
+    """item -> users who interacted with it in the *training* part of their sequence (sorted, unique)."""
+    out: dict[str, set[str]] = {}
+    for user, seq in ds.train_sequences().items():
+        for item in seq:
+            out.setdefault(item, set()).add(user)
+    return {i: sorted(u) for i, u in out.items()}
 
 
-def train_rows(ds, index, cfg, n_examples: int, max_history: int, seed: int) -> pd.DataFrame:
-    """``n_examples`` training rows: a task drawn by weight, then an example and a template uniformly.
+def task_weights(cfg, dual: bool) -> dict[str, float]:
+    w = {t: float(getattr(cfg, t, 0.0)) for t in TEMPLATES}
+    if not dual:
+        for t in USER_TASKS:
+            w[t] = 0.0
+    return w
 
-    seqrec/titles_to_sid draw from every prefix of the training part of each user's sequence;
-    text_to_sid/sid_to_text draw from the item catalog.
-    """
-    from sidrec.text import item_texts
 
+def sample_specs(ds, cfg, n_examples: int, max_history: int, seed: int, dual: bool = False,
+                 index_levels: int = 0) -> pd.DataFrame:
+    """``n_examples`` training specs: a task drawn by weight, then an example and a template uniformly."""
     rng = np.random.default_rng(seed)
-    weights = {t: getattr(cfg, t) for t in TEMPLATES}
+    weights = task_weights(cfg, dual)
+    if index_levels < 2:
+        weights["ts_align"] = 0.0
     tasks = [t for t, w in weights.items() if w > 0]
     p = np.array([weights[t] for t in tasks], dtype=float)
     p /= p.sum()
     drawn = rng.choice(len(tasks), size=n_examples, p=p)
 
-    sids = {e: index.sid(i) for i, e in enumerate(index.entity_ids)}
-    titles = _titles(ds.items)
     prefixes = ds.split("train", max_history)
     hist = prefixes["history"].to_list()
     targ = prefixes["target"].to_list()
     users = prefixes["user_id"].to_list()
     item_ids = ds.items["item_id"].to_list()
-    texts = item_texts(ds) if weights["text_to_sid"] > 0 else None
+    sets = user_sets(ds) if weights.get("user_pred", 0) > 0 else {}
+    set_items = [i for i, us in sets.items() if len(us) >= 2]
+    train_users = list(ds.train_sequences().keys())
     k = cfg.prompt_history
 
     rows = []
     for ti in drawn:
         task = tasks[ti]
-        tmpl_i = int(rng.integers(len(TEMPLATES[task])))
-        tmpl = TEMPLATES[task][tmpl_i]
+        tmpl = int(rng.integers(len(TEMPLATES[task])))
         if task in ("seqrec", "titles_to_sid"):
             if not hist:
                 continue
             j = int(rng.integers(len(hist)))
-            h = hist[j][-k:]
-            if task == "seqrec":
-                prompt = tmpl.format(history="".join(sids[x] for x in h))
-            else:
-                prompt = tmpl.format(titles="; ".join(titles[x] for x in h[-5:]))
-            rows.append(("train", task, tmpl_i, users[j], prompt, sids[targ[j]], "sid", targ[j]))
-        else:
-            j = int(rng.integers(len(item_ids)))
-            item = item_ids[j]
-            if task == "text_to_sid":
-                rows.append(("train", task, tmpl_i, "", tmpl.format(text=texts[j][:200]), sids[item], "sid", item))
-            else:
-                rows.append(("train", task, tmpl_i, "", tmpl.format(sid=sids[item]), " " + titles[item], "text", item))
-    return pd.DataFrame(rows, columns=COLUMNS)
+            rows.append(("train", task, tmpl, users[j], list(hist[j][-k:]), targ[j], [], 0))
+        elif task in ("text_to_sid", "sid_to_text"):
+            rows.append(("train", task, tmpl, "", [], item_ids[int(rng.integers(len(item_ids)))], [], 0))
+        elif task == "user_pred":
+            if not set_items:
+                continue
+            item = set_items[int(rng.integers(len(set_items)))]
+            us = sets[item]
+            pick = rng.permutation(len(us))[: min(len(us), 4)]
+            target, others = us[pick[0]], [us[i] for i in pick[1:]]
+            rows.append(("train", task, tmpl, target, [], item, others, 0))
+        elif task in ("user_to_text", "text_to_user"):
+            rows.append(("train", task, tmpl, train_users[int(rng.integers(len(train_users)))], [], "", [], 0))
+        elif task == "ts_align":
+            item = item_ids[int(rng.integers(len(item_ids)))]
+            rows.append(("train", task, tmpl, "", [], item, [], int(rng.integers(1, index_levels))))
+    return pd.DataFrame(rows, columns=SPEC_COLUMNS)
 
 
-def build_instructions(ds, index, cfg, n_train: int, max_history: int, seed: int) -> pd.DataFrame:
+def eval_specs(ds, part: str, max_history: int, prompt_history: int) -> pd.DataFrame:
+    split = ds.split(part, max_history)
+    return pd.DataFrame({
+        "split": part, "task": "seqrec", "template": EVAL_TEMPLATE, "user_id": split["user_id"].to_numpy(),
+        "history": [list(h[-prompt_history:]) for h in split["history"]], "target_item": split["target"].to_numpy(),
+        "others": [[] for _ in range(len(split))], "prefix_len": 0,
+    }, columns=SPEC_COLUMNS)
+
+
+class Renderer:
+    """Renders specs against an item index (and optionally a user index), texts and keywords."""
+
+    def __init__(self, ds, item_index, user_index=None, item_texts: Optional[list[str]] = None,
+                 user_texts: Optional[dict[str, str]] = None, keywords: Optional[dict[str, list[str]]] = None,
+                 user_in_prompt: bool = False):
+        self.item_sid = {e: item_index.sid(i) for i, e in enumerate(item_index.entity_ids)}
+        self.item_index = item_index
+        self.user_sid = {e: user_index.sid(i) for i, e in enumerate(user_index.entity_ids)} if user_index is not None else {}
+        self.titles = _titles(ds.items)
+        self.texts = dict(zip(ds.items["item_id"], item_texts)) if item_texts is not None else {}
+        self.user_texts = user_texts or {}
+        self.keywords = keywords or {}
+        self.user_in_prompt = user_in_prompt and user_index is not None
+
+    def __call__(self, s) -> tuple[str, str, str]:
+        t = TEMPLATES[s.task][s.template]
+        sid = self.item_sid
+        if s.task == "seqrec":
+            usid = self.user_sid.get(s.user_id, "") if self.user_in_prompt else ""
+            return seqrec_prompt([sid[h] for h in s.history], s.template, usid), sid[s.target_item], "sid"
+        if s.task == "titles_to_sid":
+            return t.format(titles="; ".join(self.titles[x] for x in s.history[-5:])), sid[s.target_item], "sid"
+        if s.task == "text_to_sid":
+            text = self.texts.get(s.target_item) or self.titles[s.target_item]
+            return t.format(text=text[:200]), sid[s.target_item], "sid"
+        if s.task == "sid_to_text":
+            return t.format(sid=sid[s.target_item]), " " + self.titles[s.target_item], "text"
+        if s.task == "user_pred":
+            return t.format(sid=sid[s.target_item], users="".join(self.user_sid[u] for u in s.others)), self.user_sid[s.user_id], "user"
+        if s.task == "user_to_text":
+            return t.format(user=self.user_sid[s.user_id]), " " + self.user_texts.get(s.user_id, "")[:160], "text"
+        if s.task == "text_to_user":
+            return t.format(text=self.user_texts.get(s.user_id, "")[:160]), self.user_sid[s.user_id], "user"
+        if s.task == "ts_align":
+            row = self.item_index.row_of(s.target_item)
+            prefix = "".join(self.item_index.token(lv, int(c)) for lv, c in enumerate(self.item_index.codes[row][: s.prefix_len]))
+            kws = self.keywords.get(prefix, [])
+            return t.format(prefix=prefix), " " + (", ".join(kws) if kws else self.titles[s.target_item]), "text"
+        raise ValueError(f"unknown task {s.task!r}")
+
+    def render(self, specs: pd.DataFrame) -> pd.DataFrame:
+        out = [self(s) for s in specs.itertuples(index=False)]
+        rows = specs[["split", "task", "template", "user_id"]].copy()
+        rows["prompt"] = [o[0] for o in out]
+        rows["target"] = [o[1] for o in out]
+        rows["target_kind"] = ["sid" if o[2] == "user" else o[2] for o in out]
+        rows["target_item"] = specs["target_item"].to_numpy()
+        return rows[COLUMNS].reset_index(drop=True)
+
+
+def eval_rows(ds, index, part: str, max_history: int, prompt_history: int, renderer: Optional[Renderer] = None) -> pd.DataFrame:
+    """One seqrec row per user for ``valid`` or ``test`` (fixed template, no sampling)."""
+    renderer = renderer or Renderer(ds, index)
+    return renderer.render(eval_specs(ds, part, max_history, prompt_history))
+
+
+def train_rows(ds, index, cfg, n_examples: int, max_history: int, seed: int) -> pd.DataFrame:
+    """``n_examples`` rendered training rows for a static item index."""
+    from sidrec.text import item_texts
+
+    specs = sample_specs(ds, cfg, n_examples, max_history, seed)
+    texts = item_texts(ds) if cfg.text_to_sid > 0 else None
+    return Renderer(ds, index, item_texts=texts).render(specs)
+
+
+def build_instructions(ds, index, cfg, n_train: int, max_history: int, seed: int, user_index=None,
+                       keywords: Optional[dict[str, list[str]]] = None) -> pd.DataFrame:
     """The whole instruction set: sampled train rows + one valid and one test row per user."""
-    parts = [
-        train_rows(ds, index, cfg, n_train, max_history, seed),
-        eval_rows(ds, index, "valid", max_history, cfg.prompt_history),
-        eval_rows(ds, index, "test", max_history, cfg.prompt_history),
-    ]
+    from sidrec.text import item_texts, user_texts
+
+    dual = user_index is not None
+    specs = sample_specs(ds, cfg, n_train, max_history, seed, dual=dual, index_levels=index.num_levels if keywords else 0)
+    utexts = dict(zip(*user_texts(ds))) if dual else None
+    renderer = Renderer(ds, index, user_index, item_texts=item_texts(ds), user_texts=utexts, keywords=keywords,
+                        user_in_prompt=dual)
+    parts = [renderer.render(specs)] + [renderer.render(eval_specs(ds, p, max_history, cfg.prompt_history)) for p in ("valid", "test")]
     return pd.concat(parts, ignore_index=True)

@@ -125,6 +125,7 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
         "zenml_run_id": zenml_run_id,
         "zenml_run_name": zenml_run_name,
         "config_name": cfg.name,
+        "data_validation": "passed" if getattr(quality, "success", False) else "failed",  # read by the promotion gate
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=zenml_run_name or cfg.name, tags=tags) as run:
         params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
@@ -132,6 +133,9 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         for step, loss in recommender.meta.get("loss_curve", []):
             mlflow.log_metric("train/loss", float(loss), step=int(step))
+        for entry in recommender.meta.get("dynamic_log", []):  # per index refresh (dynamic mode)
+            mlflow.log_metrics({f"index/{k.replace('/', '_')}": float(v) for k, v in entry.items() if k != "step"},
+                               step=int(entry["step"]))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             # data quality: our summary page + the Great Expectations Data Docs site

@@ -1,6 +1,7 @@
 """Thin ZenML steps: parse their slice of the run config, call `sidrec.stages`, return typed artifacts."""
 from steps.training import (
     baselines,
+    dynamic_finetune,
     evaluate,
     finetune,
     ingest,
@@ -13,6 +14,6 @@ from steps.training import (
 )
 
 __all__ = [
-    "baselines", "evaluate", "finetune", "ingest", "instruction_dataset", "log_to_mlflow",
+    "baselines", "dynamic_finetune", "evaluate", "finetune", "ingest", "instruction_dataset", "log_to_mlflow",
     "quality_gate", "sid_quantization", "text_features", "validate_data",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Tuple
 
 from zenml import get_step_context, log_metadata, step
 from zenml.config.cache_policy import CachePolicy
@@ -13,6 +13,7 @@ import sidrec.artifacts
 import sidrec.baselines
 import sidrec.data
 import sidrec.decode
+import sidrec.dynamic
 import sidrec.evaluate
 import sidrec.index
 import sidrec.metrics
@@ -102,6 +103,19 @@ def finetune(instructions: InstructionSet, sid_index: IndexBundle, config: dict)
     rec = sidrec.stages.finetune(instructions, sid_index, _cfg(config), out)
     _meta(**{"train": rec.meta["train"]})
     return rec
+
+
+@step(output_materializers={"recommender": TrainedRecommenderMaterializer, "sid_index": IndexBundleMaterializer,
+                            "instructions": InstructionSetMaterializer},
+      cache_policy=_deps(sidrec.dynamic, sidrec.train, sidrec.model, sidrec.tasks, sidrec.quantize))
+def dynamic_finetune(dataset: Dataset, features: EntityFeatures, config: dict) -> Tuple[
+        Annotated[TrainedRecommender, "recommender"], Annotated[IndexBundle, "sid_index"],
+        Annotated[InstructionSet, "instructions"]]:
+    """Dynamic index: quantizer heads + LoRA trained together; emits the frozen index with the adapter."""
+    out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
+    rec, bundle, instr = sidrec.stages.dynamic_finetune(dataset, features, _cfg(config), out)
+    _meta(**{"train": rec.meta["train"], "index": {k.replace("/", "_"): v for k, v in bundle.report.items()}})
+    return rec, bundle, instr
 
 
 @step(output_materializers=EvalReportMaterializer,

@@ -56,7 +56,7 @@ def test_instruction_rows_formats_and_no_leakage(ml, index):
     rows = build_instructions(ml, index, cfg, n_train=400, max_history=20, seed=0)
     assert list(rows.columns) == COLUMNS
     train = rows[rows.split == "train"]
-    assert len(train) == 400 and set(train.task) == set(TEMPLATES)
+    assert len(train) == 400 and set(train.task) == {"seqrec", "text_to_sid", "sid_to_text", "titles_to_sid"}
     n_levels = index.num_levels
     for r in train.itertuples():
         if r.target_kind == "sid":
@@ -83,3 +83,32 @@ def test_seqrec_prompt_is_short(index):
     p = seqrec_prompt([index.sid(i) for i in range(10)])
     words = SID_RE.sub("", p).split()
     assert len(words) <= 3
+
+
+def test_dual_index_user_tasks_and_no_user_set_leakage(ml, index):
+    users = ml.sequences["user_id"].tolist()
+    rng = np.random.default_rng(1)
+    ucodes = np.stack([rng.integers(0, 4, len(users)), np.arange(len(users))], 1)
+    uindex = SIDIndex(entity_ids=users, codes=ucodes, level_sizes=[4, len(users)], prefix="u_")
+    cfg = TasksConfig(seqrec=1.0, text_to_sid=0, sid_to_text=0, titles_to_sid=0, user_pred=1.0, user_to_text=0.5,
+                      text_to_user=0.5, prompt_history=5)
+    rows = build_instructions(ml, index, cfg, n_train=300, max_history=20, seed=0, user_index=uindex)
+    train = rows[rows.split == "train"]
+    assert {"user_pred", "user_to_text", "text_to_user", "seqrec"} <= set(train.task)
+    USER_RE = re.compile(r"<u_[a-z]_\d+>")
+    seqs = dict(zip(ml.sequences["user_id"], ml.sequences["item_ids"]))
+    train_part = {u: set(s[:-2]) for u, s in seqs.items()}
+    for r in train.itertuples():
+        if r.task == "user_pred":
+            # target is a user SID; every user named in the prompt and the target liked the item in TRAINING
+            assert r.target == uindex.sid_of(r.user_id) and len(USER_RE.findall(r.target)) == 2
+            assert r.target_item in train_part[r.user_id]
+            prompt_users = USER_RE.findall(r.prompt)
+            named = {uindex.entity_for_codes(uindex.parse("".join(prompt_users[i:i + 2])))
+                     for i in range(0, len(prompt_users), 2)}
+            assert all(r.target_item in train_part[u] for u in named)
+            assert r.user_id not in named
+        if r.task == "text_to_user":
+            assert r.target == uindex.sid_of(r.user_id)
+        if r.task == "seqrec":
+            assert r.prompt.startswith(uindex.sid_of(r.user_id))  # the user's own SID leads the prompt

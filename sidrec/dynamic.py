@@ -1,0 +1,383 @@
+"""Dynamic (ED2-style) indexing: the SID index is learned together with the LLM.
+
+- An ``IndexGenerator`` per entity family (items; users for the dual index) maps the backbone's
+  pooled representation of an entity's text to a ``code_dim`` vector and quantizes it residually
+  with learned codebooks (k-means initialised).
+- SID token embeddings are *derived* from the codewords through a learned projection
+  (``token = P_level(codeword) + delta``), so the recommendation loss back-propagates into the
+  codebooks -- the index receives gradient from the LLM side, not only from its own losses.
+- The multi-granular token regulator: token-level alignment (each level's quantizer input vs its
+  chosen codeword, a commitment + codebook loss) and index-level alignment (InfoNCE between the
+  LLM's representation of an entity's SID token sequence and of its text).
+- Every ``refresh_every`` steps the backbone (with its current LoRA weights) re-encodes all entity
+  texts, assignments are recomputed with the current codebooks and made collision-free again,
+  and training examples are re-rendered from entity ids -- targets always follow the current index.
+- At the end the index is frozen (one last refresh), and the trained model is saved in the same
+  format as a static run, so evaluation is the same constrained decoding.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sidrec.index import SIDIndex
+from sidrec.model import SIDRecModel, SIDVocab, inner_model
+from sidrec.quantize import auto_codebook_size, code_stats, kmeans, raw_collision_rate, resolve_collisions
+
+
+class IndexGenerator(nn.Module):
+    """Residual quantizer heads on backbone representations + codeword -> token-embedding projection."""
+
+    def __init__(self, in_dim: int, hidden: int, code_dim: int, levels: int, codebook_size: int, extra_cap: int,
+                 emb_std: float, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.levels, self.codebook_size, self.extra_cap = levels, codebook_size, extra_cap
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("scale", torch.ones(in_dim))
+        self.proj_in = nn.Linear(in_dim, code_dim)
+        self.codebooks = nn.ParameterList([nn.Parameter(torch.randn(codebook_size, code_dim, generator=g) * 0.1)
+                                           for _ in range(levels)])
+        self.proj_out = nn.ModuleList([nn.Linear(code_dim, hidden) for _ in range(levels)])
+        self.delta = nn.Parameter(torch.zeros(levels * codebook_size, hidden))
+        self.extra = nn.Parameter(torch.randn(extra_cap, hidden, generator=g) * emb_std)
+        self.emb_std = emb_std
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_in((x - self.mean) / self.scale)
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor, iters: int, seed: int) -> None:
+        """Standardise on ``x``, PCA-like init of proj_in is left random; residual k-means for codebooks."""
+        self.mean.copy_(x.mean(0))
+        self.scale.copy_(x.std(0).clamp(min=1e-6))
+        z = self.encode(x)
+        g = torch.Generator().manual_seed(seed)
+        r = z
+        for lv in range(self.levels):
+            c = kmeans(r, self.codebook_size, iters, g)
+            self.codebooks[lv].copy_(c)
+            r = r - c[torch.cdist(r, c).argmin(1)]
+        # scale the output projection so token embeddings start at the backbone's embedding scale
+        for lv in range(self.levels):
+            w = self.proj_out[lv].weight
+            nn.init.normal_(w, std=self.emb_std / math.sqrt(max(1.0, float((self.codebooks[lv] ** 2).sum(1).mean()))))
+            nn.init.zeros_(self.proj_out[lv].bias)
+
+    def quantize(self, z: torch.Tensor, codes: Optional[torch.Tensor] = None):
+        """Residual quantization. Returns (codes [n, M], token-level alignment loss).
+
+        ``codes`` forces the assignment (the current frozen-between-refresh index); otherwise nearest.
+        """
+        r = z
+        loss = z.new_zeros(())
+        out = []
+        for lv in range(self.levels):
+            cb = self.codebooks[lv]
+            c = torch.cdist(r.detach(), cb.detach()).argmin(1) if codes is None else codes[:, lv]
+            q = cb[c]
+            # codebook term moves codewords to inputs; commitment term keeps inputs near codewords
+            loss = loss + ((q - r.detach()) ** 2).sum(-1).mean() + 0.25 * ((r - q.detach()) ** 2).sum(-1).mean()
+            out.append(c)
+            r = r - q.detach()
+        return torch.stack(out, 1), loss
+
+    def token_table(self) -> torch.Tensor:
+        """[levels * N + extra_cap, hidden]: level tokens from codewords (+ delta), then disambiguation tokens."""
+        rows = [self.proj_out[lv](self.codebooks[lv]) for lv in range(self.levels)]
+        return torch.cat([torch.cat(rows, 0) + self.delta, self.extra], 0)
+
+
+class DynamicSIDRecModel(SIDRecModel):
+    """SIDRecModel whose SID token table is computed from index generators (items, then users)."""
+
+    def __init__(self, lm, vocab: SIDVocab, generators: list[IndexGenerator]):
+        super().__init__(lm, vocab, init=torch.zeros(len(vocab), 1))
+        del self.sid_embeddings
+        self.generators = nn.ModuleList(generators)
+        self._table: Optional[torch.Tensor] = None
+
+    def sid_table(self) -> torch.Tensor:
+        if self._table is None:
+            self._table = torch.cat([g.token_table() for g in self.generators], 0)
+        return self._table
+
+    def reset_table(self) -> None:
+        self._table = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.generators[0].delta.shape[1]
+
+    def frozen(self) -> SIDRecModel:
+        """A plain SIDRecModel with the current token table (what gets saved and evaluated)."""
+        with torch.no_grad():
+            table = torch.cat([g.token_table() for g in self.generators], 0).detach().clone()
+        return SIDRecModel(self.lm, self.vocab, init=table)
+
+
+def vocab_for(index_items: SIDIndex, base_vocab: int, user_index: Optional[SIDIndex] = None) -> SIDVocab:
+    return SIDVocab.from_index(index_items, base_vocab, extra_indices=(user_index,) if user_index is not None else ())
+
+
+@torch.no_grad()
+def encode_texts(model, ids: list[list[int]], pad_id: int, batch_size: int = 64, dtype=torch.bfloat16,
+                 progress: bool = False, desc: str = "re-encode") -> torch.Tensor:
+    """Mean-pooled last hidden states of token id lists (current LoRA weights), length-sorted batches."""
+    inner = inner_model(model.lm)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out = torch.zeros(len(ids), model.hidden_size)
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
+        idx = order[s:s + batch_size]
+        h, m = _pooled_input(ids, idx, pad_id)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            hs = inner(input_ids=h, attention_mask=m).last_hidden_state.float()
+        out[torch.as_tensor(idx)] = (hs * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+    return out
+
+
+def _pooled_input(ids, idx, pad_id):
+    width = max(len(ids[i]) for i in idx)
+    x = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    m = torch.zeros((len(idx), width))
+    for j, i in enumerate(idx):
+        x[j, : len(ids[i])] = torch.tensor(ids[i])
+        m[j, : len(ids[i])] = 1
+    return x, m
+
+
+def pooled_with_grad(model, ids: list[list[int]], rows: np.ndarray, pad_id: int) -> torch.Tensor:
+    """Pooled text representations of some entities, with gradient through the (LoRA) backbone."""
+    x, m = _pooled_input(ids, rows, pad_id)
+    hs, _ = model.hidden(x, attention_mask=m.long())
+    return (hs.float() * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+
+
+def assign(gen: IndexGenerator, reps: torch.Tensor, entity_ids: list[str], prefix: str) -> tuple[SIDIndex, float]:
+    """Nearest-codeword assignment + collision resolution -> a unique SIDIndex with a fixed-size extra level."""
+    with torch.no_grad():
+        raw, _ = gen.quantize(gen.encode(reps))
+    raw = raw.numpy()
+    rate = raw_collision_rate(raw)
+    codes, extra = resolve_collisions(raw)
+    if not extra:
+        codes = np.concatenate([codes, np.zeros((len(codes), 1), dtype=np.int64)], 1)
+    if codes[:, -1].max() >= gen.extra_cap:
+        raise ValueError(f"index.dynamic.extra_level_cap={gen.extra_cap} is smaller than the largest group of "
+                         f"entities sharing one code ({int(codes[:, -1].max()) + 1}); raise it or index.codebook_size")
+    sizes = [gen.codebook_size] * gen.levels + [gen.extra_cap]
+    return SIDIndex(entity_ids=list(entity_ids), codes=codes, level_sizes=sizes, prefix=prefix), rate
+
+
+def churn(old: SIDIndex, new: SIDIndex) -> float:
+    return float((old.codes != new.codes).any(1).mean())
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    a = torch.nn.functional.normalize(a.float(), dim=-1)
+    b = torch.nn.functional.normalize(b.float(), dim=-1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(len(a))
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+
+
+@dataclass
+class DynamicResult:
+    model: SIDRecModel  # frozen, saveable
+    items: SIDIndex
+    users: Optional[SIDIndex]
+    rows: pd.DataFrame  # final rendered instruction set (train as last rendered + valid/test)
+    generators: list = field(default_factory=list)  # trained IndexGenerator(s): items[, users]
+    log: list[dict] = field(default_factory=list)  # per refresh: churn, collisions, utilization
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict], None]] = None,
+                  progress: bool = True) -> DynamicResult:
+    """Joint training of the index generator(s) and LoRA; returns the frozen model + final index."""
+    from sidrec.model import Encoder
+    from sidrec.tasks import Renderer, eval_specs, sample_specs
+    from sidrec.train import _collate, bucketed_batches, target_loss
+    from sidrec.text import item_texts as make_item_texts
+    from sidrec.text import user_texts as make_user_texts
+
+    dcfg, icfg, tcfg = cfg.index.dynamic, cfg.index, cfg.train
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    torch.manual_seed(cfg.seed)
+    dual = icfg.entities == "items+users"
+    base_vocab = lm.get_input_embeddings().weight.shape[0]
+    hidden = lm.get_input_embeddings().weight.shape[1]
+    emb_std = lm.get_input_embeddings().weight.detach().float().std().item()
+
+    items = ds.items["item_id"].tolist()
+    itexts = make_item_texts(ds)
+    item_tok = [tok(t, add_special_tokens=False, truncation=True, max_length=dcfg.text_tokens)["input_ids"] or [0] for t in itexts]
+    uids, utexts = make_user_texts(ds, cfg.features.user_history_titles)
+    user_tok = [tok(t, add_special_tokens=False, truncation=True, max_length=dcfg.text_tokens)["input_ids"] or [0] for t in utexts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def make_gen(n, seed):
+        N = auto_codebook_size(n, icfg.levels) if icfg.codebook_size == "auto" else int(icfg.codebook_size)
+        return IndexGenerator(hidden, hidden, dcfg.code_dim, icfg.levels, N, min(dcfg.extra_level_cap, max(n, 2)), emb_std, seed)
+
+    gens = [make_gen(len(items), cfg.seed)]
+    item_reps = torch.as_tensor(features.item_embeddings, dtype=torch.float32)
+    gens[0].init_from(item_reps, icfg.kmeans_iters, cfg.seed)
+    user_reps = None
+    if dual:
+        user_reps = torch.as_tensor(features.user_embeddings, dtype=torch.float32) if features.user_embeddings is not None \
+            else encode_texts(SIDRecModel(lm, SIDVocab([], [], [], base_vocab)), user_tok, pad, dtype=dtype)
+        gens.append(make_gen(len(uids), cfg.seed + 1))
+        gens[1].init_from(user_reps, icfg.kmeans_iters, cfg.seed + 1)
+
+    item_index, rate_i = assign(gens[0], item_reps, items, "")
+    user_index, rate_u = assign(gens[1], user_reps, uids, "u_") if dual else (None, 0.0)
+    vocab = vocab_for(item_index, base_vocab, user_index)
+    model = DynamicSIDRecModel(lm, vocab, gens)
+    encoder = Encoder(tok, vocab)
+
+    n_train = cfg.tasks.max_train_examples or tcfg.steps * tcfg.batch_size
+    specs = sample_specs(ds, cfg.tasks, n_train, cfg.data.max_history, cfg.seed, dual=dual)
+    utext_map = dict(zip(uids, utexts))
+
+    def render(ii, ui):
+        return Renderer(ds, ii, ui, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual).render(specs)
+
+    rows = render(item_index, user_index)
+    from sidrec.train import encode_rows
+
+    enc = encode_rows(encoder, rows)
+    batches = bucketed_batches(enc.lengths(), tcfg.batch_size, tcfg.steps, cfg.seed)
+
+    gen_params = [p for g in gens for n, p in g.named_parameters() if not n.startswith("codebooks")]
+    codebooks = [p for g in gens for p in g.codebooks]
+    lora = [p for p in lm.parameters() if p.requires_grad]
+    groups = [{"params": gen_params, "lr": tcfg.embedding_lr}, {"params": codebooks, "lr": dcfg.codebook_lr}]
+    if lora:
+        groups.append({"params": lora, "lr": tcfg.lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in groups]
+
+    refresh_log: list[dict] = []
+    losses: list[tuple[int, float]] = []
+    running: list[float] = []
+
+    def refresh(step: int):
+        nonlocal item_index, user_index, rows, enc
+        model.eval()
+        reps_i = encode_texts(model, item_tok, pad, dtype=dtype)
+        new_items, ri = assign(gens[0], reps_i, items, "")
+        entry = {"step": step, "churn/items": churn(item_index, new_items), "collision_rate_raw/items": ri}
+        entry.update({f"utilization/items/level_{k}": v for k, v in _util(new_items, gens[0]).items()})
+        if dual:
+            reps_u = encode_texts(model, user_tok, pad, dtype=dtype)
+            new_users, ru = assign(gens[1], reps_u, uids, "u_")
+            entry.update({"churn/users": churn(user_index, new_users), "collision_rate_raw/users": ru})
+            user_index = new_users
+        item_index = new_items
+        rows = render(item_index, user_index)  # targets remapped to the current index
+        enc = encode_rows(encoder, rows)
+        refresh_log.append(entry)
+        if log is not None:
+            log(step, {f"dynamic/{k}": v for k, v in entry.items() if k != "step"})
+        model.train()
+
+    def lr_factor(step):
+        if step < tcfg.warmup_steps:
+            return (step + 1) / max(tcfg.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min((step - tcfg.warmup_steps) / max(tcfg.steps - tcfg.warmup_steps, 1), 1.0)))
+
+    rng = np.random.default_rng(cfg.seed)
+    model.train()
+    t0 = time.perf_counter()
+    tokens = 0
+    bar = tqdm(batches, desc="fine-tune (dynamic index)", disable=not progress, unit="step")
+    for step, idx in enumerate(bar):
+        if step > 0 and step % dcfg.refresh_every == 0:
+            refresh(step)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * lr_factor(step)
+        model.reset_table()
+        ids, mask, tgt = _collate(enc, idx, encoder.pad_id)
+        tokens += int(mask.sum())
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            h, _ = model.hidden(ids, attention_mask=mask)
+            loss, _ = target_loss(model, h, ids, tgt)
+            reg = regulator_losses(model, gens, dcfg, item_index, item_tok, pad, rng,
+                                   (user_index, user_tok) if dual else None)
+        total = loss + reg["total"]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        running.append(loss.item())
+        if step % tcfg.log_every == 0 or step == len(batches) - 1:
+            avg = float(np.mean(running[-tcfg.log_every:]))
+            losses.append((step, avg))
+            bar.set_postfix(loss=f"{avg:.3f}", tok=f"{reg['token_align'].item():.3f}", idx=f"{reg['index_align'].item():.3f}")
+            if log is not None:
+                log(step, {"train/loss": avg, "train/token_align": reg["token_align"].item(),
+                           "train/index_align": reg["index_align"].item()})
+    refresh(len(batches))  # freeze: final assignment with the final backbone and codebooks
+    seconds = time.perf_counter() - t0
+    model.eval()
+    model.reset_table()
+    frozen = model.frozen()
+    final = Renderer(ds, item_index, user_index, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual)
+    ev = [final.render(eval_specs(ds, p, cfg.data.max_history, cfg.tasks.prompt_history)) for p in ("valid", "test")]
+    all_rows = pd.concat([rows] + ev, ignore_index=True)
+    summary = {"train/steps": len(batches), "train/examples": len(batches) * tcfg.batch_size, "train/tokens": tokens,
+               "train/seconds": round(seconds, 1), "train/tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+               "train/final_loss": float(np.mean(running[-10:])), "dynamic/refreshes": len(refresh_log),
+               "dynamic/initial_collision_rate_raw": rate_i}
+    return DynamicResult(model=frozen, items=item_index, users=user_index, rows=all_rows, generators=list(gens), log=refresh_log,
+                         losses=losses, summary=summary)
+
+
+def _util(index: SIDIndex, gen: IndexGenerator) -> dict[str, float]:
+    stats = code_stats(index.codes[:, : gen.levels], [gen.codebook_size] * gen.levels)
+    return {k.split("_")[-1]: v for k, v in stats.items() if k.startswith("utilization_level_")}
+
+
+def regulator_losses(model, gens, dcfg, item_index: SIDIndex, item_tok, pad, rng, users=None) -> dict:
+    """ED2's multi-granular token regulator on a sample of entities (items; users for the dual index)."""
+    zero = torch.zeros(())
+    out = {"token_align": zero, "index_align": zero, "total": zero}
+    if dcfg.token_align <= 0 and dcfg.index_align <= 0:
+        return out
+    fams = [(gens[0], item_index, item_tok)]
+    if users is not None:
+        fams.append((gens[1], users[0], users[1]))
+    tok_loss, idx_loss = zero, zero
+    for gen, index, toks in fams:
+        rows = rng.choice(len(toks), size=min(dcfg.entity_batch, len(toks)), replace=False)
+        text_rep = pooled_with_grad(model, toks, rows, pad)  # through the LoRA backbone
+        if dcfg.token_align > 0:
+            codes = torch.as_tensor(index.codes[rows, : gen.levels])
+            _, tl = gen.quantize(gen.encode(text_rep), codes)
+            tok_loss = tok_loss + tl
+        if dcfg.index_align > 0:
+            sid_ids = torch.stack([model.vocab.code_ids(lv, torch.as_tensor(index.codes[rows, lv]))
+                                   + _family_offset(model.vocab, index, lv) for lv in range(index.num_levels)], 1)
+            hs, _ = model.hidden(sid_ids)
+            idx_loss = idx_loss + info_nce(hs.float().mean(1), text_rep, dcfg.temperature)
+    out["token_align"], out["index_align"] = tok_loss, idx_loss
+    out["total"] = dcfg.token_align * tok_loss + dcfg.index_align * idx_loss
+    return out
+
+
+def _family_offset(vocab: SIDVocab, index: SIDIndex, level: int) -> int:
+    """code_ids(level) indexes the item family; user levels follow the item levels in the vocab."""
+    if not index.prefix:
+        return 0
+    n_item_levels = len(vocab.level_sizes) - index.num_levels
+    return vocab.level_offsets[n_item_levels + level] - vocab.level_offsets[level]

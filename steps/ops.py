@@ -1,0 +1,126 @@
+"""Operations steps (retraining, registry, promotion) and the glue that reads a finished training
+run's artifacts back from ZenML. The logic lives in ``sidrec.registry`` / ``sidrec.drift``."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+from zenml import get_step_context, log_metadata, step
+from zenml.config.cache_policy import CachePolicy
+from zenml.types import HTMLString
+
+import sidrec.artifacts
+import sidrec.drift
+import sidrec.model
+import sidrec.quantize
+import sidrec.registry
+import sidrec.stages
+import sidrec.train
+from materializers import IndexBundleMaterializer, TrainedRecommenderMaterializer
+from sidrec.artifacts import IndexBundle, InstructionSet, TrainedRecommender
+from sidrec.config import RunConfig
+from sidrec.data import Dataset
+from sidrec.validation import QualityReport
+
+
+def _cfg(config: dict) -> RunConfig:
+    return RunConfig.model_validate(config)
+
+
+def _meta(**metadata) -> None:
+    try:
+        get_step_context()
+    except RuntimeError:
+        return
+    log_metadata(metadata=metadata)
+
+
+# ------------------------------------------------------------------ glue: a finished training run
+def training_run_artifacts(run_name_or_id: Optional[str] = None, pipeline_name: str = "training_pipeline") -> dict:
+    """dataset, quality report, SID index, recommender and MLflow run id of a finished ZenML run
+    (default: the newest completed run of ``pipeline_name``)."""
+    from zenml.client import Client
+
+    from sidrec.errors import SidrecError
+
+    client = Client()
+    if run_name_or_id:
+        run = client.get_pipeline_run(run_name_or_id)
+    else:
+        runs = client.list_pipeline_runs(sort_by="desc:created", size=50)
+        runs = [r for r in runs.items if r.pipeline and r.pipeline.name == pipeline_name and str(r.status).endswith("completed")]
+        if not runs:
+            raise SidrecError(f"no completed {pipeline_name} run in the ZenML store: run `run.py train --config ...` first")
+        run = runs[0]
+    steps = run.steps
+
+    def out(step: str, name: str):
+        return steps[step].outputs[name][0].load()
+
+    metrics = out("log_to_mlflow", "metrics")
+    return {"dataset": out("ingest", "dataset"), "quality": out("validate_data", "quality_report"),
+            "bundle": out("sid_quantization", "sid_index"), "recommender": out("finetune", "recommender"),
+            "mlflow_run_id": metrics["mlflow_run_id"], "zenml_run_id": str(run.id)}
+
+
+def register_training_run(cfg: RunConfig, run_name_or_id: Optional[str] = None, pipeline_name: str = "training_pipeline") -> str:
+    a = training_run_artifacts(run_name_or_id, pipeline_name)
+    return sidrec.registry.register_model(cfg, run_id=a["mlflow_run_id"], recommender_dir=Path(a["recommender"].path),
+                                          bundle=a["bundle"], dataset=a["dataset"], quality_passed=bool(a["quality"].success))
+
+
+# ------------------------------------------------------------------ retraining steps
+def _deps(*modules) -> CachePolicy:
+    return CachePolicy(source_dependencies=[sidrec.stages, sidrec.artifacts, *modules])
+
+
+@step(enable_cache=False)
+def drift_report(dataset: Dataset, quality_passed: bool, config: dict) -> tuple[
+        Annotated[HTMLString, "drift_report"], Annotated[dict, "drift_summary"]]:
+    """Newest data vs the champion's training data (its stored profile); also logged to MLflow."""
+    cfg = _cfg(config)
+    champion = sidrec.drift.champion_profile(cfg)
+    summary = sidrec.drift.compare(champion, sidrec.registry.data_profile(dataset))
+    html = sidrec.drift.report_html(summary)
+    sidrec.drift.log_report(cfg, html, summary)
+    _meta(drift={k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+    return HTMLString(html), summary
+
+
+@step(output_materializers=IndexBundleMaterializer, enable_cache=False)
+def extend_index(features: sidrec.artifacts.EntityFeatures, config: dict) -> Annotated[IndexBundle, "sid_index"]:
+    """Keep the champion's SIDs, give new items SIDs with its saved quantizer (no re-fit); fresh index
+    when there is no champion or ``retrain.reuse_index`` is off."""
+    cfg = _cfg(config)
+    bundle, info = sidrec.drift.index_for_retrain(cfg, features)
+    _meta(index_source=info)
+    return bundle
+
+
+@step(output_materializers=TrainedRecommenderMaterializer, enable_cache=False)
+def warm_finetune(instructions: InstructionSet, sid_index: IndexBundle, config: dict) -> Annotated[TrainedRecommender, "recommender"]:
+    cfg = _cfg(config)
+    out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
+    rec = sidrec.drift.warm_finetune(instructions, sid_index, cfg, out)
+    _meta(train=rec.meta["train"], warm_start=rec.meta.get("warm_start", {}))
+    return rec
+
+
+@step(enable_cache=False)
+def register_challenger(dataset: Dataset, quality: QualityReport, sid_index: IndexBundle, recommender: TrainedRecommender,
+                        metrics: dict, config: dict) -> Annotated[str, "challenger_version"]:
+    cfg = _cfg(config)
+    v = sidrec.registry.register_model(cfg, run_id=metrics["mlflow_run_id"], recommender_dir=Path(recommender.path),
+                                       bundle=sid_index, dataset=dataset, quality_passed=bool(quality.success),
+                                       extra_tags={"warm_start": recommender.meta.get("warm_start", {}).get("from_version", "")})
+    _meta(registered={"model": sidrec.registry.model_name(cfg), "version": v})
+    return v
+
+
+@step(enable_cache=False)
+def promotion_gate(challenger_version: str, config: dict) -> Annotated[dict, "decision"]:
+    cfg = _cfg(config)
+    rec = sidrec.registry.promote(cfg, version=challenger_version)
+    _meta(decision={"promoted": rec["promoted"], "reason": rec["reason"][:500], "challenger": challenger_version})
+    return {k: v for k, v in rec.items() if k in ("promoted", "reason", "challenger", "champion", "new_champion", "decision_log")}

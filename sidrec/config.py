@@ -102,7 +102,7 @@ class DynamicConfig(_Strict):
 class IndexConfig(_Strict):
     mode: Literal["static", "dynamic"] = "static"
     entities: Literal["items", "items+users"] = "items"
-    quantizer: Literal["rq_kmeans", "rq_vae"] = "rq_kmeans"
+    quantizer: Literal["rq_kmeans", "rq_vae", "lsh"] = Field("rq_kmeans", description="static: rq_kmeans | rq_vae | lsh (S-LSH); dynamic: rq_kmeans-initialised heads, or lsh (D-LSH: fixed random hyperplanes on the re-encoded representations)")
     levels: int = Field(3, ge=1, le=8, description="M: SID length before collision resolution")
     codebook_size: Union[int, Literal["auto"]] = Field(256, description="N codes per level, or 'auto' to scale down for small catalogs")
     kmeans_iters: int = Field(50, ge=1)

@@ -37,9 +37,12 @@ class IndexGenerator(nn.Module):
     """Residual quantizer heads on backbone representations + codeword -> token-embedding projection."""
 
     def __init__(self, in_dim: int, hidden: int, code_dim: int, levels: int, codebook_size: int, extra_cap: int,
-                 emb_std: float, seed: int = 0):
+                 emb_std: float, seed: int = 0, kind: str = "rq"):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
+        self.kind = kind  # "rq": learned residual codebooks; "lsh": D-LSH, fixed random hyperplanes per level
+        bits = max(1, int(math.log2(codebook_size)))
+        self.register_buffer("planes", torch.randn(levels, bits, code_dim, generator=g))
         self.levels, self.codebook_size, self.extra_cap = levels, codebook_size, extra_cap
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("scale", torch.ones(in_dim))
@@ -62,7 +65,12 @@ class IndexGenerator(nn.Module):
         z = self.encode(x)
         g = torch.Generator().manual_seed(seed)
         r = z
-        for lv in range(self.levels):
+        if self.kind == "lsh":  # codebooks start as bucket means (they are the token vectors' source)
+            codes, _ = self.quantize(z)
+            for lv in range(self.levels):
+                for k in codes[:, lv].unique():
+                    self.codebooks[lv][k] = z[codes[:, lv] == k].mean(0)
+        for lv in range(self.levels if self.kind == "rq" else 0):
             c = kmeans(r, self.codebook_size, iters, g)
             self.codebooks[lv].copy_(c)
             r = r - c[torch.cdist(r, c).argmin(1)]
@@ -77,6 +85,11 @@ class IndexGenerator(nn.Module):
 
         ``codes`` forces the assignment (the current frozen-between-refresh index); otherwise nearest.
         """
+        if self.kind == "lsh":
+            weights = 2 ** torch.arange(self.planes.shape[1])
+            bits = (torch.einsum("nd,lbd->nlb", z.detach(), self.planes) > 0).long()
+            lsh = (bits * weights).sum(-1) if codes is None else codes[:, : self.levels]
+            return lsh, z.new_zeros(())  # no token-level alignment for hashing
         r = z
         loss = z.new_zeros(())
         out = []
@@ -227,7 +240,8 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
 
     def make_gen(n, seed):
         N = auto_codebook_size(n, icfg.levels) if icfg.codebook_size == "auto" else int(icfg.codebook_size)
-        return IndexGenerator(hidden, hidden, dcfg.code_dim, icfg.levels, N, min(dcfg.extra_level_cap, max(n, 2)), emb_std, seed)
+        return IndexGenerator(hidden, hidden, dcfg.code_dim, icfg.levels, N, min(dcfg.extra_level_cap, max(n, 2)), emb_std, seed,
+                              kind="lsh" if icfg.quantizer == "lsh" else "rq")
 
     gens = [make_gen(len(items), cfg.seed)]
     item_reps = torch.as_tensor(features.item_embeddings, dtype=torch.float32)

@@ -197,8 +197,10 @@ class QuantizerState:
     decoder: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in ("rq_kmeans", "rq_vae"):
-            raise ValueError(f"unknown quantizer kind {self.kind!r} (expected 'rq_kmeans' or 'rq_vae')")
+        if self.kind not in ("rq_kmeans", "rq_vae", "lsh"):
+            raise ValueError(f"unknown quantizer kind {self.kind!r} (expected 'rq_kmeans', 'rq_vae' or 'lsh')")
+        if self.kind == "lsh" and len(self.encoder) != len(self.codebooks):
+            raise ValueError("an lsh state needs one hyperplane matrix per level (encoder['level_i'])")
         if not self.codebooks:
             raise ValueError("a quantizer needs at least one codebook")
         if self.kind == "rq_vae" and (not self.encoder or not self.decoder):
@@ -245,12 +247,17 @@ class QuantizerState:
 
     def assign(self, x: np.ndarray) -> np.ndarray:
         """Raw ``[n, M]`` int64 codes (before collision resolution)."""
+        if self.kind == "lsh":
+            z = self._latent(x).numpy()
+            return np.stack([lsh_codes(z, self.encoder[f"level_{l}"]) for l in range(self.levels)], 1)
         codes, _ = self._residual_assign(self._latent(x))
         return codes.numpy().astype(np.int64)
 
     def reconstruct(self, codes: np.ndarray) -> np.ndarray:
         """Standardised-space reconstruction from ``[n, >=M]`` codes (extra levels ignored)."""
         codes = np.asarray(codes, dtype=np.int64)
+        if self.kind == "lsh":  # buckets are not residual: the reconstruction is the mean of bucket means
+            return np.asarray(sum(self.codebooks[l][codes[:, l]] for l in range(self.levels)) / self.levels, dtype=np.float32)
         q = sum(self.codebooks[l][codes[:, l]] for l in range(self.levels))
         if self.kind == "rq_vae":
             with torch.no_grad():
@@ -523,6 +530,36 @@ class QuantizationResult:
     state: QuantizerState
 
 
+def lsh_codes(z: np.ndarray, planes: np.ndarray) -> np.ndarray:
+    """Bucket of each row: the sign bits of its projections on ``planes`` [b, d], read as an integer."""
+    bits = (z @ planes.T > 0).astype(np.int64)
+    return (bits << np.arange(planes.shape[0], dtype=np.int64)).sum(1)
+
+
+def fit_lsh(x: np.ndarray, levels: int, codebook_size: int, seed: int) -> QuantizerState:
+    """Random-hyperplane LSH per level (ED2's LSH ablation): log2(N) hyperplanes per level on the
+    standardised input; codebooks hold each bucket's mean (for reconstruction error only)."""
+    x = _as_matrix(x)
+    bits = int(np.log2(codebook_size))
+    if 2 ** bits != codebook_size:
+        raise ValueError(f"index.codebook_size={codebook_size}: LSH needs a power of two (e.g. {2 ** bits} or {2 ** (bits + 1)})")
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale[scale < 1e-8] = 1.0
+    z = (x - mean) / scale
+    rng = np.random.default_rng(seed)
+    planes, books = {}, []
+    for level in range(levels):
+        p = rng.standard_normal((bits, x.shape[1])).astype(np.float32)
+        planes[f"level_{level}"] = p
+        c = lsh_codes(z, p)
+        book = np.zeros((codebook_size, x.shape[1]), dtype=np.float32)
+        for k in np.unique(c):
+            book[k] = z[c == k].mean(0)
+        books.append(book)
+    return QuantizerState(kind="lsh", codebooks=books, mean=mean, scale=scale, encoder=planes)
+
+
 def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True) -> QuantizationResult:
     """Fit the configured quantizer on ``x``, assign codes and resolve collisions."""
     x = _as_matrix(x)
@@ -530,6 +567,8 @@ def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True) 
     n_codes = auto_codebook_size(x.shape[0], m) if cfg.codebook_size == "auto" else int(cfg.codebook_size)
     if cfg.quantizer == "rq_kmeans":
         state = fit_rq_kmeans(x, m, n_codes, seed, cfg.kmeans_iters)
+    elif cfg.quantizer == "lsh":
+        state = fit_lsh(x, m, n_codes, seed)
     else:
         state = fit_rq_vae(x, m, n_codes, seed, cfg.rqvae, progress=progress)
     raw = state.assign(x)

@@ -28,8 +28,8 @@ SECTIONS = {
     "validate_data": ("validation",),
     "text_features": ("features", "model", "index", "train", "seed"),
     "sid_quantization": ("index", "seed"),
-    "instruction_dataset": ("tasks", "train", "data", "seed"),
-    "finetune": ("model", "train", "seed"),
+    "instruction_dataset": ("tasks", "train", "data", "index", "seed"),
+    "finetune": ("model", "train", "index", "seed"),
     "dynamic_finetune": ("index", "tasks", "model", "train", "data", "features", "seed"),
     "evaluate": ("model", "eval", "train", "seed"),
     "baselines": ("baselines", "eval", "data", "train", "seed"),
@@ -51,7 +51,7 @@ def training_pipeline(config: dict) -> None:
     else:
         index = sid_quantization(features, config=pick(config, "sid_quantization"))
         instructions = instruction_dataset(dataset, index, config=pick(config, "instruction_dataset"))
-        recommender = finetune(instructions, index, config=pick(config, "finetune"))
+        recommender = finetune(dataset, instructions, index, config=pick(config, "finetune"))
     report = evaluate(recommender, instructions, index, config=pick(config, "evaluate"))
     base = baselines(dataset, config=pick(config, "baselines"), after="quality_gate")
     log_to_mlflow(dataset, quality, index, instructions, recommender, report, base, config=config)

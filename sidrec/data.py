@@ -18,8 +18,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ import pandas as pd
 
 from sidrec.config import REPO_ROOT, DataConfig
 from sidrec.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # RecBole MovieLens column names -> canonical text column names
 _RECBOLE_RENAME = {"movie_title": "title", "release_year": "year", "class": "genres"}
@@ -61,7 +65,7 @@ def _found(df: pd.DataFrame) -> str:
 
 def _require(df: pd.DataFrame, path: Path, col: str, hint: str) -> None:
     if col not in df.columns:
-        raise DataError(f"{_show(path)}: missing column '{col}' (found: {_found(df)}); {hint}")
+        raise DataError(f"{_show(path)}: missing column '{col}' (found: {_found(df)}){_delimiter_hint(df)}; {hint}")
 
 
 def _read_text_table(path: Path, sep: str, quoting: int = csv.QUOTE_MINIMAL) -> pd.DataFrame:
@@ -94,7 +98,36 @@ def _read_text_table(path: Path, sep: str, quoting: int = csv.QUOTE_MINIMAL) -> 
     except (OSError, ValueError) as e:
         raise DataError(f"{_show(path)}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     df.columns = [str(c).strip() for c in df.columns]
+    _check_header(path, sep, quoting)
     return df
+
+
+def _check_header(path: Path, sep: str, quoting: int) -> None:
+    """pandas silently renames a repeated header name to `name.1`: refuse it instead."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f, delimiter=sep, quoting=quoting), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return
+    names = [str(h).split(":", 1)[0].strip() for h in header]
+    dups = sorted({n for n in names if n and names.count(n) > 1})
+    if dups:
+        raise DataError(
+            f"{_show(path)}: header row has duplicate column name(s) {', '.join(repr(d) for d in dups)}; "
+            "give every column a distinct name"
+        )
+
+
+def _delimiter_hint(df: pd.DataFrame) -> str:
+    """When the whole header landed in one column, the file uses another delimiter."""
+    if len(df.columns) != 1:
+        return ""
+    head = str(df.columns[0])
+    for d, name in ((",", "comma"), ("\t", "tab"), (";", "semicolon"), ("|", "pipe")):
+        if d in head:
+            return (f" (the header looks {name}-separated: .csv files must be comma-separated, "
+                    ".tsv/.txt and RecBole files tab-separated)")
+    return ""
 
 
 def _read_any(path: Path, what: str) -> pd.DataFrame:
@@ -111,13 +144,23 @@ def _read_any(path: Path, what: str) -> pd.DataFrame:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{_show(path)}: not a readable Parquet file ({first}); re-export it") from None
         df.columns = [str(c).strip() for c in df.columns]
+        fractional = [c for c in df.columns if _has_fraction(df[c])]
         for c in df.columns:
             df[c] = _to_str_column(df[c])
+        df.attrs["fractional_columns"] = fractional
         return df
     if suffix in (".csv", ".tsv", ".txt"):
         sep = "\t" if suffix in (".tsv", ".txt") else ","
         return _read_text_table(path, sep)
     raise DataError(f"{_show(path)}: unsupported file type '{suffix}'; use .csv, .tsv or .parquet")
+
+
+def _has_fraction(s: pd.Series) -> bool:
+    if not pd.api.types.is_float_dtype(s.dtype):
+        return False
+    vals = s.to_numpy(dtype="float64", na_value=np.nan)
+    vals = vals[np.isfinite(vals)]
+    return bool(len(vals)) and not bool(np.all(np.floor(vals) == vals))
 
 
 def _to_str_column(s: pd.Series) -> pd.Series:
@@ -133,19 +176,86 @@ def _to_str_column(s: pd.Series) -> pd.Series:
     return out.map(lambda v: v if v is None or isinstance(v, str) else str(v)).astype("str")
 
 
+# spellings of "missing" that pandas/Excel/SQL exports write into id columns
+_MISSING_ID_TOKENS = frozenset({"nan", "none", "null", "na", "n/a", "<na>", "nat"})
+
+
 def _clean_ids(s: pd.Series) -> pd.Series:
+    """Ids as stripped str; '' and NaN-like spellings -> missing; a column of float-exported integers
+    ('12.0', written by pandas when the column had a NaN) loses the '.0', as the Parquet reader does."""
     s = s.astype("str").str.strip()
-    return s.where(s != "", None)
+    s = s.where((s != "") & ~s.str.lower().isin(_MISSING_ID_TOKENS), None)
+    present = s.dropna()
+    if len(present) and present.str.fullmatch(r"-?\d{1,18}\.0+").all():
+        s = s.where(s.isna(), s.str.replace(r"\.0+$", "", regex=True))
+    return s
+
+
+def _check_ids(ids: pd.Series, raw: pd.Series, path: Path, col: str, fractional: bool) -> None:
+    """Every interaction needs a user and an item id: name the first bad row."""
+    bad = ids.isna().to_numpy()
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        val = raw.iloc[pos]
+        shown = "empty" if val is None or str(val).strip() in ("", "None") else f"{str(val).strip()!r}"
+        raise DataError(
+            f"{_show(path)}: row {int(raw.index[pos]) + 2}, column '{col}': missing id ({shown}; {int(bad.sum())} row(s)); "
+            "fill in the id or delete the row"
+        )
+    if fractional:
+        frac = ids.str.fullmatch(r"-?\d+\.\d*[1-9]\d*")
+        pos = int(np.flatnonzero(frac.to_numpy())[0]) if frac.any() else 0
+        raise DataError(
+            f"{_show(path)}: row {int(raw.index[pos]) + 2}, column '{col}': non-integer numeric id {ids.iloc[pos]!r} "
+            "(a float column); store ids as integers or strings"
+        )
 
 
 def _parse_timestamps(raw: pd.Series, path: Path, col: str) -> pd.Series:
-    """Numeric (seconds) or datetime strings -> int64 seconds; raises DataError naming the row."""
+    """Numeric (seconds, or ms/us/ns) or datetime strings -> int64; raises DataError naming the row.
+
+    Negative numbers and times later than tomorrow are refused: they are usually sentinels for
+    "unknown" (-1, 9999-12-31, 2**31-1) and would silently move an event to the start or the end of a
+    user's sequence, i.e. change the leave-one-out valid/test targets. A column whose values are all
+    equal is accepted with a warning (events are then ordered by file row).
+    """
+    ts, numeric = _parse_timestamps_raw(raw, path, col)
+    vals = ts.to_numpy()
+    if len(vals):
+        neg = vals < 0
+        if numeric and neg.any():
+            _bad_range(raw, neg, path, col, "negative timestamp", "use Unix seconds >= 0 (is -1 a placeholder for 'unknown'?)")
+        scale = 1
+        if numeric:
+            med = float(np.median(np.abs(vals)))
+            scale = 1_000_000_000 if med >= 1e17 else 1_000_000 if med >= 1e14 else 1_000 if med >= 1e11 else 1
+        limit = (int(time.time()) + 86_400) * scale
+        future = vals > limit
+        if future.any():
+            _bad_range(raw, future, path, col, "timestamp in the future",
+                       "fix the clock/unit or drop the row (is it a placeholder for 'unknown'?)")
+        if len(vals) > 1 and (vals == vals[0]).all():
+            log.warning("%s: all %d values of column '%s' are equal; events are ordered by file row",
+                        _show(path), len(vals), col)
+    return ts
+
+
+def _bad_range(raw: pd.Series, bad, path: Path, col: str, what: str, fix: str):
+    bad = np.asarray(bad)
+    pos = int(np.flatnonzero(bad)[0])
+    raise DataError(
+        f"{_show(path)}: row {int(raw.index[pos]) + 2}, column '{col}': {what} {str(raw.iloc[pos]).strip()!r} "
+        f"({int(bad.sum())} row(s)); {fix}"
+    )
+
+
+def _parse_timestamps_raw(raw: pd.Series, path: Path, col: str) -> tuple[pd.Series, bool]:
     if pd.api.types.is_datetime64_any_dtype(raw.dtype):
         dt = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw.dt.tz_convert("UTC")
         bad = dt.isna()
         if bad.any():
             _bad_ts(raw, bad, path, col)
-        return ((dt - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)).astype("int64")
+        return ((dt - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)).astype("int64"), False
     if pd.api.types.is_numeric_dtype(raw.dtype):
         num = pd.to_numeric(raw, errors="coerce")
     else:
@@ -155,7 +265,7 @@ def _parse_timestamps(raw: pd.Series, path: Path, col: str) -> pd.Series:
         vals = num.to_numpy(dtype="float64", na_value=np.nan)
         if not np.isfinite(vals).all():
             _bad_ts(raw, ~np.isfinite(vals), path, col)
-        return pd.Series(np.floor(vals).astype("int64"), index=raw.index)
+        return pd.Series(np.floor(vals).astype("int64"), index=raw.index), True
     s = raw.astype("str").str.strip()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -168,7 +278,7 @@ def _parse_timestamps(raw: pd.Series, path: Path, col: str) -> pd.Series:
     bad = dt.isna()
     if bad.any():
         _bad_ts(raw, bad, path, col)
-    return ((dt - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)).astype("int64")
+    return ((dt - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)).astype("int64"), False
 
 
 def _bad_ts(raw: pd.Series, bad, path: Path, col: str):
@@ -418,6 +528,9 @@ def _process(
         },
         index=inter.index,
     )
+    fractional = set(inter.attrs.get("fractional_columns", ()))
+    for col, canon_col in ((ucol, "user_id"), (icol, "item_id")):
+        _check_ids(df[canon_col], inter[col], inter_path, col, col in fractional)
     if tcol is None:
         df["timestamp"] = np.arange(len(df), dtype="int64")
     else:

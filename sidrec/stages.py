@@ -108,13 +108,19 @@ def instruct(ds, bundle: IndexBundle, cfg: RunConfig) -> InstructionSet:
     from sidrec.tasks import build_instructions
 
     n_train = cfg.tasks.max_train_examples or cfg.train.steps * cfg.train.batch_size
+    keywords = None
+    if cfg.tasks.ts_align > 0:  # TS-Rec TS-Align: prefix -> keywords (TF-IDF over item texts)
+        from sidrec.keywords import prefix_keywords
+        from sidrec.text import item_texts
+
+        keywords = prefix_keywords(bundle.items, item_texts(ds), cfg.index.keywords_per_token)
     rows = build_instructions(ds, bundle.items, cfg.tasks, n_train, cfg.data.max_history, cfg.seed,
-                              user_index=bundle.users)
+                              user_index=bundle.users, keywords=keywords)
     return InstructionSet(rows=rows, meta={"n_train": int((rows["split"] == "train").sum())})
 
 
 # 6. LoRA fine-tuning ------------------------------------------------------------------------
-def build_model(cfg: RunConfig, bundle: IndexBundle):
+def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None):
     from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
 
     lm, tok = load_backbone(cfg.model.backbone)
@@ -124,6 +130,15 @@ def build_model(cfg: RunConfig, bundle: IndexBundle):
     extra = (bundle.users,) if bundle.users is not None else ()
     vocab = SIDVocab.from_index(bundle.items, lm.get_input_embeddings().weight.shape[0], extra_indices=extra)
     model = SIDRecModel(lm, vocab, seed=cfg.seed)
+    if cfg.index.sa_init and ds is not None:  # TS-Rec SA-Init from the items' keywords
+        from sidrec.keywords import sa_init, token_keywords
+        from sidrec.text import item_texts
+
+        kws = token_keywords(bundle.items, item_texts(ds), cfg.index.keywords_per_token)
+        table, share = sa_init(vocab, kws, tok, lm.get_input_embeddings().weight.detach(), model.sid_embeddings.detach())
+        with torch.no_grad():
+            model.sid_embeddings.copy_(table)
+        model.sa_init_share = share
     return model, tok, Encoder(tok, vocab)
 
 
@@ -140,13 +155,13 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
 
 
 def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
-             log: Optional[Callable[[int, dict], None]] = None) -> TrainedRecommender:
+             log: Optional[Callable[[int, dict], None]] = None, ds=None) -> TrainedRecommender:
     from sidrec.model import save_recommender
     from sidrec.train import train
 
     set_threads(cfg)
     seed_everything(cfg.seed)
-    model, tok, encoder = build_model(cfg, bundle)
+    model, tok, encoder = build_model(cfg, bundle, ds)
     losses: list[tuple[int, float]] = []
 
     def _log(step: int, m: dict) -> None:
@@ -158,6 +173,8 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
                 checkpoint_dir=checkpoint_dir(cfg))
     meta = {"backbone": cfg.model.backbone, "train": res.summary(), "loss_curve": losses,
             "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode}
+    if hasattr(model, "sa_init_share"):
+        meta["train"]["train/sa_init_share"] = round(model.sa_init_share, 4)
     save_recommender(model, tok, out_dir, meta)
     return TrainedRecommender(path=out_dir, meta=meta)
 

@@ -3,18 +3,38 @@
 The loss covers the target span only. At a position whose target is a SID token of level ``t``
 the logits are computed over level ``t``'s SID rows only (the same distribution decoding uses);
 at text targets (SID -> title) over the full vocabulary. Batches are length-bucketed.
+
+Checkpoints (``cfg.checkpoint_every``, ``checkpoint_dir``): every N steps the trainable tensors
+(LoRA + SID embeddings), the AdamW moments and the RNG states go to ``state.safetensors`` and the
+scalars (step, AdamW step counts, loss history, counters) to ``state.json`` -- no pickle anywhere.
+A checkpoint is written to a temp folder and renamed into place, so a kill at any moment leaves
+either the previous or the new checkpoint. Checkpoints live under ``checkpoint_dir/<key>/`` where
+``key`` hashes everything that determines the run (config, seed, rows, parameter shapes): a rerun of
+the same training resumes from the latest one and ends bit-identical (CPU, same threads) to an
+uninterrupted run; any other training never sees them. They are deleted when training completes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
+import random
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+
+log_ = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -99,6 +119,7 @@ class TrainResult:
     tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
+    resumed_from: int = 0  # step of the checkpoint this run resumed from (0: fresh start)
 
     @property
     def padding_share(self) -> float:
@@ -113,14 +134,131 @@ class TrainResult:
             "train/seconds": round(self.seconds, 1),
             "train/tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
             "train/final_loss": float(np.mean(self.losses[-10:])) if self.losses else float("nan"),
+            "train/resumed_from_step": self.resumed_from,
         }
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: safetensors (tensors) + JSON (scalars)
+# ----------------------------------------------------------------------------------------------
+def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype) -> str:
+    """Hash of everything that determines a training run (not where/how often it checkpoints)."""
+    h = hashlib.sha256()
+    tcfg = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(vars(cfg))
+    for k in ("checkpoint_every", "checkpoint_dir", "log_every", "threads"):
+        tcfg.pop(k, None)
+    h.update(json.dumps({"format": CHECKPOINT_FORMAT, "train": tcfg, "seed": int(seed), "dtype": str(dtype)}, sort_keys=True).encode())
+    cols = [c for c in ("prompt", "target", "target_kind") if c in rows.columns]
+    h.update(pd.util.hash_pandas_object(rows[cols].reset_index(drop=True), index=True).to_numpy().tobytes())
+    for name, p in _trainable(model):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        h.update(p.detach().float().contiguous().numpy().tobytes()[:4096])  # the initial values' head
+    return h.hexdigest()[:16]
+
+
+def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [("sid_embeddings", model.sid_embeddings)] + [(n, p) for n, p in model.lm.named_parameters() if p.requires_grad]
+
+
+def _ckpt_dirs(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", key: str) -> Path:
+    from safetensors.torch import save_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in _trainable(model):
+        tensors[f"param/{name}"] = p.detach().contiguous().clone()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt_steps: dict[str, float] = {}
+    for i, p in enumerate(params):
+        st = opt.state.get(p)
+        if not st:
+            continue
+        for k, v in st.items():
+            if k == "step":
+                opt_steps[str(i)] = float(v.item() if torch.is_tensor(v) else v)
+            elif torch.is_tensor(v):
+                tensors[f"opt/{i}/{k}"] = v.detach().contiguous().clone()
+    tensors["rng/torch"] = torch.get_rng_state().clone()
+    np_state = np.random.get_state()
+    tensors["rng/numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy())
+    py_state = random.getstate()
+    meta = {
+        "format": CHECKPOINT_FORMAT, "key": key, "step": int(step),
+        "opt_steps": opt_steps, "n_params": len(params),
+        "numpy_rng": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+        "losses": [float(x) for x in res.losses], "examples": res.examples, "tokens": res.tokens,
+        "padded_tokens": res.padded_tokens, "seconds": res.seconds,
+    }
+    tmp = run_dir / f".tmp-ckpt-{step:07d}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+        final = run_dir / f"ckpt-{step:07d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in _ckpt_dirs(run_dir)[:-1]:  # keep the newest only
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path, model, opt, key: str) -> Optional[dict]:
+    """Restore the newest readable checkpoint of ``key`` into model/opt/RNGs; returns its meta or None."""
+    from safetensors.torch import load_file
+
+    for ck in reversed(_ckpt_dirs(run_dir)):
+        try:
+            meta = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(ck / "state.safetensors"))
+        except Exception as e:  # noqa: BLE001 -- damaged (truncated, not safetensors): try an older one
+            log_.warning("checkpoint %s is unreadable (%s); trying an older one", ck, type(e).__name__)
+            continue
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != key:
+            continue
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if meta["n_params"] != len(params):
+            continue
+        with torch.no_grad():
+            for name, p in _trainable(model):
+                p.copy_(tensors[f"param/{name}"])
+        for i, p in enumerate(params):
+            if str(i) not in meta["opt_steps"]:
+                continue
+            st = {"step": torch.tensor(meta["opt_steps"][str(i)], dtype=torch.float32)}
+            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if f"opt/{i}/{k}" in tensors:
+                    st[k] = tensors[f"opt/{i}/{k}"].clone()
+            opt.state[p] = st
+        torch.set_rng_state(tensors["rng/torch"])
+        nr = meta["numpy_rng"]
+        np.random.set_state(("MT19937", tensors["rng/numpy_keys"].numpy().astype(np.uint32), nr["pos"], nr["has_gauss"], nr["cached_gaussian"]))
+        pr = meta["python_rng"]
+        random.setstate((pr[0], tuple(pr[1]), pr[2]))
+        meta["path"] = str(ck)
+        return meta
+    return None
 
 
 def train(
     model, encoder, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype = torch.bfloat16,
     log: Optional[Callable[[int, dict], None]] = None, progress: bool = True,
+    checkpoint_dir: Optional[Path] = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` (LoRA params + SID embeddings) for ``cfg.steps`` steps."""
+    """Fine-tune ``model`` (LoRA params + SID embeddings) for ``cfg.steps`` steps.
+
+    With ``checkpoint_dir`` and ``cfg.checkpoint_every``, resumes from the latest checkpoint of the
+    same run (see the module docstring) and saves one every ``checkpoint_every`` steps."""
     torch.manual_seed(seed)
     enc = encode_rows(encoder, rows)
     batches = bucketed_batches(enc.lengths(), cfg.batch_size, cfg.steps, seed)
@@ -139,9 +277,28 @@ def train(
 
     model.train()
     res = TrainResult()
-    t0 = time.perf_counter()
-    bar = tqdm(batches, desc="fine-tune", disable=not progress, unit="step")
-    for step, idx in enumerate(bar):
+    every = getattr(cfg, "checkpoint_every", None)
+    run_dir = None
+    start = 0
+    if checkpoint_dir is not None and every:
+        key = run_key(model, rows, cfg, seed, dtype)
+        run_dir = Path(checkpoint_dir) / key
+        meta = load_checkpoint(run_dir, model, opt, key)
+        if meta is not None:
+            start = res.resumed_from = int(meta["step"])
+            res.losses = list(meta["losses"])
+            res.steps, res.examples, res.tokens = start, int(meta["examples"]), int(meta["tokens"])
+            res.padded_tokens, res.seconds = int(meta["padded_tokens"]), float(meta["seconds"])
+            log_.warning("fine-tune: resuming from %s (step %d of %d)", meta["path"], start, len(batches))
+            if log is not None:  # replay the logged curve up to the checkpoint
+                for step in range(start):
+                    if step % cfg.log_every == 0:
+                        log(step, {"train/loss": float(np.mean(res.losses[max(0, step + 1 - cfg.log_every): step + 1])),
+                                   "train/lr": base_lrs[-1] * lr_factor(step)})
+    t0 = time.perf_counter() - res.seconds
+    bar = tqdm(range(start, len(batches)), desc="fine-tune", disable=not progress, unit="step", initial=start, total=len(batches))
+    for step in bar:
+        idx = batches[step]
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * lr_factor(step)
         ids, mask, tgt = _collate(enc, idx, encoder.pad_id)
@@ -162,6 +319,11 @@ def train(
             bar.set_postfix(loss=f"{avg:.3f}")
             if log is not None:
                 log(step, {"train/loss": avg, "train/lr": opt.param_groups[-1]["lr"]})
+        if run_dir is not None and (step + 1) % every == 0 and step + 1 < len(batches):
+            res.seconds = time.perf_counter() - t0
+            save_checkpoint(run_dir, step + 1, model, opt, res, key)
     res.seconds = time.perf_counter() - t0
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # finished: checkpoints are for resuming only
     model.eval()
     return res

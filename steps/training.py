@@ -16,6 +16,7 @@ import sidrec.decode
 import sidrec.dynamic
 import sidrec.evaluate
 import sidrec.index
+import sidrec.keywords
 import sidrec.metrics
 import sidrec.model
 import sidrec.quantize
@@ -97,10 +98,11 @@ def instruction_dataset(dataset: Dataset, sid_index: IndexBundle, config: dict) 
     return sidrec.stages.instruct(dataset, sid_index, _cfg(config))
 
 
-@step(output_materializers=TrainedRecommenderMaterializer, cache_policy=_deps(sidrec.train, sidrec.model))
-def finetune(instructions: InstructionSet, sid_index: IndexBundle, config: dict) -> Annotated[TrainedRecommender, "recommender"]:
+@step(output_materializers=TrainedRecommenderMaterializer, cache_policy=_deps(sidrec.train, sidrec.model, sidrec.keywords))
+def finetune(dataset: Dataset, instructions: InstructionSet, sid_index: IndexBundle,
+             config: dict) -> Annotated[TrainedRecommender, "recommender"]:
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
-    rec = sidrec.stages.finetune(instructions, sid_index, _cfg(config), out)
+    rec = sidrec.stages.finetune(instructions, sid_index, _cfg(config), out, ds=dataset)
     _meta(**{"train": rec.meta["train"]})
     return rec
 

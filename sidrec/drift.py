@@ -1,0 +1,238 @@
+"""Retraining on newer data: the drift report, new-item SIDs without re-fitting the quantizer, and
+warm-starting from the champion's adapter.
+
+- :func:`compare` / :func:`report_html`: newest data vs the champion's training data (the
+  ``data_profile.json`` stored with every registered model): new/removed users and items,
+  interaction volume, popularity shift (top-K overlap, total-variation distance), text coverage.
+- :func:`extend_index`: keep every existing SID; assign SIDs to new items with the saved
+  quantizer state (:func:`sidrec.quantize.assign_new`), so the champion's SIDs stay valid.
+- :func:`warm_finetune`: LoRA fine-tuning that starts from the champion's adapter and SID
+  embeddings when the backbone, LoRA shape and SID vocabulary are compatible; else from scratch.
+"""
+from __future__ import annotations
+
+import html as _html
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from sidrec.config import RunConfig
+
+
+# ------------------------------------------------------------------------------ champion files
+def download_champion(cfg: RunConfig, alias: str = "champion") -> Optional[Path]:
+    """Local folder of the ``alias`` model version's files, or None when there is no such alias."""
+    import mlflow
+
+    from sidrec.registry import _client, alias_version, model_name
+
+    client = _client(cfg)
+    name = model_name(cfg)
+    v = alias_version(client, name, alias)
+    if v is None:
+        return None
+    dst = Path(tempfile.mkdtemp(prefix=f"sidrec-{alias}-v{v}-"))
+    mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{v}", dst_path=str(dst))
+    (dst / ".version").write_text(v)
+    return dst
+
+
+def _find(root: Path, marker: str) -> Optional[Path]:
+    hits = sorted(root.rglob(marker))
+    return hits[0] if hits else None
+
+
+def champion_parts(root: Path) -> dict:
+    """Paths of the artifacts inside a downloaded model folder."""
+    vocab = _find(root, "vocab.json")
+    idx = _find(root, "index.parquet")
+    prof = _find(root, "data_profile.json")
+    return {"recommender": vocab.parent if vocab else None,
+            "index": idx.parent.parent if idx else None,  # <bundle>/items/index.parquet
+            "profile": prof, "version": (root / ".version").read_text() if (root / ".version").is_file() else None}
+
+
+def champion_profile(cfg: RunConfig) -> Optional[dict]:
+    root = download_champion(cfg)
+    if root is None:
+        return None
+    p = champion_parts(root)["profile"]
+    if p is None:
+        return None
+    prof = json.loads(p.read_text())
+    prof["model_version"] = (root / ".version").read_text()
+    return prof
+
+
+# ------------------------------------------------------------------------------ drift report
+def _tvd(a: dict, b: dict) -> float:
+    keys = set(a) | set(b)
+    sa, sb = sum(a.values()) or 1, sum(b.values()) or 1
+    return 0.5 * float(sum(abs(a.get(k, 0) / sa - b.get(k, 0) / sb) for k in keys))
+
+
+def _top(counts: dict, k: int) -> list[str]:
+    return [i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def compare(old: Optional[dict], new: dict, top_k: int = 20) -> dict:
+    """Drift between two :func:`sidrec.registry.data_profile` dicts (``old`` None: no champion yet)."""
+    out = {"baseline": "none" if old is None else f"champion v{old.get('model_version', '?')} ({old.get('fingerprint', '?')})",
+           "new_fingerprint": new["fingerprint"], "new_interactions": new["stats"]["n_interactions"],
+           "new_users_total": new["stats"]["n_users"], "new_items_total": len(new["items"]),
+           "new_text_coverage": new["text_coverage"]}
+    if old is None:
+        return out
+    ou, nu = set(old["users"]), set(new["users"])
+    oi, ni = set(old["items"]), set(new["items"])
+    top_old, top_new = _top(old["item_counts"], top_k), _top(new["item_counts"], top_k)
+    out.update({
+        "users_added": len(nu - ou), "users_removed": len(ou - nu),
+        "items_added": len(ni - oi), "items_removed": len(oi - ni),
+        "items_added_sample": sorted(ni - oi)[:20], "items_removed_sample": sorted(oi - ni)[:20],
+        "old_interactions": old["stats"]["n_interactions"],
+        "interaction_ratio": new["stats"]["n_interactions"] / max(old["stats"]["n_interactions"], 1),
+        "popularity_tvd": _tvd(old["item_counts"], new["item_counts"]),
+        f"top{top_k}_overlap": len(set(top_old) & set(top_new)) / max(len(top_old), 1),
+        "old_text_coverage": old["text_coverage"],
+        "text_coverage_change": new["text_coverage"] - old["text_coverage"],
+        "same_data": old["fingerprint"] == new["fingerprint"],
+    })
+    return out
+
+
+def report_html(summary: dict) -> str:
+    rows = "".join(f"<tr><th>{_html.escape(str(k))}</th><td>{_html.escape(str(v if not isinstance(v, float) else round(v, 4)))}</td></tr>"
+                   for k, v in summary.items())
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>sidrec drift report</title>"
+            "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+            "table{border-collapse:collapse}</style></head><body><h1>Data drift: newest data vs the champion's training data</h1>"
+            f"<table>{rows}</table></body></html>")
+
+
+def log_report(cfg: RunConfig, html: str, summary: dict) -> str:
+    """Log the report as its own MLflow run (tag ``kind=drift``) in the dataset's experiment; returns the run id."""
+    import mlflow
+
+    from sidrec.tracking import setup_mlflow
+
+    exp = setup_mlflow(cfg)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=exp, run_name=f"drift-{cfg.name}",
+                                                               tags={"kind": "drift", "config_name": cfg.name}) as run:
+        (Path(tmp) / "drift_report.html").write_text(html)
+        (Path(tmp) / "drift_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        mlflow.log_artifacts(tmp, "drift")
+        mlflow.log_metrics({f"drift/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return run.info.run_id
+
+
+# ------------------------------------------------------------------------------ new-item SIDs
+def extend_index(bundle, item_ids: list[str], embeddings: np.ndarray):
+    """A copy of ``bundle`` whose item index also covers ``item_ids`` (existing SIDs unchanged).
+
+    ``embeddings[i]`` belongs to ``item_ids[i]``; rows of items already in the index are ignored.
+    New items get codes from :func:`sidrec.quantize.assign_new` with the saved quantizer state.
+    Returns ``(bundle, n_new)``.
+    """
+    from sidrec.artifacts import IndexBundle
+    from sidrec.index import SIDIndex
+    from sidrec.quantize import assign_new
+
+    old = bundle.items
+    new_rows = [i for i, e in enumerate(item_ids) if str(e) not in old._row]
+    if not new_rows:
+        return bundle, 0
+    x_new = np.asarray(embeddings, dtype=np.float32)[new_rows]
+    codes, sizes = assign_new(bundle.state, old.codes, list(old.level_sizes), x_new)
+    items = SIDIndex(entity_ids=list(old.entity_ids) + [str(item_ids[i]) for i in new_rows],
+                     codes=np.vstack([old.codes, codes]), level_sizes=list(sizes), prefix=old.prefix)
+    report = dict(bundle.report)
+    report["index/new_items_assigned"] = len(new_rows)
+    report["index/reused"] = 1
+    return IndexBundle(items=items, state=bundle.state, report=report, users=bundle.users, usage_png=bundle.usage_png), len(new_rows)
+
+
+def index_for_retrain(cfg: RunConfig, features) -> tuple:
+    """The champion's index extended with new items, or a freshly fitted one. Returns ``(bundle, info)``."""
+    from sidrec.artifacts import IndexBundle
+    from sidrec.stages import build_index
+
+    root = download_champion(cfg) if cfg.retrain.reuse_index and cfg.index.entities == "items" else None
+    parts = champion_parts(root) if root is not None else {}
+    if parts.get("index") is None:
+        return build_index(features, cfg), {"source": "fresh", "reason": "no champion" if root is None else "champion has no index"}
+    champ = IndexBundle.load(parts["index"])
+    if champ.state.input_dim != features.item_embeddings.shape[1]:
+        return build_index(features, cfg), {"source": "fresh", "reason": f"embedding dim {features.item_embeddings.shape[1]} != champion quantizer {champ.state.input_dim}"}
+    try:
+        bundle, n_new = extend_index(champ, features.item_ids, features.item_embeddings)
+    except ValueError as e:  # last level full under some prefix
+        return build_index(features, cfg), {"source": "fresh", "reason": f"cannot extend the champion's index: {e}"}
+    return bundle, {"source": "champion", "version": parts["version"], "new_items": n_new}
+
+
+# ------------------------------------------------------------------------------ warm start
+def warm_start_model(model, champion_recommender: Path, cfg: RunConfig) -> dict:
+    """Load the champion's LoRA weights and the SID embedding rows of tokens both vocabularies share.
+
+    Compatible = same backbone and LoRA shape, and every champion SID token exists in the new
+    vocabulary (the index was extended, not re-fitted). Returns ``{"warm": bool, "reason": ...}``.
+    """
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from sidrec.model import SIDVocab
+
+    d = Path(champion_recommender)
+    meta = json.loads((d / "meta.json").read_text())
+    if meta.get("backbone") != cfg.model.backbone:
+        return {"warm": False, "reason": f"backbone {meta.get('backbone')} != {cfg.model.backbone}"}
+    if meta.get("lora") and meta["lora"] != cfg.model.lora.model_dump():
+        return {"warm": False, "reason": "LoRA config differs from the champion's"}
+    old_vocab = SIDVocab.from_json(json.loads((d / "vocab.json").read_text()))
+    new_ids = {t: i for i, t in enumerate(model.vocab.tokens)}
+    missing = [t for t in old_vocab.tokens if t not in new_ids]
+    if missing:
+        return {"warm": False, "reason": f"{len(missing)} champion SID tokens are not in the new index (index re-fitted)"}
+    adapter = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+    res = set_peft_model_state_dict(model.lm, adapter)
+    unexpected = list(getattr(res, "unexpected_keys", []) or [])
+    if unexpected:
+        return {"warm": False, "reason": f"adapter keys do not match ({unexpected[:2]})"}
+    old_sid = load_file(str(d / "sid_embeddings.safetensors"))["sid_embeddings"]
+    with torch.no_grad():
+        rows_new = torch.tensor([new_ids[t] for t in old_vocab.tokens])
+        model.sid_embeddings[rows_new] = old_sid.to(model.sid_embeddings.dtype)
+    return {"warm": True, "reason": "champion adapter + SID embeddings loaded", "copied_sid_rows": len(old_vocab.tokens)}
+
+
+def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
+    """``sidrec.stages.finetune`` that starts from the champion when compatible (meta ``warm_start``)."""
+    from sidrec.artifacts import TrainedRecommender
+    from sidrec.model import save_recommender
+    from sidrec.stages import build_model, compute_dtype, progress_enabled, seed_everything, set_threads
+    from sidrec.train import train
+
+    set_threads(cfg)
+    seed_everything(cfg.seed)
+    model, tok, encoder = build_model(cfg, bundle)
+    info = {"warm": False, "reason": "retrain.warm_start is off"}
+    if cfg.retrain.warm_start:
+        root = download_champion(cfg)
+        if root is None:
+            info = {"warm": False, "reason": "no champion"}
+        else:
+            parts = champion_parts(root)
+            info = warm_start_model(model, parts["recommender"], cfg) if parts["recommender"] else {"warm": False, "reason": "champion has no recommender"}
+            info["from_version"] = parts["version"] if info["warm"] else ""
+    losses: list = []
+    res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg),
+                lambda s, m: losses.append((s, m["train/loss"])), progress_enabled())
+    meta = {"backbone": cfg.model.backbone, "train": res.summary(), "loss_curve": losses,
+            "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode, "warm_start": info}
+    save_recommender(model, tok, out_dir, meta)
+    return TrainedRecommender(path=out_dir, meta=meta)

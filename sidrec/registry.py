@@ -1,0 +1,404 @@
+"""The MLflow model registry: register a trained recommender, gate promotions, roll back.
+
+- :func:`register_model` logs the pyfunc (``sidrec/serving.py`` as code + safe artifacts) into the
+  training run and registers it as a new version of ``sidrec-<dataset>`` with alias ``challenger``.
+- :func:`decide` is the promotion gate as a pure function.
+- :func:`promote` re-scores the challenger and the current champion on the same newest test set,
+  applies :func:`decide`, moves alias ``champion`` (under a file lock) only when it passes, and writes
+  the decision to the version's tags/description and to a JSON-lines decision log.
+- :func:`rollback` moves ``champion`` back to the previous champion.
+
+Nothing is ever deleted: versions stay, aliases move, every decision is appended to the log and
+the registered model's ``champion_history`` tag (a JSON list of versions, oldest first).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from sidrec.config import RunConfig
+from sidrec.errors import ModelError, SidrecError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "champion_history"
+
+
+class RegistryError(SidrecError):
+    """A registry operation cannot be done (no challenger, nothing to roll back to, lock timeout)."""
+
+
+# ------------------------------------------------------------------------------------ names/paths
+def model_name(cfg: RunConfig) -> str:
+    return cfg.registry.model_name or f"sidrec-{cfg.data.dataset_name}"
+
+
+def state_dir(cfg: RunConfig) -> Path:
+    """Where the decision log and locks live: next to a sqlite store, else $SIDREC_HOME."""
+    from sidrec.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent
+    return Path(os.environ.get("SIDREC_HOME", Path.cwd() / ".sidrec"))
+
+
+def decision_log_path(cfg: RunConfig) -> Path:
+    if cfg.registry.decision_log:
+        return Path(cfg.registry.decision_log).expanduser()
+    return state_dir(cfg) / "decisions" / f"{model_name(cfg)}.jsonl"
+
+
+def lock_path(cfg: RunConfig) -> Path:
+    d = Path(cfg.registry.lock_dir).expanduser() if cfg.registry.lock_dir else decision_log_path(cfg).parent
+    return d / f"{model_name(cfg)}.promote.lock"
+
+
+def _client(cfg: RunConfig):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sidrec.tracking import setup_mlflow
+
+    setup_mlflow(cfg)
+    return MlflowClient(mlflow.get_tracking_uri())
+
+
+def alias_version(client, name: str, alias: str) -> Optional[str]:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:  # no such alias / model
+        return None
+
+
+# ------------------------------------------------------------------------------------ the gate
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    kind: str  # "first" (vs popularity) | "vs_champion"
+    checks: list[dict] = field(default_factory=list)
+    challenger: dict = field(default_factory=dict)
+    champion: Optional[dict] = None
+    popularity: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def decide(challenger: dict, champion: Optional[dict], popularity: dict, cfg) -> Decision:
+    """The promotion gate (pure). ``cfg`` is a :class:`sidrec.config.PromotionConfig`.
+
+    Metric dicts use the MLflow names (``test/recall_at_10``...). ``challenger`` also carries
+    ``test/invalid_rate`` and ``data_validation_passed`` (bool). Every gate metric is "higher is
+    better". With no champion the challenger must beat popularity (not worse on any gate metric and
+    strictly better on at least one), unless ``cfg.beat_popularity`` is off.
+    """
+    checks: list[dict] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        checks.append({"check": name, "passed": bool(ok), "detail": detail})
+
+    if cfg.require_validation:
+        v = challenger.get("data_validation_passed")
+        check("data_validation", v is True, "passed" if v is True else ("not recorded" if v is None else "failed"))
+    inv = challenger.get("test/invalid_rate")
+    check("invalid_rate", inv is not None and inv <= cfg.max_invalid_rate,
+          f"{inv} <= {cfg.max_invalid_rate}" if inv is not None else "test/invalid_rate missing")
+    missing = [m for m in cfg.metrics if challenger.get(m) is None]
+    if missing:
+        check("metrics_present", False, f"challenger lacks {', '.join(missing)}")
+    if champion is None:
+        kind = "first"
+        if cfg.beat_popularity:
+            gaps = {m: (challenger.get(m), popularity.get(m)) for m in cfg.metrics}
+            if any(p is None for _, p in gaps.values()):
+                check("beats_popularity", False, "popularity metrics missing")
+            elif not missing:
+                not_worse = all(c >= p for c, p in gaps.values())
+                better = any(c > p for c, p in gaps.values())
+                check("beats_popularity", not_worse and better,
+                      "; ".join(f"{m}: {c:.4f} vs popularity {p:.4f}" for m, (c, p) in gaps.items()))
+    else:
+        kind = "vs_champion"
+        for m in cfg.metrics:
+            c, h = challenger.get(m), champion.get(m)
+            if c is None or h is None:
+                check(f"not_worse:{m}", False, "metric missing")
+                continue
+            check(f"not_worse:{m}", c >= h - cfg.tolerance, f"{c:.4f} vs champion {h:.4f} (tolerance {cfg.tolerance})")
+    failed = [c for c in checks if not c["passed"]]
+    promote = not failed
+    if promote:
+        reason = ("first model: beats popularity" if kind == "first" and cfg.beat_popularity else
+                  "first model" if kind == "first" else "not worse than the champion on " + ", ".join(cfg.metrics))
+        reason += " (" + "; ".join(c["detail"] for c in checks if c["check"].startswith(("beats", "not_worse"))) + ")"
+    else:
+        reason = "rejected: " + "; ".join(f"{c['check']} ({c['detail']})" for c in failed)
+    return Decision(promote=promote, reason=reason, kind=kind, checks=checks, challenger=dict(challenger),
+                    champion=dict(champion) if champion is not None else None, popularity=dict(popularity))
+
+
+# ------------------------------------------------------------------------------------ registration
+def data_profile(ds) -> dict:
+    """A small summary of a dataset, stored with the model for the drift report."""
+    counts = ds.interactions["item_id"].value_counts()
+    text_cols = [c for c in ds.items.columns if c != "item_id"]
+    has_text = ds.items[text_cols].astype(str).apply(lambda r: any(v.strip() for v in r), axis=1) if text_cols else pd.Series(False, index=ds.items.index)
+    return {
+        "name": ds.name, "fingerprint": ds.fingerprint(), "stats": ds.stats(),
+        "users": sorted(ds.interactions["user_id"].unique().tolist()),
+        "items": ds.items["item_id"].tolist(),
+        "item_counts": {str(k): int(v) for k, v in counts.items()},
+        "text_coverage": float(has_text.mean()) if len(has_text) else 0.0,
+        "time_range": [int(ds.interactions["timestamp"].min()), int(ds.interactions["timestamp"].max())] if len(ds.interactions) else [0, 0],
+    }
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("mlflow", "torch", "transformers", "peft", "safetensors", "pandas", "pyarrow", "numpy", "pyyaml"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            out.append(pkg)
+    return out
+
+
+def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, dataset, quality_passed: Optional[bool] = None,
+                   extra_tags: Optional[dict] = None) -> str:
+    """Log the pyfunc into training run ``run_id`` and register it; alias ``challenger``. Returns the version."""
+    import mlflow
+
+    from sidrec.serving import SERVING_FILE
+
+    client = _client(cfg)
+    name = model_name(cfg)
+    run = client.get_run(run_id)
+    if quality_passed is not None:
+        client.set_tag(run_id, "data_validation", "passed" if quality_passed else "failed")
+    validation = "passed" if quality_passed else (run.data.tags.get("data_validation") or ("failed" if quality_passed is False else "unknown"))
+    with tempfile.TemporaryDirectory(prefix="sidrec-register-") as tmp:
+        tmp = Path(tmp)
+        bundle.save(tmp / "index")
+        items = dataset.items[["item_id"]].copy()
+        items["title"] = dataset.items["title"] if "title" in dataset.items.columns else ""
+        items.to_csv(tmp / "items.csv", index=False)
+        (tmp / "data_profile.json").write_text(json.dumps(data_profile(dataset)))
+        artifacts = {"recommender": str(recommender_dir), "index": str(tmp / "index"), "items": str(tmp / "items.csv"),
+                     "data_profile": str(tmp / "data_profile.json")}
+        model_config = {"backbone": cfg.model.backbone, "beams": cfg.eval.beams, "prompt_history": cfg.tasks.prompt_history,
+                        "dtype": cfg.model.dtype, "k": 10}
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_FILE), artifacts=artifacts,
+                                           model_config=model_config, pip_requirements=_pip_requirements())
+    mv = mlflow.register_model(info.model_uri, name, tags={
+        "run_id": run_id, "dataset_hash": run.data.tags.get("dataset_hash", dataset.fingerprint()),
+        "data_validation": validation, "backbone": cfg.model.backbone, "config_name": cfg.name,
+        "zenml_run_id": run.data.tags.get("zenml_run_id", ""), **{k: str(v) for k, v in (extra_tags or {}).items()},
+    })
+    version = str(mv.version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    client.update_model_version(name, version, description=f"registered from run {run_id} ({cfg.name}); awaiting the promotion gate")
+    _append_log(cfg, {"action": "register", "model": name, "version": version, "run_id": run_id, "data_validation": validation})
+    return version
+
+
+# ------------------------------------------------------------------------------------ scoring
+def load_pyfunc_recommender(cfg: RunConfig, version: str):
+    """The :class:`sidrec.serving.Recommender` inside registered version ``version``."""
+    import mlflow.pyfunc
+
+    _client(cfg)
+    pf = mlflow.pyfunc.load_model(f"models:/{model_name(cfg)}/{version}")
+    return pf.unwrap_python_model().rec
+
+
+def _test_users(ds, cfg: RunConfig) -> pd.DataFrame:
+    split = ds.split("test", cfg.data.max_history)
+    n = cfg.promotion.test_max_users
+    if n is not None and n < len(split):
+        split = split.sample(n=n, random_state=cfg.seed).sort_index().reset_index(drop=True)
+    return split
+
+
+def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
+    """Test metrics of a loaded recommender on ``split`` (user_id, history, target).
+
+    Users whose target item the model does not know (new items) count as misses; unknown items in a
+    history are dropped from its prompt. So two models with different catalogs are scored on the
+    same users and the same denominators.
+    """
+    from sidrec.evaluate import evaluate_llm
+    from sidrec.tasks import seqrec_prompt
+
+    known = rec.index._row
+    users, prompts, targets = [], [], []
+    for u, hist, t in zip(split["user_id"], split["history"], split["target"]):
+        hist = [h for h in hist if h in known]
+        if t not in known or not hist:
+            continue
+        users.append(u)
+        prompts.append(seqrec_prompt([rec.index.sid_of(h) for h in hist[-rec.prompt_history:]]))
+        targets.append(t)
+    total = len(split)
+    if not users:  # every target (or history) is outside this model's catalog: all misses
+        zeros = {f"test/{m}_at_{k}": 0.0 for m in ("recall", "ndcg") for k in cfg.eval.ks}
+        return {**zeros, "test/invalid_rate": 0.0, "test/users": total, "test/scored_share": 0.0}
+    rows = pd.DataFrame({"user_id": users, "prompt": prompts, "target_item": targets})
+    ecfg = cfg.eval.model_copy(update={"test_max_users": None, "valid_max_users": None})
+    metrics, _ = evaluate_llm(rec.model, rec.encoder, rec.index, {"test": rows}, ecfg, cfg.seed, rec.dtype, progress=False)
+    share = len(users) / total
+    out = {k: (v * share if k.split("/")[1].startswith(("recall_at", "ndcg_at")) else v) for k, v in metrics.items()}
+    out["test/users"] = total
+    out["test/scored_share"] = share
+    return out
+
+
+def popularity_scores(ds, split: pd.DataFrame, cfg: RunConfig) -> dict:
+    from sidrec.baselines import popularity_ranked
+    from sidrec.metrics import ranking_metrics
+
+    index = ds.item_index()
+    train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]
+    targets = np.array([index[t] for t in split["target"]])
+    ranked = popularity_ranked(train, len(index), len(targets), max(cfg.eval.ks))
+    return {f"test/{k}": v for k, v in ranking_metrics(ranked, targets, cfg.eval.ks).items()}
+
+
+# ------------------------------------------------------------------------------------ promotion
+def _append_log(cfg: RunConfig, record: dict) -> Path:
+    path = decision_log_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
+    with open(path, "a", encoding="utf-8") as f:  # one write per line: appends do not interleave
+        f.write(json.dumps(record, default=str, sort_keys=True) + "\n")
+    return path
+
+
+def read_log(cfg: RunConfig) -> list[dict]:
+    path = decision_log_path(cfg)
+    if not path.is_file():
+        return []
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def _lock(cfg: RunConfig, timeout: float = 3600):
+    from filelock import FileLock
+
+    p = lock_path(cfg)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(p), timeout=timeout)
+
+
+def _history(client, name: str) -> list[str]:
+    try:
+        return list(json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]")))
+    except Exception:
+        return []
+
+
+def _set_champion(client, name: str, version: str, history: list[str]) -> None:
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+def _run_facts(client, name: str, version: str) -> dict:
+    mv = client.get_model_version(name, version)
+    tags = dict(mv.tags or {})
+    run_tags = {}
+    if mv.run_id:
+        try:
+            run_tags = client.get_run(mv.run_id).data.tags
+        except Exception:
+            pass
+    v = tags.get("data_validation") if tags.get("data_validation") in ("passed", "failed") else run_tags.get("data_validation")
+    return {"run_id": mv.run_id, "data_validation_passed": True if v == "passed" else (False if v == "failed" else None)}
+
+
+def promote(cfg: RunConfig, version: Optional[str] = None, dataset=None) -> dict:
+    """Gate the challenger (or ``version``) against the champion; returns the decision record."""
+    from sidrec.data import load_dataset
+
+    client = _client(cfg)
+    name = model_name(cfg)
+    with _lock(cfg):
+        challenger = version or alias_version(client, name, CHALLENGER)
+        if challenger is None:
+            raise RegistryError(f"{name}: no challenger to promote (train with `run.py train --register` first)")
+        champion = alias_version(client, name, CHAMPION)
+        if champion == challenger:
+            rec = {"action": "promote", "model": name, "challenger": challenger, "champion": champion, "promoted": False,
+                   "new_champion": champion, "reason": f"version {challenger} is already the champion"}
+            _append_log(cfg, rec)
+            return rec
+        ds = dataset if dataset is not None else load_dataset(cfg.data)
+        split = _test_users(ds, cfg)
+        facts = _run_facts(client, name, challenger)
+        ch_metrics = {**score_recommender(load_pyfunc_recommender(cfg, challenger), split, cfg),
+                      "data_validation_passed": facts["data_validation_passed"]}
+        cp_metrics = score_recommender(load_pyfunc_recommender(cfg, champion), split, cfg) if champion else None
+        pop = popularity_scores(ds, split, cfg)
+        d = decide(ch_metrics, cp_metrics, pop, cfg.promotion)
+        history = _history(client, name)
+        if champion and (not history or history[-1] != champion):
+            history.append(champion)  # champion set by hand: keep the trail
+        if d.promote:
+            history.append(challenger)
+            _set_champion(client, name, challenger, history)
+        rec = {"action": "promote", "model": name, "challenger": challenger, "champion": champion,
+               "promoted": d.promote, "new_champion": challenger if d.promote else champion, "dataset_hash": ds.fingerprint(),
+               "test_users": len(split), "kind": d.kind, "reason": d.reason, "checks": d.checks,
+               "metrics": {"challenger": d.challenger, "champion": d.champion, "popularity": d.popularity}}
+        _tag_decision(client, name, challenger, rec)
+        rec["decision_log"] = str(_append_log(cfg, rec))
+        return rec
+
+
+def _tag_decision(client, name: str, version: str, rec: dict) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    tags = {"gate.decision": "promoted" if rec["promoted"] else "rejected", "gate.reason": rec["reason"][:4900],
+            "gate.kind": rec["kind"], "gate.time": stamp, "gate.compared_with": str(rec.get("champion") or "popularity")}
+    for side in ("challenger", "champion", "popularity"):
+        for k, v in (rec["metrics"].get(side) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split("/")[-1] in (
+                    "recall_at_10", "ndcg_at_10", "invalid_rate", "recall_at_5", "ndcg_at_5", "scored_share"):
+                tags[f"gate.{side}.{k.replace('/', '.')}"] = f"{v:.6f}"
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    verdict = "PROMOTED to champion" if rec["promoted"] else "NOT promoted"
+    client.update_model_version(name, version, description=f"[{stamp}] gate: {verdict}. {rec['reason']}"[:5000])
+
+
+def rollback(cfg: RunConfig) -> dict:
+    """Move ``champion`` back to the previous champion (from ``champion_history``)."""
+    client = _client(cfg)
+    name = model_name(cfg)
+    with _lock(cfg):
+        current = alias_version(client, name, CHAMPION)
+        if current is None:
+            raise RegistryError(f"{name}: there is no champion to roll back")
+        history = _history(client, name)
+        while history and history[-1] == current:
+            history.pop()
+        if not history:
+            raise RegistryError(f"{name}: champion v{current} has no previous champion to roll back to")
+        previous = history[-1]
+        _set_champion(client, name, previous, history)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        client.set_model_version_tag(name, current, "gate.rolled_back", stamp)
+        client.set_model_version_tag(name, previous, "gate.restored_by_rollback", stamp)
+        rec = {"action": "rollback", "model": name, "from": current, "to": previous, "promoted": False,
+               "reason": f"rollback: champion v{current} -> v{previous}"}
+        rec["decision_log"] = str(_append_log(cfg, rec))
+        return rec

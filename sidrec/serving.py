@@ -1,0 +1,157 @@
+"""Serving: the recommender as an MLflow pyfunc model, logged as *code* (no pickle).
+
+This file is both a normal module (``sidrec.serving``) and the MLflow "models from code" file:
+``mlflow.pyfunc.log_model(python_model=<this file>)`` copies it into the model and, at load time,
+MLflow executes it under a generated module name, where the last lines call
+``mlflow.models.set_model(SIDRecPyfunc())``. No Python object is pickled: the model is this source
+file + its artifacts, all in safe formats:
+
+- ``recommender``: LoRA adapter + SID embeddings (safetensors) + tokenizer + vocab/meta JSON
+- ``index``: the IndexBundle folder (SID index Parquet, quantizer safetensors, report JSON)
+- ``items``: ``items.csv`` with ``item_id,title``
+- ``data_profile`` (optional): ``data_profile.json``, the training data summary used by the drift report
+
+``model_config`` carries ``backbone`` (a spec for :func:`sidrec.model.load_backbone`: the backbone
+weights are referenced, not copied), ``beams``, ``prompt_history``, ``dtype`` and ``k``.
+
+predict input: a DataFrame with a ``history`` column (a list of item ids or a comma-separated
+string) and an optional ``k`` column. Output: one row per recommendation with ``request`` (input
+row number), ``rank``, ``item_id``, ``title``, ``score`` (beam log-probability), best first.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+
+from sidrec.errors import DataError
+
+SERVING_FILE = Path(__file__).resolve()
+ARTIFACT_KEYS = ("recommender", "index", "items")
+
+
+class UnknownItemsError(DataError):
+    """A request names item ids the model's SID index does not know."""
+
+
+def parse_history(value) -> list[str]:
+    """A history as a list of item-id strings: accepts a list/array or a comma-separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        parts = value.split(",")
+    else:
+        try:
+            parts = list(value)
+        except TypeError:
+            parts = [value]
+    return [str(p).strip() for p in parts if str(p).strip()]
+
+
+class Recommender:
+    """The loaded model: backbone + adapter (merged) + SID embeddings, the SID index + trie, item titles."""
+
+    def __init__(self, recommender_dir, index_dir, items_csv, config: Optional[dict] = None):
+        import torch
+
+        from sidrec.artifacts import IndexBundle
+        from sidrec.model import Encoder, load_recommender
+
+        cfg = dict(config or {})
+        self.config = cfg
+        self.backbone = cfg.get("backbone") or json.loads((Path(recommender_dir) / "meta.json").read_text())["backbone"]
+        self.model, tok, self.meta = load_recommender(Path(recommender_dir), self.backbone)
+        self.encoder = Encoder(tok, self.model.vocab)
+        self.bundle = IndexBundle.load(Path(index_dir))
+        self.index = self.bundle.items
+        self.trie = self.index.build_trie()
+        items = pd.read_csv(items_csv, dtype=str, keep_default_na=False)
+        self.titles = dict(zip(items["item_id"], items["title"]))
+        self.beams = int(cfg.get("beams", 20))
+        self.default_k = int(cfg.get("k", 10))
+        self.prompt_history = int(cfg.get("prompt_history", 10))
+        self.dtype = torch.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else torch.float32
+
+    def unknown(self, history: Sequence[str]) -> list[str]:
+        return [h for h in history if str(h) not in self.index._row]
+
+    def prompt(self, history: Sequence[str]) -> list[int]:
+        from sidrec.tasks import seqrec_prompt
+
+        sids = [self.index.sid_of(h) for h in list(history)[-self.prompt_history:]]
+        return self.encoder.encode(seqrec_prompt(sids))
+
+    def recommend(self, histories: list[list[str]], k: int | None = None) -> list[pd.DataFrame]:
+        """Top-``k`` items per history (trie-constrained beam search, best first)."""
+        from sidrec.decode import recommend
+
+        k = int(k or self.default_k)
+        if k < 1:
+            raise DataError(f"k must be >= 1, got {k}")
+        bad = sorted({u for h in histories for u in self.unknown(h)})
+        if bad:
+            more = f" (+{len(bad) - 20} more)" if len(bad) > 20 else ""
+            raise UnknownItemsError(f"unknown item ids (not in this model's SID index): {', '.join(bad[:20])}{more}")
+        if any(not h for h in histories):
+            raise DataError("an empty history: give at least one item id")
+        beams = max(self.beams, k)
+        prompts = [self.prompt(h) for h in histories]
+        rows, scores, _ = recommend(self.model, prompts, self.index, beams, 16, self.trie, self.encoder.pad_id,
+                                    self.dtype, progress=False)
+        out = []
+        for r, s in zip(rows, scores):
+            keep = [(int(i), float(v)) for i, v in zip(r, s) if i >= 0][:k]
+            ids = [self.index.entity_ids[i] for i, _ in keep]
+            out.append(pd.DataFrame({"rank": range(1, len(keep) + 1), "item_id": ids,
+                                     "title": [self.titles.get(i, "") for i in ids],
+                                     "score": [round(v, 6) for _, v in keep]}))
+        return out
+
+
+def _pyfunc_base():
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.PythonModel
+
+
+class SIDRecPyfunc(_pyfunc_base()):
+    """MLflow pyfunc wrapper around :class:`Recommender`."""
+
+    def load_context(self, context):
+        arts = context.artifacts
+        self.rec = Recommender(arts["recommender"], arts["index"], arts["items"], dict(context.model_config or {}))
+
+    def predict(self, context, model_input, params=None):
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "history" not in df.columns:
+            raise DataError("predict input needs a 'history' column (list of item ids or 'id,id,...')")
+        histories = [parse_history(h) for h in df["history"]]
+        ks = df["k"].tolist() if "k" in df.columns else [None] * len(df)
+        if params and params.get("k"):
+            ks = [params["k"]] * len(df)
+        frames = []
+        # group by k so each group is one batched decode
+        by_k: dict = {}
+        for i, k in enumerate(ks):
+            k = None if k is None or (isinstance(k, float) and k != k) else int(k)
+            by_k.setdefault(k, []).append(i)
+        results: dict[int, pd.DataFrame] = {}
+        for k, idx in by_k.items():
+            for i, res in zip(idx, self.rec.recommend([histories[i] for i in idx], k)):
+                results[i] = res
+        for i in range(len(df)):
+            frames.append(results[i].assign(request=i))
+        if not frames:
+            return pd.DataFrame(columns=["request", "rank", "item_id", "title", "score"])
+        return pd.concat(frames, ignore_index=True)[["request", "rank", "item_id", "title", "score"]]
+
+
+if __name__ not in ("sidrec.serving", "__main__"):  # executed by MLflow as a models-from-code file
+    # use the installed module's classes so errors and types are the same as `sidrec.serving`'s
+    import mlflow.models
+
+    from sidrec.serving import SIDRecPyfunc as _InstalledPyfunc
+
+    mlflow.models.set_model(_InstalledPyfunc())

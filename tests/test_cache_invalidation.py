@@ -1,0 +1,109 @@
+"""Changing the source of a `sidrec` helper a step depends on invalidates that step's ZenML cache,
+and only that step's.
+
+Honest version of the check: the project is copied to a temp folder (data and models linked), a
+three-step pipeline (`ingest` -> random features -> `sid_quantization`, the real steps) runs there in
+a subprocess twice (second run: everything cached), then a function body in the copy's
+`sidrec/quantize.py` is edited and a *new* process runs it again: `sid_quantization` re-runs
+(its CachePolicy lists sidrec.quantize as a source dependency) while `ingest` stays cached.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+PROBE = r'''
+import json, os, sys
+from pathlib import Path
+from typing import Annotated
+
+from sidrec.cli import _ensure_zenml_repo, setup_environment
+
+setup_environment()
+import sidrec
+assert Path(sidrec.__file__).resolve().parent.parent == Path.cwd().resolve(), sidrec.__file__
+_ensure_zenml_repo()
+
+import numpy as np
+from zenml import pipeline, step
+
+from materializers import EntityFeaturesMaterializer
+from sidrec.artifacts import EntityFeatures
+from sidrec.data import Dataset
+from steps import ingest, sid_quantization
+
+
+@step(output_materializers=EntityFeaturesMaterializer)
+def random_features(dataset: Dataset) -> Annotated[EntityFeatures, "features"]:
+    rng = np.random.default_rng(0)
+    n = len(dataset.items)
+    return EntityFeatures(item_ids=dataset.items["item_id"].tolist(), item_texts=[""] * n,
+                          item_embeddings=rng.normal(size=(n, 8)).astype("float32"))
+
+
+@pipeline(enable_cache=True)
+def cache_probe(config: dict):
+    ds = ingest(config=config)
+    feats = random_features(dataset=ds)
+    sid_quantization(features=feats, config=config)
+
+
+config = json.loads(sys.argv[1])
+out = []
+for i in range(int(sys.argv[2])):
+    run = cache_probe.with_options(run_name=f"probe-{os.getpid()}-{i}")(config=config)
+    out.append({name: str(s.status).rsplit(".", 1)[-1].lower() for name, s in run.steps.items()})
+print("STATUSES " + json.dumps(out))
+'''
+
+
+def _copy_project(dst: Path) -> None:
+    for name in ("sidrec", "steps", "materializers", "pipelines"):
+        shutil.copytree(REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("run.py", "pyproject.toml"):
+        shutil.copy2(REPO / name, dst / name)
+    for name in ("data", "models"):
+        (dst / name).symlink_to(REPO / name)
+    (dst / "probe.py").write_text(PROBE)
+
+
+def _run(copy: Path, env: dict, config: dict, times: int) -> list[dict]:
+    out = subprocess.run([sys.executable, "probe.py", json.dumps(config), str(times)], cwd=copy, env=env,
+                         capture_output=True, text=True, timeout=400)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("STATUSES ")]
+    assert out.returncode == 0 and lines, (out.stdout[-2000:], out.stderr[-4000:])
+    return json.loads(lines[-1][len("STATUSES "):])
+
+
+def test_editing_a_helper_reruns_only_the_steps_that_depend_on_it(tmp_path, ml100k_dir):
+    copy = tmp_path / "proj"
+    copy.mkdir()
+    _copy_project(copy)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZENML_", "SIDREC_", "PYTHONPATH"))}
+    env.update({"SIDREC_HOME": str(tmp_path / "home"), "ZENML_CONFIG_PATH": str(tmp_path / "zen"),
+                "SIDREC_PROGRESS": "0", "ZENML_ANALYTICS_OPT_IN": "false", "ZENML_LOGGING_VERBOSITY": "WARN"})
+    config = {"seed": 0, "data": {"format": "recbole", "path": str(ml100k_dir), "max_users": 20, "kcore": 3},
+              "index": {"codebook_size": 4, "levels": 2, "kmeans_iters": 3}}
+
+    first, second = _run(copy, env, config, 2)
+    assert set(first.values()) == {"completed"}, first
+    assert set(second.values()) == {"cached"}, second  # unchanged source: all cached
+
+    q = copy / "sidrec" / "quantize.py"
+    src = q.read_text()
+    marker = "def count_duplicates(codes: np.ndarray) -> int:\n"
+    assert marker in src
+    # a real edit of a function body (same behaviour, different source)
+    q.write_text(src.replace(marker, marker + "    codes = np.asarray(codes)  # edited by test_cache_invalidation\n", 1))
+    (third,) = _run(copy, env, config, 1)
+    assert third["sid_quantization"] == "completed", third
+    assert third["ingest"] == "cached" and third["random_features"] == "cached", third

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
-from zenml import get_step_context, log_metadata, step
+from zenml import step
 from zenml.config.cache_policy import CachePolicy
 from zenml.types import HTMLString
 
@@ -24,16 +24,7 @@ from sidrec.data import Dataset
 from sidrec.validation import QualityReport
 
 
-def _cfg(config: dict) -> RunConfig:
-    return RunConfig.model_validate(config)
-
-
-def _meta(**metadata) -> None:
-    try:
-        get_step_context()
-    except RuntimeError:
-        return
-    log_metadata(metadata=metadata)
+from steps.training import _cfg, _meta  # noqa: E402  (one definition of the config/metadata helpers)
 
 
 # ------------------------------------------------------------------ glue: a finished training run

@@ -16,6 +16,8 @@ from sidrec.metrics import coverage, invalid_rate, ranking_metrics
 
 
 def _sample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """A seeded sample of users (the same users for the LLM and the baselines: both frames list the
+    split's users in the same order)."""
     if n is None or n >= len(rows):
         return rows
     return rows.sample(n=n, random_state=seed).sort_index()
@@ -54,7 +56,8 @@ def evaluate_llm(model, encoder, index, parts: dict[str, pd.DataFrame], cfg, see
     return metrics, pd.concat(preds, ignore_index=True)
 
 
-def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool = True) -> dict[str, float]:
+def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool = True,
+                       max_users: dict[str, int | None] | None = None) -> dict[str, float]:
     """Popularity and SASRec on the same leave-one-out split, full ranking over the catalog."""
     from sidrec.baselines import popularity_ranked, sasrec_topk, train_sasrec
 
@@ -63,7 +66,8 @@ def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool 
     n_items = len(index)
     kmax = max(ks)
     out: dict[str, float] = {}
-    parts = {p: ds.split(p, max(max_history, cfg.sasrec.max_len)) for p in ("valid", "test")}
+    limits = max_users or {}
+    parts = {p: _sample(ds.split(p, max(max_history, cfg.sasrec.max_len)), limits.get(p), seed) for p in ("valid", "test")}
     targets = {p: np.array([index[t] for t in parts[p]["target"]]) for p in parts}
     hists = {p: [[index[i] for i in h] for h in parts[p]["history"]] for p in parts}
     if cfg.popularity:
@@ -71,7 +75,10 @@ def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool 
             ranked = popularity_ranked(train, n_items, len(targets[p]), kmax)
             out.update({f"baseline/popularity/{p}/{k}": v for k, v in ranking_metrics(ranked, targets[p], ks).items()})
     if cfg.sasrec.enabled:
-        model, info = train_sasrec(train, n_items, cfg.sasrec, seed, valid=(hists["valid"], targets["valid"]), progress=progress,
+        # early stopping looks at every valid user; the reported valid metrics use the sampled ones
+        full = ds.split("valid", max(max_history, cfg.sasrec.max_len))
+        stop_on = ([[index[i] for i in h] for h in full["history"]], np.array([index[t] for t in full["target"]]))
+        model, info = train_sasrec(train, n_items, cfg.sasrec, seed, valid=stop_on, progress=progress,
                                    max_minutes=cfg.sasrec.max_minutes)
         for p in parts:
             ranked = sasrec_topk(model, hists[p], kmax)

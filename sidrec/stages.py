@@ -198,7 +198,8 @@ def baselines(ds, cfg: RunConfig) -> dict[str, float]:
 
     set_threads(cfg)
     seed_everything(cfg.seed)
-    return evaluate_baselines(ds, cfg.baselines, cfg.eval.ks, cfg.seed, cfg.data.max_history, progress_enabled())
+    return evaluate_baselines(ds, cfg.baselines, cfg.eval.ks, cfg.seed, cfg.data.max_history, progress_enabled(),
+                              max_users={"valid": cfg.eval.valid_max_users, "test": cfg.eval.test_max_users})
 
 
 def png_bytes(fig) -> bytes:

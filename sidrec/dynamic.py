@@ -98,7 +98,8 @@ class IndexGenerator(nn.Module):
             c = torch.cdist(r.detach(), cb.detach()).argmin(1) if codes is None else codes[:, lv]
             q = cb[c]
             # codebook term moves codewords to inputs; commitment term keeps inputs near codewords
-            loss = loss + ((q - r.detach()) ** 2).sum(-1).mean() + 0.25 * ((r - q.detach()) ** 2).sum(-1).mean()
+            # (mean over dimensions, so the term's scale does not grow with code_dim)
+            loss = loss + ((q - r.detach()) ** 2).mean() + 0.25 * ((r - q.detach()) ** 2).mean()
             out.append(c)
             r = r - q.detach()
         return torch.stack(out, 1), loss

@@ -88,13 +88,13 @@ def write_json(path, obj) -> Path:
 
 
 def _jsonable(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+    """numpy scalars/arrays and paths as the artifacts serialise them; anything else as its str()."""
+    from sidrec.artifacts import _json_default
+
+    try:
+        return _json_default(o)
+    except TypeError:
+        return str(o)
 
 
 # --------------------------------------------------------------------------- timing

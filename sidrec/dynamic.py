@@ -176,19 +176,56 @@ def pooled_with_grad(model, ids: list[list[int]], rows: np.ndarray, pad_id: int)
 
 
 def assign(gen: IndexGenerator, reps: torch.Tensor, entity_ids: list[str], prefix: str) -> tuple[SIDIndex, float]:
-    """Nearest-codeword assignment + collision resolution -> a unique SIDIndex with a fixed-size extra level."""
+    """Nearest-codeword assignment + collision resolution -> a unique SIDIndex with a fixed-size extra level.
+
+    When the backbone's representations drift faster than the codebooks, many entities can land on one
+    code. Groups larger than ``extra_cap`` are rebalanced instead of failing a long run: their surplus
+    members move, at the last quantizer level, to the nearest codeword whose group still has room.
+    """
     with torch.no_grad():
-        raw, _ = gen.quantize(gen.encode(reps))
-    raw = raw.numpy()
+        z = gen.encode(reps)
+        raw, _ = gen.quantize(z)
+        last = gen.levels - 1
+        r = z.clone()
+        if gen.kind == "rq":
+            for lv in range(last):
+                r = r - gen.codebooks[lv][raw[:, lv]]
+        dist = torch.cdist(r, gen.codebooks[last]).numpy()  # [n, N] distances at the last level
+    raw = raw.numpy().copy()
     rate = raw_collision_rate(raw)
+    raw = _rebalance(raw, dist, gen.extra_cap)
     codes, extra = resolve_collisions(raw)
     if not extra:
         codes = np.concatenate([codes, np.zeros((len(codes), 1), dtype=np.int64)], 1)
-    if codes[:, -1].max() >= gen.extra_cap:
-        raise ValueError(f"index.dynamic.extra_level_cap={gen.extra_cap} is smaller than the largest group of "
-                         f"entities sharing one code ({int(codes[:, -1].max()) + 1}); raise it or index.codebook_size")
     sizes = [gen.codebook_size] * gen.levels + [gen.extra_cap]
     return SIDIndex(entity_ids=list(entity_ids), codes=codes, level_sizes=sizes, prefix=prefix), rate
+
+
+def _rebalance(raw: np.ndarray, dist: np.ndarray, cap: int) -> np.ndarray:
+    """Move members of over-full code groups (beyond ``cap``, farthest first) to the nearest last-level
+    code whose group has room. Raises only if every last-level code under a prefix is full."""
+    from collections import Counter
+
+    counts = Counter(map(tuple, raw.tolist()))
+    if max(counts.values()) <= cap:
+        return raw
+    for key, n in list(counts.items()):
+        if n <= cap:
+            continue
+        members = np.where((raw == np.array(key)).all(1))[0]
+        members = members[np.argsort(dist[members, key[-1]], kind="stable")]  # keep the closest ones
+        for i in members[cap:]:
+            for c in np.argsort(dist[i], kind="stable"):
+                cand = key[:-1] + (int(c),)
+                if counts.get(cand, 0) < cap:
+                    counts[key] -= 1
+                    counts[cand] = counts.get(cand, 0) + 1
+                    raw[i, -1] = c
+                    break
+            else:
+                raise ValueError(f"index.dynamic.extra_level_cap={cap}: more than {cap} x codebook_size entities "
+                                 f"share the prefix {key[:-1]}; raise extra_level_cap or index.codebook_size")
+    return raw
 
 
 def churn(old: SIDIndex, new: SIDIndex) -> float:

@@ -86,3 +86,16 @@ def test_train_dynamic_refreshes_consistently_and_freezes_unique(setup):
     assert res.model.sid_embeddings.shape[0] == len(res.model.vocab)
     assert any("dynamic/churn/items" in m for _, m in logged)
     assert np.isfinite(res.summary["train/final_loss"])
+
+
+def test_assign_rebalances_a_collapsed_index_instead_of_failing():
+    """All entities on one code (a collapsed codebook) must still give a unique index within the cap."""
+    gen = IndexGenerator(8, 8, 4, 2, 4, 3, emb_std=0.02, seed=0)
+    gen.init_from(torch.randn(40, 8), 3, 0)
+    same = torch.zeros(12, 8) + torch.randn(1, 8)  # 12 identical entities, cap 3, 4 codes at the last level
+    index, rate = assign(gen, same, [f"e{i}" for i in range(12)], "")
+    assert rate == pytest.approx(11 / 12)
+    assert len({tuple(c) for c in index.codes.tolist()}) == 12
+    assert index.codes[:, -1].max() < 3 and len(set(index.codes[:, 1].tolist())) == 4
+    with pytest.raises(ValueError, match="extra_level_cap"):
+        assign(gen, torch.zeros(13, 8) + torch.randn(1, 8), [f"e{i}" for i in range(13)], "")

@@ -231,7 +231,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
     """Train index generator(s) and LoRA together; returns (TrainedRecommender, IndexBundle, InstructionSet)."""
     from sidrec.dynamic import train_dynamic
     from sidrec.model import add_lora, load_backbone, save_recommender
-    from sidrec.quantize import code_stats, plot_code_usage
+    from sidrec.quantize import code_stats, count_duplicates, plot_code_usage
 
     set_threads(cfg)
     seed_everything(cfg.seed)
@@ -244,7 +244,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
     levels = cfg.index.levels
     report = {
         "index/collision_rate_raw": float(last.get("collision_rate_raw/items", 0.0)),
-        "index/collisions": int(len(res.items.codes) - len({tuple(c) for c in res.items.codes.tolist()})),
+        "index/collisions": count_duplicates(res.items.codes),
         "index/levels": res.items.num_levels,
         "index/codebook_size": int(res.items.level_sizes[0]),
         **{f"index/{k}": float(v) for k, v in code_stats(res.items.codes[:, :levels], res.items.level_sizes[:levels]).items()},
@@ -252,7 +252,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
     }
     if res.users is not None:
         report["index/users/collision_rate_raw"] = float(last.get("collision_rate_raw/users", 0.0))
-        report["index/users/collisions"] = int(len(res.users.codes) - len({tuple(c) for c in res.users.codes.tolist()}))
+        report["index/users/collisions"] = count_duplicates(res.users.codes)
         report["index/churn_users_last_refresh"] = float(last.get("churn/users", 0.0))
     meta = {"backbone": cfg.model.backbone, "train": res.summary, "loss_curve": res.losses,
             "lora": cfg.model.lora.model_dump(), "index_mode": "dynamic", "dynamic_log": res.log}

@@ -887,3 +887,28 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     except (KeyError, ValueError, TypeError, OSError, pd.errors.ParserError) as e:  # last-resort: one line, no traceback
         first = str(e).splitlines()[0] if str(e) else ""
         raise DataError(f"{_show(cfg.resolve(cfg.path))}: cannot load {cfg.format} data ({type(e).__name__}: {first})") from None
+
+
+def source_files(cfg: DataConfig) -> list[Path]:
+    """The files a load of ``cfg`` may read: every file directly in the folder (recbole/unisrec), or the
+    interactions/items/users files (table). Missing paths are skipped (loading reports them)."""
+    root = cfg.resolve(cfg.path)
+    if cfg.format in ("recbole", "unisrec"):
+        return sorted(p for p in root.iterdir() if p.is_file()) if root is not None and root.is_dir() else []
+    paths = [cfg.resolve(p) for p in (cfg.path, cfg.items_path, cfg.users_path)]
+    return [p for p in paths if p is not None and p.is_file()]
+
+
+def source_digest(cfg: DataConfig) -> str:
+    """sha256 (16 hex chars) of the source files' names and bytes.
+
+    Part of the ingest step's cache key: an appended or replaced interactions file under the same
+    config is new data, so ``ingest`` must not be served from the cache.
+    """
+    h = hashlib.sha256()
+    for p in source_files(cfg):
+        h.update(f"\n#{p.name}\n".encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

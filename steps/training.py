@@ -58,9 +58,11 @@ def _deps(*modules) -> CachePolicy:
 
 
 @step(output_materializers=DatasetMaterializer, cache_policy=_deps(sidrec.data))
-def ingest(config: dict) -> Annotated[Dataset, "dataset"]:
+def ingest(config: dict, source_digest: str) -> Annotated[Dataset, "dataset"]:
+    """``source_digest`` (:func:`sidrec.data.source_digest`, computed when the pipeline is built) is only
+    here for the cache key: new bytes in the source files under the same config mean new data."""
     ds = sidrec.stages.ingest(_cfg(config))
-    _meta(**{"dataset": ds.stats()})
+    _meta(**{"dataset": ds.stats(), "source_digest": source_digest})
     return ds
 
 

@@ -52,7 +52,7 @@ def random_features(dataset: Dataset) -> Annotated[EntityFeatures, "features"]:
 
 @pipeline(enable_cache=True)
 def cache_probe(config: dict):
-    ds = ingest(config=config)
+    ds = ingest(config=config, source_digest="fixed")
     feats = random_features(dataset=ds)
     sid_quantization(features=feats, config=config)
 

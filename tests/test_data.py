@@ -426,3 +426,24 @@ def test_error_recbole_missing_item_column(tmp_path):
     (d / "toy.item").write_text("item_id:token\ttitle:token_seq\n2\tTwo\n")
     msg = _err(DataConfig(format="recbole", path=str(d)))
     assert "toy.inter" in msg and "missing column 'user_id' (found: user, item_id, timestamp)" in msg
+
+
+def test_source_digest_changes_when_rows_are_appended(tmp_path, ml100k_dir):
+    """The ingest step's cache key includes this digest: appended data must not be served from cache."""
+    import shutil
+
+    from sidrec.config import DataConfig
+    from sidrec.data import source_digest, source_files
+
+    d = tmp_path / "ml-100k"
+    shutil.copytree(ml100k_dir, d)
+    cfg = DataConfig(path=str(d))
+    assert {p.name for p in source_files(cfg)} >= {"ml-100k.inter", "ml-100k.item"}
+    before = source_digest(cfg)
+    assert source_digest(cfg) == before  # stable
+    with open(d / "ml-100k.inter", "a") as f:
+        f.write("1\t1\t5\t893286638\n")
+    assert source_digest(cfg) != before
+    table = DataConfig(format="table", path=str(d / "ml-100k.inter"), items_path=str(d / "ml-100k.item"))
+    assert [p.name for p in source_files(table)] == ["ml-100k.inter", "ml-100k.item"]
+    assert source_digest(DataConfig(path=str(tmp_path / "missing"))) == source_digest(DataConfig(path=str(tmp_path / "gone")))

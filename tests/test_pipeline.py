@@ -109,7 +109,7 @@ def test_steps_callable_through_entrypoint(ml100k_dir, tmp_path):
     import numpy as np
 
     cfg = _config(tmp_path, ml100k_dir)
-    ds = ingest.entrypoint(config={"data": cfg["data"]})
+    ds = ingest.entrypoint(config={"data": cfg["data"]}, source_digest="")
     assert ds.stats()["n_users"] == 50
     rng = np.random.default_rng(0)
     feats = EntityFeatures(item_ids=ds.items["item_id"].tolist(), item_texts=[""] * len(ds.items),

@@ -46,12 +46,20 @@ def training_run_artifacts(run_name_or_id: Optional[str] = None, pipeline_name: 
         run = runs[0]
     steps = run.steps
 
-    def out(step: str, name: str):
+    def out(name: str, *producers: str):
+        """The artifact ``name`` from the first of ``producers`` present in this run: static training
+        (sid_quantization, finetune), dynamic training (dynamic_finetune) and retraining (extend_index,
+        warm_finetune) produce the same artifacts from different steps."""
+        step = next((p for p in producers if p in steps), None)
+        if step is None:
+            raise SidrecError(f"ZenML run {run.name}: no step among {', '.join(producers)} produced '{name}'; "
+                              "pass a training or retraining run")
         return steps[step].outputs[name][0].load()
 
-    metrics = out("log_to_mlflow", "metrics")
-    return {"dataset": out("ingest", "dataset"), "quality": out("validate_data", "quality_report"),
-            "bundle": out("sid_quantization", "sid_index"), "recommender": out("finetune", "recommender"),
+    metrics = out("metrics", "log_to_mlflow")
+    return {"dataset": out("dataset", "ingest"), "quality": out("quality_report", "validate_data"),
+            "bundle": out("sid_index", "sid_quantization", "dynamic_finetune", "extend_index"),
+            "recommender": out("recommender", "finetune", "dynamic_finetune", "warm_finetune"),
             "mlflow_run_id": metrics["mlflow_run_id"], "zenml_run_id": str(run.id)}
 
 

@@ -1,5 +1,5 @@
-"""Registry and promotion gate: the pure gate, the lock, and train -> register -> promote -> challenger
--> gate -> forced-worse challenger -> rollback end to end (ZenML pipeline, tiny backbone, ML-100k slice,
+"""Registry and promotion gate: the pure gate, the lock, and train -> register -> promote -> retrain on
+appended data -> gate -> forced-worse challenger -> rollback end to end (ZenML pipeline, tiny backbone, ML-100k slice,
 a temporary MLflow sqlite store)."""
 from __future__ import annotations
 
@@ -147,20 +147,51 @@ def _consistent(rec: dict, cfg: PromotionConfig) -> bool:
     return rec["promoted"] == want
 
 
-@pytest.mark.slow
-def test_train_register_promote_gate_rollback(tmp_path, ml100k_dir):
-    from mlflow import MlflowClient
+def _appendable_slice(src: Path, dst: Path, n_users: int = 50, share: float = 0.8) -> list[str]:
+    """``dst`` gets MovieLens-100k's item/user files and the first ``n_users`` users' interactions up to
+    the ``share`` quantile of their timestamps; returns the later rows, to be appended to the file."""
+    import shutil
 
+    import pandas as pd
+
+    dst.mkdir(parents=True)
+    for suffix in (".item", ".user"):
+        shutil.copy2(src / f"ml-100k{suffix}", dst / f"ml-100k{suffix}")
+    lines = (src / "ml-100k.inter").read_text().splitlines()
+    rows = pd.DataFrame([l.split("\t") for l in lines[1:]], columns=["u", "i", "r", "t"])
+    users = sorted(rows["u"].unique(), key=int)[:n_users]
+    rows = rows[rows["u"].isin(users)].assign(t=lambda d: d["t"].astype(float)).sort_values("t", kind="stable")
+    cut = rows["t"].quantile(share)
+    fmt = lambda d: ["\t".join([u, i, r, str(int(t))]) for u, i, r, t in d.itertuples(index=False)]  # noqa: E731
+    (dst / "ml-100k.inter").write_text("\n".join([lines[0]] + fmt(rows[rows["t"] <= cut])) + "\n")
+    return fmt(rows[rows["t"] > cut])
+
+
+def _last_decision(cfg) -> dict:
     import sidrec.registry as reg
-    from sidrec.cli import _maybe_register, run_training
+
+    return [r for r in reg.read_log(cfg) if r["action"] == "promote"][-1]
+
+
+@pytest.mark.slow
+def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_dir):
+    """train -> register -> promote (first champion) -> append new interactions to the same file ->
+    `run.py retrain` (drift report, new items via the saved quantizer, warm start, register, gate)
+    -> a forced worse challenger is rejected -> rollback; registry aliases checked at every stage."""
+    from sidrec.cli import _maybe_register, run_retrain, run_training
     from sidrec.config import load_config
+    from sidrec.stages import ingest
+    import sidrec.registry as reg
     from steps.ops import training_run_artifacts
 
-    cfg_a = _write(tmp_path, "a.yaml", _config(tmp_path, ml100k_dir))
+    data = tmp_path / "data" / "ml-100k"
+    later_rows = _appendable_slice(ml100k_dir, data)
+    cfg_a = _write(tmp_path, "a.yaml", _config(tmp_path, ml100k_dir, data={"path": str(data), "max_users": None}))
     cfg = load_config(cfg_a)
     name = reg.model_name(cfg)
     assert name == "sidrec-ml-100k"
     client = reg._client(cfg)
+    old_ds = ingest(cfg)
 
     # 1. train + register -> v1 is the challenger, no champion yet
     m1 = run_training(cfg_a, None)
@@ -175,35 +206,55 @@ def test_train_register_promote_gate_rollback(tmp_path, ml100k_dir):
     assert client.get_model_version(name, "1").tags["gate.decision"] == ("promoted" if rec["promoted"] else "rejected")
     if not rec["promoted"]:
         # the operator seats the first champion without the popularity check
-        cfg_nopop = load_config(_write(tmp_path, "a_nopop.yaml", _config(tmp_path, ml100k_dir, promotion={"beat_popularity": False})))
+        cfg_nopop = load_config(_write(tmp_path, "a_nopop.yaml", _config(
+            tmp_path, ml100k_dir, data={"path": str(data), "max_users": None}, promotion={"beat_popularity": False})))
         assert reg.promote(cfg_nopop)["promoted"]
     assert reg.alias_version(client, name, "champion") == "1"
 
-    # 3. a second training -> challenger v2 -> gate against the champion on the same test users
-    cfg_b = _write(tmp_path, "b.yaml", _config(tmp_path, ml100k_dir, train={"steps": 32}))
-    m2 = run_training(cfg_b, None)
-    assert _maybe_register(cfg_b, m2, True) == "2"
-    assert reg.alias_version(client, name, "challenger") == "2"
-    rec2 = reg.promote(load_config(cfg_b))
-    assert rec2["kind"] == "vs_champion" and rec2["champion"] == "1" and _consistent(rec2, cfg.promotion)
+    # 3. new interactions are appended to the same file; the scheduled command retrains on them
+    with open(data / "ml-100k.inter", "a") as f:
+        f.write("\n".join(later_rows) + "\n")
+    new_ds = ingest(cfg)
+    assert len(new_ds.interactions) > len(old_ds.interactions)  # (the ingest step must not serve the old data from cache)
+    new_items = set(new_ds.items["item_id"]) - set(old_ds.items["item_id"])
+    assert new_items, "the appended rows should bring items the champion never saw"
+    out = run_retrain(cfg_a)
+    drift = out["drift"]
+    assert drift["baseline"].startswith("champion v1") and not drift["same_data"]
+    assert drift["interaction_ratio"] == pytest.approx(len(new_ds.interactions) / len(old_ds.interactions))
+    assert drift["items_added"] == len(new_items)
+    assert out["version"] == "2" and reg.alias_version(client, name, "challenger") == "2"
+    arts2 = training_run_artifacts(out["zenml_run_id"], "retrain_pipeline")
+    assert len(arts2["dataset"].interactions) == len(new_ds.interactions)
+    idx2, idx1 = arts2["bundle"].items, training_run_artifacts(m1["zenml_run_id"])["bundle"].items
+    assert arts2["bundle"].report["index/new_items_assigned"] == len(new_items)
+    assert all(idx2.sid_of(e) == idx1.sid_of(e) for e in idx1.entity_ids)  # the champion's SIDs are kept
+    assert set(new_items) <= set(idx2.entity_ids) and len(set(idx2.sids())) == len(idx2.entity_ids)
+    warm = arts2["recommender"].meta["warm_start"]
+    assert warm["warm"] and warm["from_version"] == "1", warm
+    rec2 = _last_decision(cfg)
+    assert rec2["challenger"] == "2" and rec2["kind"] == "vs_champion" and rec2["champion"] == "1"
+    assert _consistent(rec2, cfg.promotion) and out["decision"]["promoted"] == rec2["promoted"]
+    n_test = len(new_ds.split("test", 20))
+    assert rec2["metrics"]["challenger"]["test/users"] == rec2["metrics"]["champion"]["test/users"] == n_test
+    assert rec2["dataset_hash"] == new_ds.fingerprint()  # re-scored on the newest test set, not the training numbers
     champion = "2" if rec2["promoted"] else "1"
     assert reg.alias_version(client, name, "champion") == champion
-    assert rec2["metrics"]["challenger"]["test/users"] == rec2["metrics"]["champion"]["test/users"] == 50
+    assert client.get_model_version(name, "2").tags["gate.decision"] == ("promoted" if rec2["promoted"] else "rejected")
 
     # 4. a forced worse challenger: the champion's model with a broken catalog (its SID index lost every item
     #    that is a test target, as a botched re-index would) -> every test user is a miss -> must NOT be promoted
     from sidrec.artifacts import IndexBundle
     from sidrec.index import SIDIndex
 
-    champ_run = m2 if champion == "2" else m1
-    arts = training_run_artifacts(champ_run["zenml_run_id"])
-    items, targets = arts["bundle"].items, set(arts["dataset"].split("test", 20)["target"])
+    arts = arts2 if champion == "2" else training_run_artifacts(m1["zenml_run_id"])
+    items, targets = arts["bundle"].items, set(new_ds.split("test", 20)["target"])
     keep = [i for i, e in enumerate(items.entity_ids) if e not in targets]
     broken = IndexBundle(items=SIDIndex([items.entity_ids[i] for i in keep], items.codes[keep], items.level_sizes),
                          state=arts["bundle"].state, report=arts["bundle"].report)
-    v3 = reg.register_model(cfg, run_id=champ_run["mlflow_run_id"], recommender_dir=Path(arts["recommender"].path),
-                            bundle=broken, dataset=arts["dataset"], quality_passed=True, extra_tags={"forced": "worse"})
-    assert v3 == "3"
+    v3 = reg.register_model(cfg, run_id=arts["mlflow_run_id"], recommender_dir=Path(arts["recommender"].path),
+                            bundle=broken, dataset=new_ds, quality_passed=True, extra_tags={"forced": "worse"})
+    assert v3 == "3" and reg.alias_version(client, name, "challenger") == "3"
     rec3 = reg.promote(cfg)
     ch, cp = rec3["metrics"]["challenger"], rec3["metrics"]["champion"]
     assert ch["test/recall_at_10"] == 0.0 and ch["test/scored_share"] < 1.0, ch

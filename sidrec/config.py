@@ -97,6 +97,10 @@ class DynamicConfig(_Strict):
     temperature: float = Field(0.1, gt=0, description="InfoNCE temperature")
     codebook_lr: float = Field(5e-3, gt=0)
     extra_level_cap: int = Field(256, ge=2, description="max entities sharing one M-level code (disambiguation level size)")
+    freeze_after: float = Field(0.75, gt=0, le=1, description="share of training steps after which the index is frozen "
+                                "(the last refresh); the remaining steps train on the final index. 1.0: freeze after the last step")
+    restart_dead_codes: bool = Field(True, description="at each refresh, move unused codewords onto members of crowded codes "
+                                     "(VQ dead-code restart) before re-assigning")
 
 
 class IndexConfig(_Strict):

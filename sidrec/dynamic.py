@@ -12,8 +12,10 @@
 - Every ``refresh_every`` steps the backbone (with its current LoRA weights) re-encodes all entity
   texts, assignments are recomputed with the current codebooks and made collision-free again,
   and training examples are re-rendered from entity ids -- targets always follow the current index.
-- At the end the index is frozen (one last refresh), and the trained model is saved in the same
-  format as a static run, so evaluation is the same constrained decoding.
+- After ``freeze_after`` of the steps the index is frozen (one last refresh, made collision-free); the
+  remaining steps train on it, and the model is saved in the same format as a static run, so
+  evaluation is the same constrained decoding.
+- At each refresh unused codewords are restarted on members of crowded codes (dead-code restart).
 """
 from __future__ import annotations
 
@@ -228,6 +230,33 @@ def _rebalance(raw: np.ndarray, dist: np.ndarray, cap: int) -> np.ndarray:
     return raw
 
 
+@torch.no_grad()
+def restart_dead_codes(gen: IndexGenerator, reps: torch.Tensor, seed: int) -> int:
+    """VQ dead-code restart: at each level, codewords no entity is nearest to are moved onto the
+    residuals of members of crowded codes (sampled in proportion to crowding). Returns how many moved.
+
+    Dead codes carry no training targets, so moving them changes no entity's SID by itself; it gives
+    the re-assignment room to split crowded groups (the collapse measured in BENCHMARKS.md)."""
+    if gen.kind != "rq":
+        return 0
+    g = torch.Generator().manual_seed(seed)
+    r, moved = gen.encode(reps), 0
+    for lv in range(gen.levels):
+        cb = gen.codebooks[lv]
+        c = torch.cdist(r, cb).argmin(1)
+        counts = torch.bincount(c, minlength=gen.codebook_size)
+        dead = (counts == 0).nonzero().flatten()
+        weight = (counts[c] - 1).float().clamp(min=0)  # a singleton's member is never moved
+        k = min(len(dead), int((weight > 0).sum()))
+        if k:
+            pick = torch.multinomial(weight, k, replacement=False, generator=g)
+            cb.data[dead[:k]] = r[pick]
+            moved += k
+            c = torch.cdist(r, cb).argmin(1)
+        r = r - cb[c]
+    return moved
+
+
 def churn(old: SIDIndex, new: SIDIndex) -> float:
     return float((old.codes != new.codes).any(1).mean())
 
@@ -323,17 +352,21 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
     losses: list[tuple[int, float]] = []
     running: list[float] = []
 
-    def refresh(step: int):
+    def refresh(step: int, final: bool = False):
         nonlocal item_index, user_index, rows, enc
         model.eval()
         reps_i = encode_texts(model, item_tok, pad, dtype=dtype)
+        moved = restart_dead_codes(gens[0], reps_i, cfg.seed + step) if dcfg.restart_dead_codes else 0
         new_items, ri = assign(gens[0], reps_i, items, "")
-        entry = {"step": step, "churn/items": churn(item_index, new_items), "collision_rate_raw/items": ri}
+        entry = {"step": step, "frozen": int(final), "churn/items": churn(item_index, new_items),
+                 "collision_rate_raw/items": ri, "restarted_codes/items": moved}
         entry.update({f"utilization/items/level_{k}": v for k, v in _util(new_items, gens[0]).items()})
         if dual:
             reps_u = encode_texts(model, user_tok, pad, dtype=dtype)
+            moved_u = restart_dead_codes(gens[1], reps_u, cfg.seed + step + 1) if dcfg.restart_dead_codes else 0
             new_users, ru = assign(gens[1], reps_u, uids, "u_")
-            entry.update({"churn/users": churn(user_index, new_users), "collision_rate_raw/users": ru})
+            entry.update({"churn/users": churn(user_index, new_users), "collision_rate_raw/users": ru,
+                          "restarted_codes/users": moved_u})
             user_index = new_users
         item_index = new_items
         rows = render(item_index, user_index)  # targets remapped to the current index
@@ -353,8 +386,16 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
     t0 = time.perf_counter()
     tokens = 0
     bar = tqdm(batches, desc="fine-tune (dynamic index)", disable=not progress, unit="step")
+    # the index is frozen at freeze_step (one last refresh); the steps after it train on the final SIDs,
+    # so the evaluated model has seen its own index (freezing only after the last step re-assigned ~95%
+    # of item SIDs the model never trained on: BENCHMARKS.md)
+    freeze_step = min(len(batches), max(1, round(dcfg.freeze_after * len(batches))))
+    frozen_at = None
     for step, idx in enumerate(bar):
-        if step > 0 and step % dcfg.refresh_every == 0:
+        if step > 0 and step == freeze_step:
+            refresh(step, final=True)
+            frozen_at = step
+        elif step > 0 and step % dcfg.refresh_every == 0 and frozen_at is None:
             refresh(step)
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * lr_factor(step)
@@ -379,7 +420,9 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
             if log is not None:
                 log(step, {"train/loss": avg, "train/token_align": reg["token_align"].item(),
                            "train/index_align": reg["index_align"].item()})
-    refresh(len(batches))  # freeze: final assignment with the final backbone and codebooks
+    if frozen_at is None:  # freeze_after = 1.0: final assignment with the final backbone and codebooks
+        refresh(len(batches), final=True)
+        frozen_at = len(batches)
     seconds = time.perf_counter() - t0
     model.eval()
     model.reset_table()
@@ -390,6 +433,7 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
     summary = {"train/steps": len(batches), "train/examples": len(batches) * tcfg.batch_size, "train/tokens": tokens,
                "train/seconds": round(seconds, 1), "train/tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
                "train/final_loss": float(np.mean(running[-10:])), "dynamic/refreshes": len(refresh_log),
+               "dynamic/frozen_at_step": frozen_at,
                "dynamic/initial_collision_rate_raw": rate_i}
     return DynamicResult(model=frozen, items=item_index, users=user_index, rows=all_rows, generators=list(gens), log=refresh_log,
                          losses=losses, summary=summary)

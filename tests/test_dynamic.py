@@ -69,8 +69,9 @@ def test_train_dynamic_refreshes_consistently_and_freezes_unique(setup):
     cfg, ds, lm, tok, feats = setup
     logged = []
     res = train_dynamic(ds, feats, cfg, lm, tok, log=lambda s, m: logged.append((s, m)), progress=False)
-    # refreshed at steps 3 and 6, plus the final freeze
-    assert [e["step"] for e in res.log] == [3, 6, 7]
+    # refreshed at step 3; frozen at round(0.75 * 7) = 5, no refresh after that (step 6 trains on the final index)
+    assert [(e["step"], e["frozen"]) for e in res.log] == [(3, 0), (5, 1)]
+    assert res.summary["dynamic/frozen_at_step"] == 5
     for e in res.log:
         assert 0.0 <= e["churn/items"] <= 1.0 and "churn/users" in e
     # final indices unique (items and users)
@@ -99,3 +100,28 @@ def test_assign_rebalances_a_collapsed_index_instead_of_failing():
     assert index.codes[:, -1].max() < 3 and len(set(index.codes[:, 1].tolist())) == 4
     with pytest.raises(ValueError, match="extra_level_cap"):
         assign(gen, torch.zeros(13, 8) + torch.randn(1, 8), [f"e{i}" for i in range(13)], "")
+
+
+def test_freeze_after_one_refreshes_after_the_last_step(setup, ml100k_dir):
+    cfg, ds, lm, tok, feats = setup
+    cfg = _cfg(ml100k_dir, index={**cfg.index.model_dump(), "dynamic": {**cfg.index.dynamic.model_dump(), "freeze_after": 1.0}})
+    res = train_dynamic(ds, feats, cfg, lm, tok, progress=False)
+    assert [(e["step"], e["frozen"]) for e in res.log] == [(3, 0), (6, 0), (7, 1)]
+
+
+def test_dead_code_restart_splits_a_crowded_code():
+    from sidrec.dynamic import restart_dead_codes
+
+    torch.manual_seed(0)
+    gen = IndexGenerator(8, 8, 4, 2, 8, 64, emb_std=0.02, seed=0)
+    gen.init_from(torch.randn(64, 8), 5, 0)
+    with torch.no_grad():  # collapse: every level-0 codeword far away except code 0
+        gen.codebooks[0][1:] = 100.0
+    x = torch.randn(64, 8)
+    before, rate_before = assign(gen, x, [f"e{i}" for i in range(64)], "")
+    assert set(before.codes[:, 0].tolist()) == {0}
+    moved = restart_dead_codes(gen, x, seed=0)
+    assert moved >= 7  # all 7 dead level-0 codes (+ any dead level-1 codes) were restarted
+    after, rate_after = assign(gen, x, [f"e{i}" for i in range(64)], "")
+    assert len(set(after.codes[:, 0].tolist())) == 8 and rate_after < rate_before
+    assert restart_dead_codes(IndexGenerator(8, 8, 4, 2, 8, 64, 0.02, 0, kind="lsh"), x, 0) == 0

@@ -249,6 +249,9 @@ class RetrainConfig(_Strict):
     warm_start: bool = Field(True, description="start from the champion's adapter when its SID index is compatible")
     reuse_index: bool = Field(True, description="keep the champion's SIDs and assign new items with the saved quantizer (no re-fit)")
     lock_file: Optional[str] = Field(None, description="flock file used by the schedule (default: $SIDREC_HOME/retrain.lock)")
+    new_item_sids: Literal["quantizer", "llm"] = Field(
+        "quantizer", description="how new items get SIDs when the champion's index is reused: quantizer (its saved state "
+        "assigns them) or llm (STORE: the champion LLM generates the SID from the item text; needs tasks.text_to_sid > 0)")
 
 
 class RunConfig(_Strict):
@@ -267,6 +270,12 @@ class RunConfig(_Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+    @model_validator(mode="after")
+    def _llm_sids_need_text_to_sid(self):
+        if self.retrain.new_item_sids == "llm" and self.tasks.text_to_sid <= 0:
+            raise ValueError("retrain.new_item_sids 'llm' needs tasks.text_to_sid > 0 (the model must learn text -> SID)")
+        return self
 
     def flat(self) -> dict[str, object]:
         """The resolved config as flat dotted keys (for MLflow params)."""

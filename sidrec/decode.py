@@ -126,3 +126,20 @@ def recommend(
                     rows[u, b] = lookup.get(tuple(codes[j, b]), -1)
             scores[u] = sc[j]
     return rows, scores, emitted
+
+
+def generate_codes(
+    model, prompts: list[list[int]], num_levels: int, beams: int = 5, batch_size: int = 16, pad_id: int = 0,
+    dtype: torch.dtype = torch.bfloat16, progress: bool = False,
+) -> np.ndarray:
+    """STORE: the LLM as tokenizer. The ``beams`` most likely code tuples (best first) of the first
+    ``num_levels`` SID levels for each prompt (e.g. an item's text), any code combination allowed (no
+    trie): ``[n, beams, num_levels]``."""
+    model.eval()
+    out = np.zeros((len(prompts), beams, num_levels), dtype=np.int64)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate SIDs", disable=not progress, unit="batch"):
+        idx = order[start : start + batch_size]
+        codes, _ = beam_search_batch(model, [prompts[i] for i in idx], num_levels, beams, None, pad_id, dtype)
+        out[idx] = codes.numpy()
+    return out

@@ -155,6 +155,50 @@ def extend_index(bundle, item_ids: list[str], embeddings: np.ndarray):
     return IndexBundle(items=items, state=bundle.state, report=report, users=bundle.users, usage_png=bundle.usage_png), len(new_rows)
 
 
+def extend_index_by_generation(bundle, model, encoder, item_ids: list[str], texts: list[str], beams: int = 5,
+                               dtype=None):
+    """STORE option: new items get the SID the (champion) LLM generates from their text with the
+    ``text_to_sid`` prompt, instead of the quantizer's assignment. Existing SIDs never change.
+
+    The first ``M`` levels are decoded without a trie (any code combination); with a disambiguation level
+    the next free extra index is appended, otherwise the best generated tuple that is still free is
+    taken (``ValueError`` if none of the ``beams`` is). Returns ``(bundle, n_new)``."""
+    import torch
+
+    from sidrec.artifacts import IndexBundle
+    from sidrec.decode import generate_codes
+    from sidrec.index import SIDIndex
+    from sidrec.quantize import append_disambiguated
+    from sidrec.tasks import EVAL_TEMPLATE, TEMPLATES
+
+    old = bundle.items
+    new_rows = [i for i, e in enumerate(item_ids) if str(e) not in old._row]
+    if not new_rows:
+        return bundle, 0
+    m, L = bundle.state.levels, old.num_levels
+    prompts = [encoder.encode(TEMPLATES["text_to_sid"][EVAL_TEMPLATE].format(text=(texts[i] or "")[:200])) for i in new_rows]
+    gen = generate_codes(model, prompts, m, beams, pad_id=encoder.pad_id, dtype=dtype or torch.float32)
+    sizes = list(old.level_sizes)
+    if L == m + 1:
+        codes, sizes = append_disambiguated(old.codes, sizes, gen[:, 0])
+    else:
+        taken = {tuple(r) for r in old.codes.tolist()}
+        codes = np.zeros((len(new_rows), L), dtype=np.int64)
+        for j in range(len(new_rows)):
+            free = [tuple(c) for c in gen[j].tolist() if tuple(c) not in taken]
+            if not free:
+                raise ValueError(f"item {item_ids[new_rows[j]]}: all {beams} generated SIDs are taken (no disambiguation level)")
+            codes[j] = free[0]
+            taken.add(free[0])
+    items = SIDIndex(entity_ids=list(old.entity_ids) + [str(item_ids[i]) for i in new_rows],
+                     codes=np.vstack([old.codes, codes]), level_sizes=list(sizes), prefix=old.prefix)
+    report = dict(bundle.report)
+    report["index/new_items_assigned"] = len(new_rows)
+    report["index/new_items_generated_by_llm"] = len(new_rows)
+    report["index/reused"] = 1
+    return IndexBundle(items=items, state=bundle.state, report=report, users=bundle.users, usage_png=bundle.usage_png), len(new_rows)
+
+
 def index_for_retrain(cfg: RunConfig, features) -> tuple:
     """The champion's index extended with new items, or a freshly fitted one. Returns ``(bundle, info)``."""
     from sidrec.artifacts import IndexBundle
@@ -168,10 +212,19 @@ def index_for_retrain(cfg: RunConfig, features) -> tuple:
     if champ.state.input_dim != features.item_embeddings.shape[1]:
         return build_index(features, cfg), {"source": "fresh", "reason": f"embedding dim {features.item_embeddings.shape[1]} != champion quantizer {champ.state.input_dim}"}
     try:
-        bundle, n_new = extend_index(champ, features.item_ids, features.item_embeddings)
+        if cfg.retrain.new_item_sids == "llm" and parts.get("recommender") is not None:
+            from sidrec.model import Encoder, load_recommender
+            from sidrec.stages import compute_dtype
+
+            model, tok, _ = load_recommender(parts["recommender"], cfg.model.backbone)
+            bundle, n_new = extend_index_by_generation(champ, model, Encoder(tok, model.vocab), features.item_ids,
+                                                       features.item_texts, dtype=compute_dtype(cfg))
+        else:
+            bundle, n_new = extend_index(champ, features.item_ids, features.item_embeddings)
     except ValueError as e:  # last level full under some prefix
         return build_index(features, cfg), {"source": "fresh", "reason": f"cannot extend the champion's index: {e}"}
-    return bundle, {"source": "champion", "version": parts["version"], "new_items": n_new}
+    return bundle, {"source": "champion", "version": parts["version"], "new_items": n_new,
+                    "new_item_sids": cfg.retrain.new_item_sids}
 
 
 # ------------------------------------------------------------------------------ warm start

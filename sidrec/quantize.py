@@ -615,19 +615,7 @@ def assign_new(
     n_new = raw.shape[0]
 
     if L == m + 1:
-        # next free extra index per existing raw group
-        next_free: dict[tuple, int] = {}
-        for row in existing:
-            key = tuple(row[:m].tolist())
-            next_free[key] = max(next_free.get(key, 0), int(row[m]) + 1)
-        inv, counts = _group_ids(raw)
-        rank = _rank_in_group(inv, counts.size)
-        base = np.array([next_free.get(tuple(r.tolist()), 0) for r in raw], dtype=np.int64)
-        extra = base + rank
-        codes = np.concatenate([raw, extra[:, None]], 1)
-        if n_new:
-            sizes[m] = max(sizes[m], int(extra.max()) + 1)
-        return codes, sizes
+        return append_disambiguated(existing, sizes, raw)
 
     # L == m: no disambiguation level; move colliding items to the nearest free last-level code
     taken = {tuple(r.tolist()) for r in existing}
@@ -650,6 +638,29 @@ def assign_new(
                 f"new item {i}: every last-level code under prefix {key[:-1]} is taken; "
                 "re-index with a disambiguation level (or a larger codebook)"
             )
+    return codes, sizes
+
+
+def append_disambiguated(existing_codes: np.ndarray, level_sizes: list[int], raw: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Full codes for new entities whose first ``M`` codes are ``raw``, given an index with a
+    disambiguation level (``M + 1`` levels): each new entity takes the next free extra index in its raw
+    group (``max existing + 1 + its rank among the new ones``); the last level grows when needed.
+    Existing codes never change. Returns ``(codes [m, M + 1], new_level_sizes)``."""
+    sizes = [int(s) for s in level_sizes]
+    m = len(sizes) - 1
+    existing = np.asarray(existing_codes, dtype=np.int64).reshape(-1, len(sizes))
+    raw = np.asarray(raw, dtype=np.int64).reshape(-1, m)
+    next_free: dict[tuple, int] = {}
+    for row in existing:
+        key = tuple(row[:m].tolist())
+        next_free[key] = max(next_free.get(key, 0), int(row[m]) + 1)
+    inv, counts = _group_ids(raw)
+    rank = _rank_in_group(inv, counts.size)
+    base = np.array([next_free.get(tuple(r.tolist()), 0) for r in raw], dtype=np.int64)
+    extra = base + rank
+    codes = np.concatenate([raw, extra[:, None]], 1)
+    if len(raw):
+        sizes[m] = max(sizes[m], int(extra.max()) + 1)
     return codes, sizes
 
 
@@ -678,6 +689,7 @@ def plot_code_usage(codes: np.ndarray, level_sizes: list[int], path) -> None:
 
 __all__ = [
     "QuantizationResult",
+    "append_disambiguated",
     "QuantizerState",
     "assign_new",
     "auto_codebook_size",

@@ -118,3 +118,42 @@ def test_schedule_cron_line_and_merge(tmp_path):
         cron_line(str(cfg), "every monday", tmp_path)
     with pytest.raises(ConfigError):
         cron_line(str(cfg), "0 3 * * 1; rm -rf /", tmp_path)
+
+
+def test_store_new_item_sids_generated_by_the_llm():
+    """retrain.new_item_sids=llm: new items take the SID the model generates from their text (its best
+    beam over the raw levels, then the next free disambiguation index); existing SIDs never change."""
+    import torch
+
+    from sidrec.decode import beam_search_batch
+    from sidrec.drift import extend_index_by_generation
+    from sidrec.stages import build_model
+    from sidrec.tasks import TEMPLATES
+
+    cfg = parse_config({"model": {"backbone": "tiny", "dtype": "float32"}})
+    bundle, x = _bundle()
+    assert bundle.items.num_levels == bundle.state.levels + 1  # this index has a disambiguation level
+    model, tok, enc = build_model(cfg, bundle)
+    ids = bundle.items.entity_ids + ["n1", "n2", "n3"]
+    texts = [""] * len(bundle.items) + ["red fantasy novel", "red fantasy novel", "kitchen scale"]
+    ext, n = extend_index_by_generation(bundle, model, enc, ids, texts, beams=4)
+    assert n == 3 and ext.report["index/new_items_generated_by_llm"] == 3
+    for e in bundle.items.entity_ids:
+        assert ext.items.sid_of(e) == bundle.items.sid_of(e)
+    codes = ext.items.codes
+    assert len({tuple(c) for c in codes.tolist()}) == len(codes)  # collision-free
+    prompt = enc.encode(TEMPLATES["text_to_sid"][0].format(text="kitchen scale"))
+    best, _ = beam_search_batch(model, [prompt], bundle.state.levels, 4, None, enc.pad_id, torch.float32)
+    assert codes[-1, : bundle.state.levels].tolist() == best[0, 0].tolist()  # the model's own best beam
+    # the same text -> the same raw SID, told apart by the disambiguation level
+    assert codes[-3, :-1].tolist() == codes[-2, :-1].tolist() and codes[-3, -1] != codes[-2, -1]
+    same, zero = extend_index_by_generation(bundle, model, enc, bundle.items.entity_ids, [""] * len(bundle.items))
+    assert zero == 0 and same is bundle
+
+
+def test_llm_new_item_sids_need_the_text_to_sid_task():
+    from sidrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="text_to_sid"):
+        parse_config({"retrain": {"new_item_sids": "llm"}, "tasks": {"text_to_sid": 0}})
+    assert parse_config({"retrain": {"new_item_sids": "llm"}}).tasks.text_to_sid > 0

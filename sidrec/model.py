@@ -331,7 +331,7 @@ def save_recommender(model: SIDRecModel, tokenizer, out_dir: Path, meta: dict) -
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.lm.save_pretrained(out_dir / "adapter", safe_serialization=True)
-    save_file({"sid_embeddings": model.sid_embeddings.detach().float().contiguous()}, str(out_dir / "sid_embeddings.safetensors"))
+    save_file({"sid_embeddings": model.sid_embeddings.detach().float().cpu().contiguous()}, str(out_dir / "sid_embeddings.safetensors"))
     tok = _copy_tokenizer(tokenizer)
     tok.add_tokens(model.vocab.tokens)
     tok.save_pretrained(out_dir / "tokenizer")

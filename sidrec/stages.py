@@ -23,6 +23,17 @@ def compute_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
 
 
+def resolve_device(cfg: RunConfig) -> torch.device:
+    """``model.device``: cpu, cuda (the process's LOCAL_RANK GPU under torchrun), or auto (cuda when visible)."""
+    from sidrec.errors import ModelError
+
+    if cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ModelError("model.device: 'cuda' but no GPU is visible (torch.cuda.is_available() is False); use 'auto' or 'cpu'")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -139,7 +150,7 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None):
         with torch.no_grad():
             model.sid_embeddings.copy_(table)
         model.sa_init_share = share
-    return model, tok, Encoder(tok, vocab)
+    return model.to(resolve_device(cfg)), tok, Encoder(tok, vocab)
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -159,6 +170,10 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
     from sidrec.model import save_recommender
     from sidrec.train import train
 
+    if cfg.train.processes > 1:  # data-parallel over torchrun processes (one per GPU, or gloo on CPU)
+        from sidrec.distributed import finetune_distributed
+
+        return finetune_distributed(instructions, bundle, cfg, out_dir, ds, log)
     set_threads(cfg)
     seed_everything(cfg.seed)
     model, tok, encoder = build_model(cfg, bundle, ds)
@@ -186,6 +201,7 @@ def evaluate(rec: TrainedRecommender, instructions: InstructionSet, bundle: Inde
 
     set_threads(cfg)
     model, tok, _ = load_recommender(Path(rec.path), cfg.model.backbone)
+    model = model.to(resolve_device(cfg))
     encoder = Encoder(tok, model.vocab)
     parts = {p: instructions.part(p) for p in ("valid", "test")}
     metrics, preds = evaluate_llm(model, encoder, bundle.items, parts, cfg.eval, cfg.seed, compute_dtype(cfg), progress_enabled())

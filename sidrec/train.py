@@ -147,12 +147,15 @@ def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype) -> st
     tcfg = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(vars(cfg))
     for k in ("checkpoint_every", "checkpoint_dir", "log_every", "threads"):
         tcfg.pop(k, None)
-    h.update(json.dumps({"format": CHECKPOINT_FORMAT, "train": tcfg, "seed": int(seed), "dtype": str(dtype)}, sort_keys=True).encode())
+    from sidrec.distributed import world_info
+
+    h.update(json.dumps({"format": CHECKPOINT_FORMAT, "train": tcfg, "seed": int(seed), "dtype": str(dtype),
+                         "world": world_info()[1]}, sort_keys=True).encode())
     cols = [c for c in ("prompt", "target", "target_kind") if c in rows.columns]
     h.update(pd.util.hash_pandas_object(rows[cols].reset_index(drop=True), index=True).to_numpy().tobytes())
     for name, p in _trainable(model):
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-        h.update(p.detach().float().contiguous().numpy().tobytes()[:4096])  # the initial values' head
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes()[:4096])  # the initial values' head
     return h.hexdigest()[:16]
 
 
@@ -172,7 +175,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _trainable(model):
-        tensors[f"param/{name}"] = p.detach().contiguous().clone()
+        tensors[f"param/{name}"] = p.detach().cpu().contiguous().clone()
     params = [p for g in opt.param_groups for p in g["params"]]
     opt_steps: dict[str, float] = {}
     for i, p in enumerate(params):
@@ -183,7 +186,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
             if k == "step":
                 opt_steps[str(i)] = float(v.item() if torch.is_tensor(v) else v)
             elif torch.is_tensor(v):
-                tensors[f"opt/{i}/{k}"] = v.detach().contiguous().clone()
+                tensors[f"opt/{i}/{k}"] = v.detach().cpu().contiguous().clone()
     tensors["rng/torch"] = torch.get_rng_state().clone()
     np_state = np.random.get_state()
     tensors["rng/numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy())
@@ -238,7 +241,7 @@ def load_checkpoint(run_dir: Path, model, opt, key: str) -> Optional[dict]:
             st = {"step": torch.tensor(meta["opt_steps"][str(i)], dtype=torch.float32)}
             for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if f"opt/{i}/{k}" in tensors:
-                    st[k] = tensors[f"opt/{i}/{k}"].clone()
+                    st[k] = tensors[f"opt/{i}/{k}"].to(p.device).clone()
             opt.state[p] = st
         torch.set_rng_state(tensors["rng/torch"])
         nr = meta["numpy_rng"]
@@ -259,9 +262,17 @@ def train(
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every``, resumes from the latest checkpoint of the
     same run (see the module docstring) and saves one every ``checkpoint_every`` steps."""
+    from sidrec.distributed import average_gradients, broadcast_parameters, world_info
+
     torch.manual_seed(seed)
+    rank, world = world_info()  # data-parallel (sidrec.distributed): each rank takes every world-th batch
     enc = encode_rows(encoder, rows)
-    batches = bucketed_batches(enc.lengths(), cfg.batch_size, cfg.steps, seed)
+    batches = bucketed_batches(enc.lengths(), cfg.batch_size, cfg.steps * world, seed)[rank::world]
+    device = model.sid_embeddings.device
+    trainable = [p for _, p in _trainable(model)]
+    if world > 1:
+        broadcast_parameters(trainable)  # identical replicas to start with
+        torch.manual_seed(seed + rank)  # own dropout masks per replica
     lora_params = [p for n, p in model.lm.named_parameters() if p.requires_grad]
     groups = [{"params": [model.sid_embeddings], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
     if lora_params:
@@ -301,12 +312,14 @@ def train(
         idx = batches[step]
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * lr_factor(step)
-        ids, mask, tgt = _collate(enc, idx, encoder.pad_id)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        ids, mask, tgt = (t.to(device) for t in _collate(enc, idx, encoder.pad_id))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             h, _ = model.hidden(ids, attention_mask=mask)
             loss, _ = target_loss(model, h, ids, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            average_gradients(trainable)
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         res.losses.append(loss.item())
@@ -319,11 +332,11 @@ def train(
             bar.set_postfix(loss=f"{avg:.3f}")
             if log is not None:
                 log(step, {"train/loss": avg, "train/lr": opt.param_groups[-1]["lr"]})
-        if run_dir is not None and (step + 1) % every == 0 and step + 1 < len(batches):
+        if run_dir is not None and rank == 0 and (step + 1) % every == 0 and step + 1 < len(batches):
             res.seconds = time.perf_counter() - t0
             save_checkpoint(run_dir, step + 1, model, opt, res, key)
     res.seconds = time.perf_counter() - t0
-    if run_dir is not None:
+    if run_dir is not None and rank == 0:
         shutil.rmtree(run_dir, ignore_errors=True)  # finished: checkpoints are for resuming only
     model.eval()
     return res

@@ -98,6 +98,17 @@ def _store_lock():
     return lock()
 
 
+def _zenml_model(cfg):
+    """The ZenML model (Model Control Plane) a run's artifacts are linked to: one version per run, named
+    like the MLflow registered model; promotion moves the champion's version to stage ``production``."""
+    from zenml import Model
+
+    from sidrec.registry import model_name
+
+    return Model(name=model_name(cfg), description="sidrec generative recommender (SID index + LoRA adapter)",
+                 tags=[f"index_mode={cfg.index.mode}"])
+
+
 def run_training(config_path: str, metrics_out: str | None, run_name: str | None = None, no_cache: bool = False) -> dict:
     from sidrec.config import load_config
 
@@ -110,7 +121,8 @@ def run_training(config_path: str, metrics_out: str | None, run_name: str | None
     t0 = time.perf_counter()
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     try:
-        run = training_pipeline.with_options(enable_cache=not no_cache, run_name=run_name)(config=cfg.model_dump(mode="json"))
+        run = training_pipeline.with_options(enable_cache=not no_cache, run_name=run_name, model=_zenml_model(cfg))(
+            config=cfg.model_dump(mode="json"))
     except RuntimeError:
         _reraise_step_error(run_name)
         raise
@@ -284,7 +296,7 @@ def run_retrain(config_path: str, run_name: Optional[str] = None) -> dict:
 
     run_name = run_name or f"retrain-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     try:
-        run = retrain_pipeline.with_options(run_name=run_name)(config=cfg.model_dump(mode="json"))
+        run = retrain_pipeline.with_options(run_name=run_name, model=_zenml_model(cfg))(config=cfg.model_dump(mode="json"))
     except RuntimeError:
         _reraise_step_error(run_name)
         raise
@@ -312,7 +324,11 @@ def _ops_command(args) -> int:
         from sidrec import registry
 
         cfg = load_config(args.config)
-        rec = registry.rollback(cfg) if args.rollback else registry.promote(cfg, version=args.version)
+        _ensure_zenml_repo()
+        from steps.ops import zenml_production_stage
+
+        rec = registry.rollback(cfg, stage_hook=zenml_production_stage) if args.rollback \
+            else registry.promote(cfg, version=args.version, stage_hook=zenml_production_stage)
         _print_decision(rec, args.json)
     elif args.command == "recommend":
         run_recommend(args.history, args.k, args.json, args.model, args.config)

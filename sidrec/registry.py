@@ -313,6 +313,21 @@ def _set_champion(client, name: str, version: str, history: list[str]) -> None:
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
+def _apply_stage_hook(client, name: str, version: str, hook) -> str:
+    """Mirror the new champion elsewhere (the CLI/steps pass one that moves the ZenML model version of the
+    version's training run to stage ``production``). The MLflow alias is what serving reads, so a failing
+    hook is reported in the decision, not raised."""
+    if hook is None:
+        return ""
+    run_id = (client.get_model_version(name, version).tags or {}).get("zenml_run_id", "")
+    try:
+        out = hook(run_id) if run_id else "no zenml_run_id tag on the model version"
+    except Exception as e:  # noqa: BLE001 -- bookkeeping must not undo a promotion
+        out = f"not set ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    client.set_model_version_tag(name, version, "zenml.stage", out)
+    return out
+
+
 def _run_facts(client, name: str, version: str) -> dict:
     mv = client.get_model_version(name, version)
     tags = dict(mv.tags or {})
@@ -326,8 +341,10 @@ def _run_facts(client, name: str, version: str) -> dict:
     return {"run_id": mv.run_id, "data_validation_passed": True if v == "passed" else (False if v == "failed" else None)}
 
 
-def promote(cfg: RunConfig, version: Optional[str] = None, dataset=None) -> dict:
-    """Gate the challenger (or ``version``) against the champion; returns the decision record."""
+def promote(cfg: RunConfig, version: Optional[str] = None, dataset=None, stage_hook=None) -> dict:
+    """Gate the challenger (or ``version``) against the champion; returns the decision record.
+
+    ``stage_hook(zenml_run_id) -> str``, when given, runs after a promotion (see :func:`_apply_stage_hook`)."""
     from sidrec.data import load_dataset
 
     client = _client(cfg)
@@ -361,6 +378,8 @@ def promote(cfg: RunConfig, version: Optional[str] = None, dataset=None) -> dict
                "test_users": len(split), "kind": d.kind, "reason": d.reason, "checks": d.checks,
                "metrics": {"challenger": d.challenger, "champion": d.champion, "popularity": d.popularity}}
         _tag_decision(client, name, challenger, rec)
+        if d.promote and stage_hook is not None:
+            rec["zenml_stage"] = _apply_stage_hook(client, name, challenger, stage_hook)
         rec["decision_log"] = str(_append_log(cfg, rec))
         return rec
 
@@ -380,7 +399,7 @@ def _tag_decision(client, name: str, version: str, rec: dict) -> None:
     client.update_model_version(name, version, description=f"[{stamp}] gate: {verdict}. {rec['reason']}"[:5000])
 
 
-def rollback(cfg: RunConfig) -> dict:
+def rollback(cfg: RunConfig, stage_hook=None) -> dict:
     """Move ``champion`` back to the previous champion (from ``champion_history``)."""
     client = _client(cfg)
     name = model_name(cfg)
@@ -400,5 +419,7 @@ def rollback(cfg: RunConfig) -> dict:
         client.set_model_version_tag(name, previous, "gate.restored_by_rollback", stamp)
         rec = {"action": "rollback", "model": name, "from": current, "to": previous, "promoted": False,
                "reason": f"rollback: champion v{current} -> v{previous}"}
+        if stage_hook is not None:
+            rec["zenml_stage"] = _apply_stage_hook(client, name, previous, stage_hook)
         rec["decision_log"] = str(_append_log(cfg, rec))
         return rec

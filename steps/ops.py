@@ -63,6 +63,19 @@ def training_run_artifacts(run_name_or_id: Optional[str] = None, pipeline_name: 
             "mlflow_run_id": metrics["mlflow_run_id"], "zenml_run_id": str(run.id)}
 
 
+def zenml_production_stage(zenml_run_id: str) -> str:
+    """Move the ZenML model version of a training/retraining run to stage ``production`` (the previous
+    production version drops back to ``archived``, ZenML's ``force``). Returns ``<model>:<version>``."""
+    from zenml.client import Client
+    from zenml.enums import ModelStages
+
+    mv = Client().get_pipeline_run(zenml_run_id).model_version
+    if mv is None:
+        return "the run has no ZenML model version"
+    mv.set_stage(ModelStages.PRODUCTION, force=True)
+    return f"{mv.model.name}:{mv.name} -> production"
+
+
 def register_training_run(cfg: RunConfig, run_name_or_id: Optional[str] = None, pipeline_name: str = "training_pipeline") -> str:
     a = training_run_artifacts(run_name_or_id, pipeline_name)
     return sidrec.registry.register_model(cfg, run_id=a["mlflow_run_id"], recommender_dir=Path(a["recommender"].path),
@@ -120,6 +133,6 @@ def register_challenger(dataset: Dataset, quality: QualityReport, sid_index: Ind
 @step(enable_cache=False)
 def promotion_gate(challenger_version: str, config: dict) -> Annotated[dict, "decision"]:
     cfg = _cfg(config)
-    rec = sidrec.registry.promote(cfg, version=challenger_version)
+    rec = sidrec.registry.promote(cfg, version=challenger_version, stage_hook=zenml_production_stage)
     _meta(decision={"promoted": rec["promoted"], "reason": rec["reason"][:500], "challenger": challenger_version})
     return {k: v for k, v in rec.items() if k in ("promoted", "reason", "challenger", "champion", "new_champion", "decision_log")}

@@ -167,6 +167,13 @@ def _appendable_slice(src: Path, dst: Path, n_users: int = 50, share: float = 0.
     return fmt(rows[rows["t"] > cut])
 
 
+def _zenml_stage(zenml_run_id: str):
+    from zenml.client import Client
+
+    mv = Client().get_pipeline_run(zenml_run_id).model_version
+    return None if mv is None else str(mv.stage).rsplit(".", 1)[-1].lower()
+
+
 def _last_decision(cfg) -> dict:
     import sidrec.registry as reg
 
@@ -182,7 +189,7 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     from sidrec.config import load_config
     from sidrec.stages import ingest
     import sidrec.registry as reg
-    from steps.ops import training_run_artifacts
+    from steps.ops import training_run_artifacts, zenml_production_stage as hook
 
     data = tmp_path / "data" / "ml-100k"
     later_rows = _appendable_slice(ml100k_dir, data)
@@ -200,7 +207,7 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     assert client.get_run(m1["mlflow_run_id"]).data.tags["data_validation"] == "passed"
 
     # 2. first model vs popularity: the decision follows the numbers (the tiny random backbone rarely beats it)
-    rec = reg.promote(cfg)
+    rec = reg.promote(cfg, stage_hook=hook)
     assert rec["kind"] == "first" and _consistent(rec, cfg.promotion)
     assert reg.alias_version(client, name, "champion") == ("1" if rec["promoted"] else None)
     assert client.get_model_version(name, "1").tags["gate.decision"] == ("promoted" if rec["promoted"] else "rejected")
@@ -208,8 +215,9 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
         # the operator seats the first champion without the popularity check
         cfg_nopop = load_config(_write(tmp_path, "a_nopop.yaml", _config(
             tmp_path, ml100k_dir, data={"path": str(data), "max_users": None}, promotion={"beat_popularity": False})))
-        assert reg.promote(cfg_nopop)["promoted"]
+        assert reg.promote(cfg_nopop, stage_hook=hook)["promoted"]
     assert reg.alias_version(client, name, "champion") == "1"
+    assert _zenml_stage(m1["zenml_run_id"]) == "production"  # the ZenML model version follows the alias
 
     # 3. new interactions are appended to the same file; the scheduled command retrains on them
     with open(data / "ml-100k.inter", "a") as f:
@@ -241,6 +249,8 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     champion = "2" if rec2["promoted"] else "1"
     assert reg.alias_version(client, name, "champion") == champion
     assert client.get_model_version(name, "2").tags["gate.decision"] == ("promoted" if rec2["promoted"] else "rejected")
+    assert (_zenml_stage(out["zenml_run_id"]) == "production") == rec2["promoted"]
+    assert _zenml_stage(m1["zenml_run_id"]) == ("archived" if rec2["promoted"] else "production")
 
     # 4. a forced worse challenger: the champion's model with a broken catalog (its SID index lost every item
     #    that is a test target, as a botched re-index would) -> every test user is a miss -> must NOT be promoted
@@ -266,8 +276,9 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
 
     # 5. rollback: only possible when there was an earlier champion; nothing is deleted
     if champion == "2":
-        back = reg.rollback(cfg)
+        back = reg.rollback(cfg, stage_hook=hook)
         assert back["to"] == "1" and reg.alias_version(client, name, "champion") == "1"
+        assert _zenml_stage(m1["zenml_run_id"]) == "production" and _zenml_stage(out["zenml_run_id"]) == "archived"
     else:
         with pytest.raises(reg.RegistryError, match="no previous champion"):
             reg.rollback(cfg)

@@ -107,7 +107,7 @@ def _worker(job: Path) -> None:
     from sidrec.config import RunConfig
     from sidrec.data import Dataset
     from sidrec.model import save_recommender
-    from sidrec.stages import build_model, checkpoint_dir, compute_dtype, progress_enabled, seed_everything
+    from sidrec.stages import build_model, checkpoint_dir, compute_dtype, progress_enabled, recommender_meta, seed_everything
     from sidrec.train import train
 
     import pandas as pd
@@ -139,10 +139,7 @@ def _worker(job: Path) -> None:
             summary = res.summary()
             summary.update({"train/processes": world, "train/global_batch": cfg.train.batch_size * world,
                             "train/examples": summary["train/examples"] * world})  # rank 0 counted its own share
-            meta = {"backbone": cfg.model.backbone, "train": summary, "replica_checksums": replicas,
-                    "loss_curve": losses, "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode}
-            if hasattr(model, "sa_init_share"):
-                meta["train"]["train/sa_init_share"] = round(model.sa_init_share, 4)
+            meta = recommender_meta(cfg, model, summary, losses, replica_checksums=replicas)
             save_recommender(model, tok, job / "recommender", meta)
         dist.barrier()
     finally:

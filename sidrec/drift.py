@@ -137,22 +137,31 @@ def extend_index(bundle, item_ids: list[str], embeddings: np.ndarray):
     New items get codes from :func:`sidrec.quantize.assign_new` with the saved quantizer state.
     Returns ``(bundle, n_new)``.
     """
-    from sidrec.artifacts import IndexBundle
-    from sidrec.index import SIDIndex
     from sidrec.quantize import assign_new
 
-    old = bundle.items
-    new_rows = [i for i, e in enumerate(item_ids) if str(e) not in old._row]
+    new_rows = _new_rows(bundle, item_ids)
     if not new_rows:
         return bundle, 0
     x_new = np.asarray(embeddings, dtype=np.float32)[new_rows]
-    codes, sizes = assign_new(bundle.state, old.codes, list(old.level_sizes), x_new)
-    items = SIDIndex(entity_ids=list(old.entity_ids) + [str(item_ids[i]) for i in new_rows],
+    codes, sizes = assign_new(bundle.state, bundle.items.codes, list(bundle.items.level_sizes), x_new)
+    return _with_new_items(bundle, [item_ids[i] for i in new_rows], codes, sizes), len(new_rows)
+
+
+def _new_rows(bundle, item_ids: list[str]) -> list[int]:
+    """Positions in ``item_ids`` of items the bundle's index does not have yet."""
+    return [i for i, e in enumerate(item_ids) if str(e) not in bundle.items._row]
+
+
+def _with_new_items(bundle, new_ids: list, codes: np.ndarray, sizes: list[int], **report_extra):
+    """A copy of ``bundle`` with ``new_ids`` appended to its item index (existing rows untouched)."""
+    from sidrec.artifacts import IndexBundle
+    from sidrec.index import SIDIndex
+
+    old = bundle.items
+    items = SIDIndex(entity_ids=list(old.entity_ids) + [str(e) for e in new_ids],
                      codes=np.vstack([old.codes, codes]), level_sizes=list(sizes), prefix=old.prefix)
-    report = dict(bundle.report)
-    report["index/new_items_assigned"] = len(new_rows)
-    report["index/reused"] = 1
-    return IndexBundle(items=items, state=bundle.state, report=report, users=bundle.users, usage_png=bundle.usage_png), len(new_rows)
+    report = {**bundle.report, "index/new_items_assigned": len(new_ids), **report_extra, "index/reused": 1}
+    return IndexBundle(items=items, state=bundle.state, report=report, users=bundle.users, usage_png=bundle.usage_png)
 
 
 def extend_index_by_generation(bundle, model, encoder, item_ids: list[str], texts: list[str], beams: int = 5,
@@ -165,14 +174,12 @@ def extend_index_by_generation(bundle, model, encoder, item_ids: list[str], text
     taken (``ValueError`` if none of the ``beams`` is). Returns ``(bundle, n_new)``."""
     import torch
 
-    from sidrec.artifacts import IndexBundle
     from sidrec.decode import generate_codes
-    from sidrec.index import SIDIndex
     from sidrec.quantize import append_disambiguated
     from sidrec.tasks import EVAL_TEMPLATE, TEMPLATES
 
     old = bundle.items
-    new_rows = [i for i, e in enumerate(item_ids) if str(e) not in old._row]
+    new_rows = _new_rows(bundle, item_ids)
     if not new_rows:
         return bundle, 0
     m, L = bundle.state.levels, old.num_levels
@@ -190,13 +197,8 @@ def extend_index_by_generation(bundle, model, encoder, item_ids: list[str], text
                 raise ValueError(f"item {item_ids[new_rows[j]]}: all {beams} generated SIDs are taken (no disambiguation level)")
             codes[j] = free[0]
             taken.add(free[0])
-    items = SIDIndex(entity_ids=list(old.entity_ids) + [str(item_ids[i]) for i in new_rows],
-                     codes=np.vstack([old.codes, codes]), level_sizes=list(sizes), prefix=old.prefix)
-    report = dict(bundle.report)
-    report["index/new_items_assigned"] = len(new_rows)
-    report["index/new_items_generated_by_llm"] = len(new_rows)
-    report["index/reused"] = 1
-    return IndexBundle(items=items, state=bundle.state, report=report, users=bundle.users, usage_png=bundle.usage_png), len(new_rows)
+    return _with_new_items(bundle, [item_ids[i] for i in new_rows], codes, sizes,
+                           **{"index/new_items_generated_by_llm": len(new_rows)}), len(new_rows)
 
 
 def index_for_retrain(cfg: RunConfig, features) -> tuple:
@@ -267,7 +269,7 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
     """``sidrec.stages.finetune`` that starts from the champion when compatible (meta ``warm_start``)."""
     from sidrec.artifacts import TrainedRecommender
     from sidrec.model import save_recommender
-    from sidrec.stages import build_model, compute_dtype, progress_enabled, seed_everything, set_threads
+    from sidrec.stages import build_model, compute_dtype, progress_enabled, recommender_meta, seed_everything, set_threads
     from sidrec.train import train
 
     set_threads(cfg)
@@ -285,7 +287,6 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
     losses: list = []
     res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg),
                 lambda s, m: losses.append((s, m["train/loss"])), progress_enabled())
-    meta = {"backbone": cfg.model.backbone, "train": res.summary(), "loss_curve": losses,
-            "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode, "warm_start": info}
+    meta = recommender_meta(cfg, model, res.summary(), losses, warm_start=info)
     save_recommender(model, tok, out_dir, meta)
     return TrainedRecommender(path=out_dir, meta=meta)

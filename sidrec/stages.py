@@ -186,12 +186,18 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
 
     res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled(),
                 checkpoint_dir=checkpoint_dir(cfg))
-    meta = {"backbone": cfg.model.backbone, "train": res.summary(), "loss_curve": losses,
-            "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode}
-    if hasattr(model, "sa_init_share"):
-        meta["train"]["train/sa_init_share"] = round(model.sa_init_share, 4)
+    meta = recommender_meta(cfg, model, res.summary(), losses)
     save_recommender(model, tok, out_dir, meta)
     return TrainedRecommender(path=out_dir, meta=meta)
+
+
+def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra) -> dict:
+    """``meta.json`` of a fine-tuned recommender (static, distributed or warm-started training)."""
+    meta = {"backbone": cfg.model.backbone, "train": summary, "loss_curve": losses,
+            "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode, **extra}
+    if hasattr(model, "sa_init_share"):
+        meta["train"]["train/sa_init_share"] = round(model.sa_init_share, 4)
+    return meta
 
 
 # 7. constrained-decoding evaluation ----------------------------------------------------------

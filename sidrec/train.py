@@ -273,7 +273,7 @@ def train(
     if world > 1:
         broadcast_parameters(trainable)  # identical replicas to start with
         torch.manual_seed(seed + rank)  # own dropout masks per replica
-    lora_params = [p for n, p in model.lm.named_parameters() if p.requires_grad]
+    lora_params = trainable[1:]  # _trainable: the SID table first, then the LoRA tensors
     groups = [{"params": [model.sid_embeddings], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
     if lora_params:
         groups.append({"params": lora_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay})

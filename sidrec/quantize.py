@@ -31,6 +31,8 @@ STATE_FILE = "quantizer.safetensors"
 META_FILE = "quantizer.json"
 FORMAT_VERSION = 1
 _CHUNK = 16384  # rows per distance computation chunk
+_ASSIGN_BLOCK = 65536  # rows standardised / encoded at a time by QuantizerState.assign
+MAX_POINTS_PER_CENTROID = 256  # k-means fits on at most this many rows per centroid (faiss's default)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -81,13 +83,37 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _subtract_nearest_(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """In place, chunk by chunk: ``r[i] -= c[nearest(r[i])]``; returns the nearest indices.
+
+    Chunking keeps the gathered codewords to ``_CHUNK`` rows (a full ``c[idx]`` is as big as ``r``)."""
+    out = torch.empty(r.shape[0], dtype=torch.long)
+    for s in range(0, r.shape[0], _CHUNK):
+        rb = r[s : s + _CHUNK]
+        idx = _nearest(rb, c)
+        rb.sub_(c[idx])
+        out[s : s + _CHUNK] = idx
+    return out
+
+
 def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]
     return d.clamp_min_(0.0)
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int,
+    generator: torch.Generator,
+    max_points_per_centroid: Optional[int] = MAX_POINTS_PER_CENTROID,
+) -> torch.Tensor:
     """Lloyd k-means with k-means++ init; returns ``[k, d]`` centroids.
+
+    If ``x`` has more than ``k * max_points_per_centroid`` rows, the centroids are
+    fitted on a random sample of that many rows (as faiss does; 256 per centroid
+    is its default): the fit cost stops growing with the catalog, and only the
+    final assignment (done by the caller) sees every row. ``None`` fits on all rows.
 
     If ``x`` has fewer than ``k`` distinct rows, only that many centroids are
     fitted and the remaining slots repeat the first centroid (``argmin`` picks
@@ -95,7 +121,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
     Empty clusters are re-seeded with the points farthest from their centroid.
     """
     x = x.float()
-    n = x.shape[0]
+    if max_points_per_centroid and x.shape[0] > k * max_points_per_centroid:
+        x = x[torch.randperm(x.shape[0], generator=generator)[: k * max_points_per_centroid]]
+    n, d = x.shape
     n_distinct = int(torch.unique(x, dim=0).shape[0])
     k_eff = max(1, min(k, n_distinct))
 
@@ -130,9 +158,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
         if assign is not None and torch.equal(new_assign, assign):
             break
         assign = new_assign
-        onehot = torch.zeros(n, k_eff, dtype=x.dtype)
-        onehot[torch.arange(n), assign] = 1.0
-        sums = onehot.T @ x
+        sums = torch.zeros(k_eff, d, dtype=x.dtype).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k_eff)
         empty = (counts == 0).nonzero().flatten()
         nonempty = counts > 0
@@ -223,14 +249,17 @@ class QuantizerState:
         return int(self.mean.shape[0])
 
     # -- encoding
-    def _latent(self, x: np.ndarray) -> torch.Tensor:
+    def _latent(self, x: np.ndarray, encoder: Optional[nn.Module] = None) -> torch.Tensor:
+        """Standardised input (a fresh tensor), through the encoder for rq_vae."""
         x = _as_matrix(x)
         if x.shape[1] != self.input_dim:
             raise ValueError(f"x has dimension {x.shape[1]} but the quantizer was fitted on {self.input_dim}")
-        z = torch.from_numpy((x - self.mean) / self.scale)
+        z = x - self.mean
+        z /= self.scale
+        z = torch.from_numpy(z)
         if self.kind == "rq_vae":
             with torch.no_grad():
-                z = _MLP.from_state(self.encoder)(z)
+                z = (encoder or _MLP.from_state(self.encoder))(z)
         return z
 
     def _residual_assign(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -250,8 +279,16 @@ class QuantizerState:
         if self.kind == "lsh":
             z = self._latent(x).numpy()
             return np.stack([lsh_codes(z, self.encoder[f"level_{l}"]) for l in range(self.levels)], 1)
-        codes, _ = self._residual_assign(self._latent(x))
-        return codes.numpy().astype(np.int64)
+        x = _as_matrix(x)
+        books = [torch.from_numpy(cb) for cb in self.codebooks]
+        encoder = _MLP.from_state(self.encoder) if self.kind == "rq_vae" else None
+        out = np.empty((x.shape[0], self.levels), dtype=np.int64)
+        # block by block, one residual buffer updated in place: the extra memory is one block, not the catalog
+        for s in range(0, x.shape[0], _ASSIGN_BLOCK):
+            r = self._latent(x[s : s + _ASSIGN_BLOCK], encoder)
+            for level, c in enumerate(books):
+                out[s : s + _ASSIGN_BLOCK, level] = _subtract_nearest_(r, c).numpy()
+        return out
 
     def reconstruct(self, codes: np.ndarray) -> np.ndarray:
         """Standardised-space reconstruction from ``[n, >=M]`` codes (extra levels ignored)."""
@@ -318,27 +355,56 @@ class QuantizerState:
         return cls(kind=meta["kind"], codebooks=books, mean=t["mean"], scale=t["scale"], encoder=enc, decoder=dec)
 
 
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and scale (std; 1 where ~0) of ``x``, two passes in float64 over row chunks, so no
+    temporary as large as ``x`` is made (``np.std`` makes one)."""
+    n, d = x.shape
+    total = np.zeros(d)
+    for s in range(0, n, _CHUNK):
+        total += x[s : s + _CHUNK].sum(0, dtype=np.float64)
+    mean = total / n
+    sq = np.zeros(d)
+    for s in range(0, n, _CHUNK):
+        dev = x[s : s + _CHUNK] - mean
+        sq += np.einsum("ij,ij->j", dev, dev)
+    std = np.sqrt(sq / n).astype(np.float32)
+    return mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32)
+
+
 def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mean = x.mean(0).astype(np.float32)
-    std = x.std(0).astype(np.float32)
-    scale = np.where(std > 1e-8, std, 1.0).astype(np.float32)
-    return ((x - mean) / scale).astype(np.float32), mean, scale
+    """``(x - mean) / scale`` as one new float32 array, with the mean and scale."""
+    mean, scale = _moments(x)
+    xs = x - mean
+    xs /= scale
+    return xs.astype(np.float32, copy=False), mean, scale
 
 
 # --------------------------------------------------------------------------- fitting
 
 
 def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, iters: int = 50) -> QuantizerState:
-    """Residual k-means: standardise ``x``, then k-means per level on the residual."""
+    """Residual k-means: standardise ``x``, then k-means per level on the residual.
+
+    Above ``codebook_size * MAX_POINTS_PER_CENTROID`` rows every level is fitted on one random
+    sample of that many rows (their residuals), as faiss trains on a training subset: fit time and
+    memory then stop growing with the catalog; ``QuantizerState.assign`` codes every row."""
     x = _as_matrix(x)
-    xs, mean, scale = _standardise(x)
     gen = torch.Generator().manual_seed(int(seed))
-    r = torch.from_numpy(xs)
+    n_fit = codebook_size * MAX_POINTS_PER_CENTROID
+    if x.shape[0] > n_fit:
+        mean, scale = _moments(x)
+        rows = np.sort(torch.randperm(x.shape[0], generator=gen)[:n_fit].numpy())
+        xs = x[rows] - mean
+        xs /= scale
+    else:
+        xs, mean, scale = _standardise(x)
+    r = torch.from_numpy(xs)  # xs is our own copy: the residual is updated in place
     books = []
-    for _ in range(levels):
+    for level in range(levels):
         c = kmeans(r, codebook_size, iters, gen)
         books.append(c.numpy().copy())
-        r = r - c[_nearest(r, c)]
+        if level < levels - 1:
+            _subtract_nearest_(r, c)
     return QuantizerState("rq_kmeans", books, mean, scale)
 
 

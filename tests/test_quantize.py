@@ -262,3 +262,52 @@ def test_plot_code_usage(tmp_path, kmeans_result):
     out = tmp_path / "plots" / "usage.png"
     plot_code_usage(kmeans_result.codes, kmeans_result.level_sizes, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kmeans_fits_on_a_sample_of_a_large_input():
+    """Above k * max_points_per_centroid rows the centroids come from a sample; they still find the clusters."""
+    from sidrec.quantize import _nearest, kmeans
+
+    rng = np.random.default_rng(3)
+    centers = rng.normal(scale=10.0, size=(8, 16)).astype(np.float32)
+    x = torch.from_numpy(centers[rng.integers(0, 8, 5000)] + rng.normal(scale=0.1, size=(5000, 16)).astype(np.float32))
+    c = kmeans(x, 8, 20, torch.Generator().manual_seed(0), max_points_per_centroid=8)  # fits on 64 of 5000 rows
+    # every true center has a centroid next to it, so the full assignment recovers the clusters
+    d = ((torch.from_numpy(centers)[:, None, :] - c[None]) ** 2).sum(-1)
+    assert float(d.min(1).values.max()) < 1.0
+    assert len(set(_nearest(x, c).tolist())) == 8
+    # the sample differs from the full input, so the two fits differ (the sampling is really used)
+    full = kmeans(x, 8, 20, torch.Generator().manual_seed(0), max_points_per_centroid=None)
+    assert not torch.equal(c, full)
+
+
+@pytest.mark.parametrize("block", [64, 65536])
+def test_assign_in_place_matches_reference_residual_assignment(blobs, kmeans_result, vae_result, monkeypatch, block):
+    """assign() works block by block on one residual buffer updated in place; it must equal the plain
+    residual loop over the whole input (400 rows: 7 blocks of 64, or one block)."""
+    import sidrec.quantize as q
+
+    monkeypatch.setattr(q, "_ASSIGN_BLOCK", block)
+    x, _ = blobs
+    for res in (kmeans_result, vae_result):
+        state = res.state
+        ref, _ = state._residual_assign(state._latent(x))
+        assert np.array_equal(state.assign(x), ref.numpy())
+
+
+def test_rq_kmeans_on_a_large_catalog_fits_on_a_sample(monkeypatch):
+    """Above codebook_size * MAX_POINTS_PER_CENTROID rows the levels are fitted on a sample (here 128 of
+    3,000 rows); standardisation still uses every row and the codes still separate the clusters."""
+    import sidrec.quantize as q
+
+    monkeypatch.setattr(q, "MAX_POINTS_PER_CENTROID", 16)
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(8, 16)) * 10.0
+    labels = rng.integers(0, 8, 3000)
+    x = (centers[labels] + rng.normal(size=(3000, 16))).astype(np.float32)
+    st = q.fit_rq_kmeans(x, 2, 8, seed=0, iters=20)
+    np.testing.assert_allclose(st.mean, x.astype(np.float64).mean(0), atol=1e-4)
+    np.testing.assert_allclose(st.scale, x.astype(np.float64).std(0), rtol=1e-4)
+    assert _purity(st.assign(x)[:, 0], labels) > 0.99
+    monkeypatch.setattr(q, "MAX_POINTS_PER_CENTROID", 256)  # all rows: a different fit
+    assert not np.array_equal(q.fit_rq_kmeans(x, 2, 8, seed=0, iters=20).codebooks[1], st.codebooks[1])

@@ -22,22 +22,33 @@ from steps import (
     validate_data,
 )
 
-# which config sections each step sees (its cache key changes only when these change)
+# which config sections each step sees (its cache key changes only when these change);
+# "section.key" passes one key of a section (text_features and baselines read only the thread count
+# from `train`, so changing the training budget does not re-run them)
 SECTIONS = {
     "ingest": ("data",),
     "validate_data": ("validation",),
-    "text_features": ("features", "model", "index", "train", "seed"),
+    "text_features": ("features", "model", "index", "train.threads", "seed"),
     "sid_quantization": ("index", "seed"),
     "instruction_dataset": ("tasks", "train", "data", "index", "seed"),
     "finetune": ("model", "train", "index", "seed"),
     "dynamic_finetune": ("index", "tasks", "model", "train", "data", "features", "seed"),
     "evaluate": ("model", "eval", "train", "seed"),
-    "baselines": ("baselines", "eval", "data", "train", "seed"),
+    "baselines": ("baselines", "eval", "data", "train.threads", "seed"),
 }
 
 
 def pick(config: dict, step: str) -> dict:
-    return {k: config[k] for k in SECTIONS[step] if k in config}
+    out: dict = {}
+    for key in SECTIONS[step]:
+        section, _, sub = key.partition(".")
+        if section not in config:
+            continue
+        if not sub:
+            out[section] = config[section]
+        elif isinstance(config[section], dict) and sub in config[section]:
+            out.setdefault(section, {})[sub] = config[section][sub]
+    return out
 
 
 def data_digest(config: dict) -> str:

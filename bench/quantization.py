@@ -2,7 +2,7 @@
 
 Usage:
     .venv/bin/python bench/quantization.py --out bench/results/quantization.json [--png FILE]
-        [--sizes 10000 100000] [--dim 576] [--kmeans-iters 20] [--vae-epochs 5] [--threads N]
+        [--sizes 10000 100000 1000000] [--dim 576] [--kmeans-iters 20] [--vae-epochs 5] [--threads N]
         [--faiss-python /tmp/faissvenv/bin/python]
 
 Catalogs:
@@ -13,7 +13,9 @@ Catalogs:
 
 Per catalog: M=3 levels, codebook 256 (the production setting for catalogs of this size).
 RQ-KMeans: ``sidrec.quantize.fit_rq_kmeans`` with ``--kmeans-iters`` Lloyd iterations per level
-(the pipeline default is 50; Lloyd stops early on convergence). RQ-VAE: ``fit_rq_vae`` with
+(the pipeline default is 50; Lloyd stops early on convergence); each level's centroids are fitted
+on at most 256 rows per centroid (65,536 rows for N=256, as faiss's k-means), then every row is
+assigned. RQ-VAE: ``fit_rq_vae`` with
 ``--vae-epochs`` epochs (the pipeline default is 200; the time per epoch is reported so that the
 full run can be extrapolated). Assign = ``QuantizerState.assign`` on the whole catalog.
 
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from sidrec.config import RQVAEConfig  # noqa: E402
-from sidrec.quantize import fit_rq_kmeans, fit_rq_vae, raw_collision_rate  # noqa: E402
+from sidrec.quantize import MAX_POINTS_PER_CENTROID, fit_rq_kmeans, fit_rq_vae, raw_collision_rate  # noqa: E402
 
 SCI_TEXT = Path("/work/shared/data/amazon-scientific/Scientific.text")
 
@@ -147,8 +149,11 @@ rq = faiss.ResidualQuantizer(x.shape[1], M, nbits)
 rq.max_beam_size = 1  # greedy residual assignment, as RQ-KMeans
 t0 = time.perf_counter(); rq.train(x); fit = time.perf_counter() - t0
 t0 = time.perf_counter(); codes = rq.compute_codes(x); asg = time.perf_counter() - t0
+# VmHWM: this process image's peak RSS (ru_maxrss would include the forking parent's before exec)
+hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]
+peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"faiss": faiss.__version__, "fit_s": round(fit, 3), "assign_s": round(asg, 3),
-                  "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": round(peak, 1), "data_mb": round(x.nbytes / 2**20, 1)}))
 """
 
 
@@ -190,7 +195,7 @@ def plot(rows: list[dict], path: Path, faiss_rows: dict) -> None:
         ax[1].plot(*zip(*fa), "^-", label="faiss assign")
     ax[1].set_xscale("log"); ax[1].set_yscale("log")
     ax[1].set_xlabel("items"); ax[1].set_ylabel("seconds"); ax[1].set_title("assign time"); ax[1].legend(fontsize=7)
-    fig.suptitle("Quantizer time vs catalog size (M=3, N=256; Scientific d=384 MiniLM, synthetic d=576; shared 2-core CPU)", fontsize=9)
+    fig.suptitle("Quantizer time vs catalog size (M=3, N=256; Scientific d=384 MiniLM, synthetic d=576; 2-core CPU)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -201,13 +206,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results/quantization.json")
     ap.add_argument("--png", default=None)
-    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=576)
     ap.add_argument("--levels", type=int, default=3)
     ap.add_argument("--codebook", type=int, default=256)
     ap.add_argument("--kmeans-iters", type=int, default=20)
     ap.add_argument("--vae-epochs", type=int, nargs="*", default=None,
-                    help="epochs per catalog (scientific, then --sizes); default 20 for <=10k items, 2 above")
+                    help="epochs per catalog (scientific, then --sizes); default 20 for <=10k items, 2 up to 100k, 1 above")
     ap.add_argument("--vae-batch", type=int, default=512)
     ap.add_argument("--no-scientific", action="store_true")
     ap.add_argument("--faiss-python", default=None, help="python of a venv with faiss-cpu (optional)")
@@ -224,7 +229,7 @@ def main(argv=None) -> int:
         print(f"scientific embeddings {cats[-1][1].shape} in {time.perf_counter() - t0:.1f}s", flush=True)
     for n in args.sizes:
         cats.append((f"synthetic-{n}", synthetic(n, args.dim)))
-    epochs = args.vae_epochs or [20 if x.shape[0] <= 10_000 else 2 for _, x in cats]
+    epochs = args.vae_epochs or [20 if x.shape[0] <= 10_000 else 2 if x.shape[0] <= 100_000 else 1 for _, x in cats]
     rows, faiss_rows = [], {}
     for (name, x), ep in zip(cats, epochs):
         rows.append(bench_one(name, x, args.levels, args.codebook, args.kmeans_iters, ep, args.vae_batch))
@@ -237,6 +242,7 @@ def main(argv=None) -> int:
         "results": rows,
         "faiss_residual_quantizer": faiss_rows or "not run (pass --faiss-python)",
         "setup": {"levels": args.levels, "codebook": args.codebook, "kmeans_iters": args.kmeans_iters,
+                  "kmeans_fit_rows_max": args.codebook * MAX_POINTS_PER_CENTROID,
                   "vae_epochs": epochs, "vae_batch": args.vae_batch, "dim_synthetic": args.dim,
                   "scientific_embedder": "all-MiniLM-L6-v2 (d=384)", "threads": threads, "repeats": 1,
                   "memory": "peak RSS growth during the call (psutil, 10 ms sampling)"},

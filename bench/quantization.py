@@ -177,7 +177,7 @@ def plot(rows: list[dict], path: Path, faiss_rows: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
     rows = sorted(rows, key=lambda r: r["n"])
     n = [r["n"] for r in rows]
     ax[0].plot(n, [r["rq_kmeans_fit_s"] for r in rows], "o-", label="RQ-KMeans fit")
@@ -195,6 +195,16 @@ def plot(rows: list[dict], path: Path, faiss_rows: dict) -> None:
         ax[1].plot(*zip(*fa), "^-", label="faiss assign")
     ax[1].set_xscale("log"); ax[1].set_yscale("log")
     ax[1].set_xlabel("items"); ax[1].set_ylabel("seconds"); ax[1].set_title("assign time"); ax[1].legend(fontsize=7)
+    mb = lambda key: [max(r[key], 1.0) for r in rows]  # noqa: E731  (log axis: ~0 growth drawn at 1 MB)
+    ax[2].plot(n, mb("rq_kmeans_fit_peak_extra_mb"), "o-", label="RQ-KMeans fit (+RSS)")
+    ax[2].plot(n, mb("rq_kmeans_assign_peak_extra_mb"), "o--", label="RQ-KMeans assign (+RSS)")
+    ax[2].plot(n, mb("rq_vae_fit_peak_extra_mb"), "s-", label="RQ-VAE fit (+RSS)")
+    ax[2].plot(n, [r["n"] * r["d"] * 4 / 2**20 for r in rows], ":", color="grey", label="the data (float32)")
+    fm = [(r["n"], faiss_rows[str(r["n"])]["peak_rss_mb"]) for r in rows if "peak_rss_mb" in faiss_rows.get(str(r["n"]), {})]
+    if fm:
+        ax[2].plot(*zip(*fm), "^-", label="faiss process peak (incl. data)")
+    ax[2].set_xscale("log"); ax[2].set_yscale("log")
+    ax[2].set_xlabel("items"); ax[2].set_ylabel("MB"); ax[2].set_title("memory"); ax[2].legend(fontsize=7)
     fig.suptitle("Quantizer time vs catalog size (M=3, N=256; Scientific d=384 MiniLM, synthetic d=576; 2-core CPU)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +227,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-scientific", action="store_true")
     ap.add_argument("--faiss-python", default=None, help="python of a venv with faiss-cpu (optional)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        done = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        fr = done["faiss_residual_quantizer"] if isinstance(done["faiss_residual_quantizer"], dict) else {}
+        plot(done["results"], Path(args.png) if args.png else Path(args.out).with_suffix(".png"), fr)
+        return 0
 
     threads = common.set_threads(args.threads)
     env = common.env_info()

@@ -254,9 +254,7 @@ class QuantizerState:
         x = _as_matrix(x)
         if x.shape[1] != self.input_dim:
             raise ValueError(f"x has dimension {x.shape[1]} but the quantizer was fitted on {self.input_dim}")
-        z = x - self.mean
-        z /= self.scale
-        z = torch.from_numpy(z)
+        z = torch.from_numpy(_scaled(x, self.mean, self.scale))
         if self.kind == "rq_vae":
             with torch.no_grad():
                 z = (encoder or _MLP.from_state(self.encoder))(z)
@@ -371,12 +369,11 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32)
 
 
-def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(x - mean) / scale`` as one new float32 array, with the mean and scale."""
-    mean, scale = _moments(x)
+def _scaled(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(x - mean) / scale`` as one new float32 array (no second full-size temporary)."""
     xs = x - mean
     xs /= scale
-    return xs.astype(np.float32, copy=False), mean, scale
+    return xs.astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -391,14 +388,10 @@ def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, ite
     x = _as_matrix(x)
     gen = torch.Generator().manual_seed(int(seed))
     n_fit = codebook_size * MAX_POINTS_PER_CENTROID
+    mean, scale = _moments(x)  # of every row
     if x.shape[0] > n_fit:
-        mean, scale = _moments(x)
-        rows = np.sort(torch.randperm(x.shape[0], generator=gen)[:n_fit].numpy())
-        xs = x[rows] - mean
-        xs /= scale
-    else:
-        xs, mean, scale = _standardise(x)
-    r = torch.from_numpy(xs)  # xs is our own copy: the residual is updated in place
+        x = x[np.sort(torch.randperm(x.shape[0], generator=gen)[:n_fit].numpy())]
+    r = torch.from_numpy(_scaled(x, mean, scale))  # our own copy: the residual is updated in place
     books = []
     for level in range(levels):
         c = kmeans(r, codebook_size, iters, gen)
@@ -428,7 +421,8 @@ def fit_rq_vae(
 
     cfg = cfg or RQVAEConfig()
     x = _as_matrix(x)
-    xs, mean, scale = _standardise(x)
+    mean, scale = _moments(x)
+    xs = _scaled(x, mean, scale)
     n, d = xs.shape
     data = torch.from_numpy(xs)
     bs = min(cfg.batch_size, n)

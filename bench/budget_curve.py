@@ -92,10 +92,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(metric.replace("_at_", "@").replace("recall", "Recall").replace("ndcg", "NDCG"))
         ax.legend(fontsize=7)
     fig.suptitle("Amazon Scientific, 1,000 test users: LLM quality vs budget (SmolLM2-135M + LoRA, 2-core CPU)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

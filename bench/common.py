@@ -87,6 +87,16 @@ def write_json(path, obj) -> Path:
     return p
 
 
+def save_figure(fig, path) -> Path:
+    """Lay out a matplotlib figure and write it as PNG (dpi 100), creating the folder."""
+    p = Path(path)
+    fig.tight_layout()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=100)
+    print(f"wrote {p}")
+    return p
+
+
 def _jsonable(o):
     """numpy scalars/arrays and paths as the artifacts serialise them; anything else as its str()."""
     from sidrec.artifacts import _json_default

@@ -99,10 +99,7 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_ylabel(f"users / s (beam {result['setup']['beams']})")
     axes[1].set_title("constrained decoding")
     fig.suptitle(f"SID-only head vs full 49k-vocab logits (SmolLM2-135M, {result['setup']['threads']} threads, shared CPU)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

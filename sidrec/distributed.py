@@ -84,7 +84,7 @@ def finetune_distributed(instructions, bundle, cfg, out_dir: Path, ds=None, log=
         (job / "config.json").write_text(cfg.model_dump_json())
         instructions.part("train").reset_index(drop=True).to_parquet(job / "train.parquet")
         bundle.save(job / "bundle")
-        if ds is not None and cfg.index.sa_init:
+        if ds is not None and (cfg.index.sa_init or cfg.model.sid_init != "random"):
             ds.save(job / "dataset")
         launch(job, cfg.train.processes)
         meta = json.loads((job / "recommender" / "meta.json").read_text())
@@ -107,7 +107,7 @@ def _worker(job: Path) -> None:
     from sidrec.config import RunConfig
     from sidrec.data import Dataset
     from sidrec.model import save_recommender
-    from sidrec.stages import build_model, checkpoint_dir, compute_dtype, progress_enabled, recommender_meta, seed_everything
+    from sidrec.stages import build_model, calibrate, checkpoint_dir, compute_dtype, progress_enabled, recommender_meta, seed_everything
     from sidrec.train import train
 
     import pandas as pd
@@ -126,6 +126,7 @@ def _worker(job: Path) -> None:
         ds = Dataset.load(job / "dataset") if (job / "dataset").exists() else None
         rows = pd.read_parquet(job / "train.parquet")
         model, tok, encoder = build_model(cfg, bundle, ds)
+        calibrate(model, encoder, rows, cfg)
         losses: list[tuple[int, float]] = []
         res = train(model, encoder, rows, cfg.train, cfg.seed, compute_dtype(cfg),
                     lambda s, m: losses.append((s, m["train/loss"])), progress_enabled() and rank == 0,

@@ -258,7 +258,13 @@ def warm_start_model(model, champion_recommender: Path, cfg: RunConfig) -> dict:
     unexpected = list(getattr(res, "unexpected_keys", []) or [])
     if unexpected:
         return {"warm": False, "reason": f"adapter keys do not match ({unexpected[:2]})"}
-    old_sid = load_file(str(d / "sid_embeddings.safetensors"))["sid_embeddings"]
+    if meta.get("layers") != cfg.model.layers:
+        return {"warm": False, "reason": f"model.layers {meta.get('layers')} != {cfg.model.layers}"}
+    old_tensors = load_file(str(d / "sid_embeddings.safetensors"))
+    old_sid = old_tensors["sid_embeddings"]
+    if "sid_logit_scale" in old_tensors and old_tensors["sid_logit_scale"].shape == model.sid_logit_scale.shape:
+        with torch.no_grad():
+            model.sid_logit_scale.copy_(old_tensors["sid_logit_scale"])
     with torch.no_grad():
         rows_new = torch.tensor([new_ids[t] for t in old_vocab.tokens])
         model.sid_embeddings[rows_new] = old_sid.to(model.sid_embeddings.dtype)
@@ -269,7 +275,7 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
     """``sidrec.stages.finetune`` that starts from the champion when compatible (meta ``warm_start``)."""
     from sidrec.artifacts import TrainedRecommender
     from sidrec.model import save_recommender
-    from sidrec.stages import build_model, compute_dtype, progress_enabled, recommender_meta, seed_everything, set_threads
+    from sidrec.stages import build_model, calibrate, compute_dtype, progress_enabled, recommender_meta, seed_everything, set_threads
     from sidrec.train import train
 
     set_threads(cfg)
@@ -284,6 +290,8 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
             parts = champion_parts(root)
             info = warm_start_model(model, parts["recommender"], cfg) if parts["recommender"] else {"warm": False, "reason": "champion has no recommender"}
             info["from_version"] = parts["version"] if info["warm"] else ""
+    if not info["warm"]:  # a fresh model: calibrate its SID head (a warm one keeps the champion's)
+        calibrate(model, encoder, instructions.part("train"), cfg)
     losses: list = []
     res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg),
                 lambda s, m: losses.append((s, m["train/loss"])), progress_enabled())

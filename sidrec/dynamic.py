@@ -285,7 +285,7 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
                   progress: bool = True) -> DynamicResult:
     """Joint training of the index generator(s) and LoRA; returns the frozen model + final index."""
     from sidrec.model import Encoder
-    from sidrec.tasks import Renderer, eval_specs, sample_specs
+    from sidrec.tasks import PromptFormat, Renderer, eval_specs, sample_specs
     from sidrec.train import _collate, bucketed_batches, target_loss
     from sidrec.text import item_texts as make_item_texts
     from sidrec.text import user_texts as make_user_texts
@@ -329,14 +329,18 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
     n_train = cfg.tasks.max_train_examples or tcfg.steps * tcfg.batch_size
     specs = sample_specs(ds, cfg.tasks, n_train, cfg.data.max_history, cfg.seed, dual=dual)
     utext_map = dict(zip(uids, utexts))
+    fmt = PromptFormat.from_config(cfg.tasks, cfg.data.max_history)
 
     def render(ii, ui):
-        return Renderer(ds, ii, ui, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual).render(specs)
+        return Renderer(ds, ii, ui, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual, prompt_format=fmt).render(specs)
 
     rows = render(item_index, user_index)
     from sidrec.train import encode_rows
 
+    from sidrec.train import train_steps
+
     enc = encode_rows(encoder, rows)
+    tcfg = tcfg.model_copy(update={"steps": train_steps(tcfg, len(rows)), "epochs": None})
     batches = bucketed_batches(enc.lengths(), tcfg.batch_size, tcfg.steps, cfg.seed)
 
     gen_params = [p for g in gens for n, p in g.named_parameters() if not n.startswith("codebooks")]
@@ -427,8 +431,8 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
     model.eval()
     model.reset_table()
     frozen = model.frozen()
-    final = Renderer(ds, item_index, user_index, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual)
-    ev = [final.render(eval_specs(ds, p, cfg.data.max_history, cfg.tasks.prompt_history)) for p in ("valid", "test")]
+    final = Renderer(ds, item_index, user_index, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual, prompt_format=fmt)
+    ev = [final.render(eval_specs(ds, p, cfg.data.max_history, fmt.history)) for p in ("valid", "test")]
     all_rows = pd.concat([rows] + ev, ignore_index=True)
     summary = {"train/steps": len(batches), "train/examples": len(batches) * tcfg.batch_size, "train/tokens": tokens,
                "train/seconds": round(seconds, 1), "train/tokens_per_s": round(tokens / max(seconds, 1e-9), 1),

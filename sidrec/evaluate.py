@@ -56,6 +56,30 @@ def evaluate_llm(model, encoder, index, parts: dict[str, pd.DataFrame], cfg, see
     return metrics, pd.concat(preds, ignore_index=True)
 
 
+def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams: int, batch_size: int, seed: int,
+                   dtype: torch.dtype = torch.bfloat16):
+    """Model selection score: Recall@10 of constrained beam search on a seeded, fixed sample of
+    ``n_users`` *valid* rows. Refuses rows of any other split, so test users never pick a checkpoint."""
+    from sidrec.decode import recommend
+
+    if len(valid_rows) == 0:
+        raise ValueError("model selection needs valid rows (the instruction set has none)")
+    if "split" in valid_rows.columns and (valid_rows["split"] != "valid").any():
+        raise ValueError("model selection may only see valid users; got rows of split(s) "
+                         f"{sorted(set(valid_rows['split']) - {'valid'})}")
+    rows = _sample(valid_rows, n_users, seed)
+    prompts = [encoder.encode(p) for p in rows["prompt"]]
+    targets = np.array([index.row_of(t) for t in rows["target_item"]])
+    trie = index.build_trie()
+
+    def score(model) -> float:
+        ranked, _, _ = recommend(model, prompts, index, beams, batch_size, trie, encoder.pad_id, dtype, progress=False)
+        return float(ranking_metrics(ranked, targets, [10])["recall_at_10"])
+
+    score.user_ids = rows["user_id"].tolist()
+    return score
+
+
 def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool = True,
                        max_users: dict[str, int | None] | None = None) -> dict[str, float]:
     """Popularity and SASRec on the same leave-one-out split, full ranking over the catalog."""

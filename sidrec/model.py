@@ -127,8 +127,33 @@ def check_backbone_folder(path: Path) -> None:
         raise ModelError(f"model.backbone: {path} has no tokenizer (tokenizer.json / tokenizer_config.json); save the tokenizer beside the model")
 
 
-def load_backbone(spec: str):
-    """Return ``(model, tokenizer)`` for a backbone spec (see module docstring); float32 weights."""
+def truncate_layers(model: nn.Module, layers: Optional[int]) -> nn.Module:
+    """Keep the first ``layers`` decoder layers (``model.layers``); the result is a plain, smaller
+    causal LM of the same class (``save_pretrained`` gives a folder usable as ``model.backbone``)."""
+    if not layers:
+        return model
+    dec = inner_model(model)
+    if not hasattr(dec, "layers"):
+        raise ModelError(f"model.layers: the backbone {type(model).__name__} has no `layers` list to truncate")
+    n = len(dec.layers)
+    if layers > n:
+        raise ModelError(f"model.layers: {layers} is more than the backbone's {n} decoder layers")
+    if layers < n:
+        dec.layers = nn.ModuleList(list(dec.layers)[:layers])
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = list(model.config.layer_types)[:layers]
+    return model
+
+
+def load_backbone(spec: str, layers: Optional[int] = None):
+    """Return ``(model, tokenizer)`` for a backbone spec (see module docstring); float32 weights;
+    with ``layers``, only the first ``layers`` decoder layers (:func:`truncate_layers`)."""
+    model, tok = _load_backbone(spec)
+    return truncate_layers(model, layers), tok
+
+
+def _load_backbone(spec: str):
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -274,6 +299,8 @@ class SIDRecModel(nn.Module):
             mean = emb.weight.detach().float().mean(0)
             init = mean + std * torch.randn(len(vocab), emb.weight.shape[1], generator=g)
         self.sid_embeddings = nn.Parameter(init.clone().float())
+        # per-level factor on SID logits (1: plain tied head); set once by `calibrate_sid_logits` before training
+        self.register_buffer("sid_logit_scale", torch.ones(max(len(vocab.level_sizes), 1)))
 
     def base_embeddings(self) -> nn.Embedding:
         return self.lm.get_input_embeddings()
@@ -307,11 +334,46 @@ class SIDRecModel(nn.Module):
 
     def sid_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         w = self.sid_table()[self.vocab.level_slice(level)]
-        return h @ w.to(h.dtype).T
+        return (h @ w.to(h.dtype).T) * self.sid_logit_scale[level].to(h.dtype)
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.lm.get_output_embeddings()
         return head(h)
+
+
+@torch.no_grad()
+def calibrate_sid_logits(model: SIDRecModel, encoder: Encoder, prompts: list[str], target_std: float = 1.0,
+                         max_prompts: int = 32) -> list[float]:
+    """Set ``model.sid_logit_scale`` so that at step 0 each level's SID logits have a standard
+    deviation of ``target_std`` across its codes (averaged over the positions of a few prompts).
+
+    The SID table is tied: a row is an input embedding (it must sit at the vocabulary's scale) and
+    an output row. Hidden states of a pretrained (or truncated) decoder are large, so rows at the
+    vocabulary's scale give logits spread over tens of nats: the first loss is far above a uniform
+    guess (ln N) and the first steps only undo it. The scale fixes the output side without shrinking
+    the inputs. Returns the raw (unscaled) logit standard deviation per level."""
+    ids = [encoder.encode(p)[-64:] for p in prompts[:max_prompts] if p]
+    if not ids:
+        return []
+    width = max(len(x) for x in ids)
+    tok = torch.full((len(ids), width), encoder.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(tok)
+    for i, x in enumerate(ids):
+        tok[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    dev = model.sid_embeddings.device
+    was_training = model.training
+    model.eval()
+    h, _ = model.hidden(tok.to(dev), attention_mask=mask.to(dev))
+    h = h[mask.to(dev).bool()].float()
+    raw = []
+    for level in range(len(model.vocab.level_sizes)):
+        w = model.sid_table()[model.vocab.level_slice(level)].float()
+        std = float((h @ w.T).std(dim=1).mean()) if w.shape[0] > 1 else 0.0
+        raw.append(std)
+        model.sid_logit_scale[level] = target_std / std if std > 1e-6 else 1.0
+    model.train(was_training)
+    return raw
 
 
 def add_lora(model: nn.Module, cfg) -> nn.Module:
@@ -331,7 +393,9 @@ def save_recommender(model: SIDRecModel, tokenizer, out_dir: Path, meta: dict) -
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.lm.save_pretrained(out_dir / "adapter", safe_serialization=True)
-    save_file({"sid_embeddings": model.sid_embeddings.detach().float().cpu().contiguous()}, str(out_dir / "sid_embeddings.safetensors"))
+    save_file({"sid_embeddings": model.sid_embeddings.detach().float().cpu().contiguous(),
+               "sid_logit_scale": model.sid_logit_scale.detach().float().cpu().contiguous()},
+              str(out_dir / "sid_embeddings.safetensors"))
     tok = _copy_tokenizer(tokenizer)
     tok.add_tokens(model.vocab.tokens)
     tok.save_pretrained(out_dir / "tokenizer")
@@ -353,13 +417,15 @@ def load_recommender(model_dir: Path, backbone: str, merge: bool = True):
     model_dir = Path(model_dir)
     if not (model_dir / "vocab.json").is_file():
         raise ModelError(f"{model_dir}: not a saved sidrec model (vocab.json missing)")
-    lm, tok = load_backbone(backbone)
+    meta = json.loads((model_dir / "meta.json").read_text())
+    lm, tok = load_backbone(backbone, meta.get("layers"))  # a model trained on the first N layers is served on them
     lm = PeftModel.from_pretrained(lm, model_dir / "adapter", is_trainable=False)
     if merge:
         lm = lm.merge_and_unload()  # plain weights: no LoRA matmuls at inference
     vocab = SIDVocab.from_json(json.loads((model_dir / "vocab.json").read_text()))
-    sid = load_file(str(model_dir / "sid_embeddings.safetensors"))["sid_embeddings"]
-    model = SIDRecModel(lm, vocab, init=sid)
-    meta = json.loads((model_dir / "meta.json").read_text())
+    tensors = load_file(str(model_dir / "sid_embeddings.safetensors"))
+    model = SIDRecModel(lm, vocab, init=tensors["sid_embeddings"])
+    if "sid_logit_scale" in tensors:  # models saved before the calibration have a plain tied head (1.0)
+        model.sid_logit_scale.copy_(tensors["sid_logit_scale"])
     model.eval()
     return model, tok, meta

@@ -539,6 +539,59 @@ def resolve_collisions(raw_codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return np.concatenate([raw, rank[:, None]], 1), [int(counts.max())]
 
 
+def spread_collisions(state: "QuantizerState", x: np.ndarray, raw_codes: np.ndarray) -> np.ndarray:
+    """Unique ``M``-level codes without an extra level (``index.collisions: nearest_free``).
+
+    In each group of items with the same raw codes, the item nearest its codeword keeps the code;
+    every other one (nearest first) moves to the free full code that reconstructs it best among
+    (a) the last level's codewords under its prefix and, when all of those are taken, (b) every
+    (second-to-last, last) codeword pair under its first ``M - 2`` codes. Only colliding items are
+    re-encoded. Raises ValueError when even (b) is full (a codebook too small for the catalog)."""
+    raw = np.asarray(raw_codes, dtype=np.int64)
+    capacity = int(np.prod([int(cb.shape[0]) for cb in state.codebooks], dtype=np.float64))
+    if raw.shape[0] > capacity:
+        raise ValueError(f"index.collisions nearest_free: {raw.shape[0]} items but only {capacity} distinct codes "
+                         f"({' x '.join(str(cb.shape[0]) for cb in state.codebooks)}); use a larger codebook_size, more levels "
+                         "or collisions: extra_level")
+    inv, counts = _group_ids(raw)
+    if counts.size == 0 or counts.max() <= 1:
+        return raw.copy()
+    rows = np.nonzero(counts[inv] > 1)[0]
+    z = state._latent(np.asarray(x)[rows])
+    _, residuals = state._residual_assign(z)
+    books = [torch.from_numpy(cb) for cb in state.codebooks]
+    m = len(books)
+    err = (residuals[-1] - books[-1][torch.from_numpy(raw[rows, -1])]).pow(2).sum(1).numpy()
+    order = np.lexsort((err, inv[rows]))  # by group, nearest first
+    codes = raw.copy()
+    taken = {tuple(r) for r in raw.tolist()}
+    last_group = -1
+    for j in order:
+        i = int(rows[j])
+        if inv[i] != last_group:  # the nearest member of each group keeps its code
+            last_group = inv[i]
+            continue
+        key = tuple(raw[i].tolist())
+        dist = _sq_dists(residuals[-1][j : j + 1], books[-1])[0]
+        choice = next((key[:-1] + (int(c),) for c in torch.argsort(dist, stable=True).tolist()
+                       if key[:-1] + (int(c),) not in taken), None)
+        if choice is None and m >= 2:
+            r2 = residuals[-2][j : j + 1] - books[-2]  # [N2, d]: residual after each second-to-last codeword
+            pair = _sq_dists(r2, books[-1])  # [N2, N]
+            n_last = books[-1].shape[0]
+            for flat in torch.argsort(pair.view(-1), stable=True).tolist():
+                cand = key[:-2] + (flat // n_last, flat % n_last)
+                if cand not in taken:
+                    choice = cand
+                    break
+        if choice is None:
+            raise ValueError(f"index.collisions nearest_free: every code near item {i}'s prefix {key[:-2]} is taken; "
+                             "use a larger codebook_size or collisions: extra_level")
+        codes[i] = choice
+        taken.add(choice)
+    return codes
+
+
 def count_duplicates(codes: np.ndarray) -> int:
     """Number of rows that repeat an earlier row."""
     codes = np.asarray(codes)
@@ -632,7 +685,10 @@ def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True) 
     else:
         state = fit_rq_vae(x, m, n_codes, seed, cfg.rqvae, progress=progress)
     raw = state.assign(x)
-    codes, extra = resolve_collisions(raw)
+    if getattr(cfg, "collisions", "extra_level") == "nearest_free":
+        codes, extra = spread_collisions(state, x, raw), []
+    else:
+        codes, extra = resolve_collisions(raw)
     sizes = [n_codes] * m + extra
     stats = code_stats(codes, sizes, raw_levels=m)
     return QuantizationResult(

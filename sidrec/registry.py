@@ -197,7 +197,10 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
         (tmp / "data_profile.json").write_text(json.dumps(data_profile(dataset)))
         artifacts = {"recommender": str(recommender_dir), "index": str(tmp / "index"), "items": str(tmp / "items.csv"),
                      "data_profile": str(tmp / "data_profile.json")}
+        from sidrec.tasks import PromptFormat
+
         model_config = {"backbone": cfg.model.backbone, "beams": cfg.eval.beams, "prompt_history": cfg.tasks.prompt_history,
+                        "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
                         "dtype": cfg.model.dtype, "k": 10}
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_FILE), artifacts=artifacts,
@@ -240,7 +243,6 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
     same users and the same denominators.
     """
     from sidrec.evaluate import evaluate_llm
-    from sidrec.tasks import seqrec_prompt
 
     known = rec.index._row
     users, prompts, targets = [], [], []
@@ -249,7 +251,7 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
         if t not in known or not hist:
             continue
         users.append(u)
-        prompts.append(seqrec_prompt([rec.index.sid_of(h) for h in hist[-rec.prompt_history:]]))
+        prompts.append(rec.prompt_format.render([rec.index.sid_of(h) for h in hist]))
         targets.append(t)
     total = len(split)
     if not users:  # every target (or history) is outside this model's catalog: all misses

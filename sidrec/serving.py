@@ -72,16 +72,17 @@ class Recommender:
         self.beams = int(cfg.get("beams", 20))
         self.default_k = int(cfg.get("k", 10))
         self.prompt_history = int(cfg.get("prompt_history", 10))
+        from sidrec.tasks import PromptFormat
+
+        # the training format (saved with the model); models saved before formats existed used the prefix template
+        self.prompt_format = PromptFormat.from_json(cfg.get("prompt_format") or self.meta.get("prompt_format"), self.prompt_history)
         self.dtype = torch.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else torch.float32
 
     def unknown(self, history: Sequence[str]) -> list[str]:
         return [h for h in history if str(h) not in self.index._row]
 
     def prompt(self, history: Sequence[str]) -> list[int]:
-        from sidrec.tasks import seqrec_prompt
-
-        sids = [self.index.sid_of(h) for h in list(history)[-self.prompt_history:]]
-        return self.encoder.encode(seqrec_prompt(sids))
+        return self.encoder.encode(self.prompt_format.render([self.index.sid_of(h) for h in history]))
 
     def recommend(self, histories: list[list[str]], k: int | None = None) -> list[pd.DataFrame]:
         """Top-``k`` items per history (trie-constrained beam search, best first)."""

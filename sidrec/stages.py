@@ -75,7 +75,7 @@ def featurize(ds, cfg: RunConfig) -> EntityFeatures:
     else:
         from sidrec.model import load_backbone
 
-        lm, tok = load_backbone(cfg.model.backbone)
+        lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
         emb = lambda texts, what: backbone_embeddings(  # noqa: E731
             texts, lm, tok, cfg.features.batch_size, cfg.features.max_text_tokens, compute_dtype(cfg), prog, desc=f"embed {what}")
     item_emb = emb(items, "items")
@@ -91,7 +91,14 @@ def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
     from sidrec.index import SIDIndex
     from sidrec.quantize import plot_code_usage, quantize
 
-    res = quantize(features.item_embeddings, cfg.index, cfg.seed)
+    try:
+        res = quantize(features.item_embeddings, cfg.index, cfg.seed)
+    except ValueError as e:
+        if "nearest_free" not in str(e):
+            raise
+        from sidrec.errors import ConfigError
+
+        raise ConfigError(str(e)) from None
     items = SIDIndex(entity_ids=list(features.item_ids), codes=res.codes, level_sizes=list(res.level_sizes))
     report = {
         "index/collision_rate_raw": float(res.raw_collision_rate),
@@ -118,6 +125,7 @@ def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
 def instruct(ds, bundle: IndexBundle, cfg: RunConfig) -> InstructionSet:
     from sidrec.tasks import build_instructions
 
+    # prefix mode samples steps x batch rows; window mode takes every window (n_train is not used)
     n_train = cfg.tasks.max_train_examples or cfg.train.steps * cfg.train.batch_size
     keywords = None
     if cfg.tasks.ts_align > 0:  # TS-Rec TS-Align: prefix -> keywords (TF-IDF over item texts)
@@ -134,14 +142,27 @@ def instruct(ds, bundle: IndexBundle, cfg: RunConfig) -> InstructionSet:
 def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None):
     from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
 
-    lm, tok = load_backbone(cfg.model.backbone)
+    lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
     for p in lm.parameters():
         p.requires_grad_(False)
     lm = add_lora(lm, cfg.model.lora)
     extra = (bundle.users,) if bundle.users is not None else ()
     vocab = SIDVocab.from_index(bundle.items, lm.get_input_embeddings().weight.shape[0], extra_indices=extra)
     model = SIDRecModel(lm, vocab, seed=cfg.seed)
-    if cfg.index.sa_init and ds is not None:  # TS-Rec SA-Init from the items' keywords
+    init = "keywords" if cfg.index.sa_init else cfg.model.sid_init
+    if init == "text" and ds is not None:  # each code's row from its items' texts (sidrec.sid_init)
+        from sidrec.sid_init import item_text_vectors, text_init
+        from sidrec.text import item_texts
+
+        base = lm.get_input_embeddings().weight.detach()
+        order = ds.item_index()
+        texts = item_texts(ds)
+        vecs = item_text_vectors([texts[order[e]] for e in bundle.items.entity_ids], tok, base, 64)
+        table, share = text_init(vocab, bundle.items, vecs, base, model.sid_embeddings.detach())
+        with torch.no_grad():
+            model.sid_embeddings.copy_(table)
+        model.sid_init_share = share
+    if init == "keywords" and ds is not None:  # TS-Rec SA-Init from the items' keywords
         from sidrec.keywords import sa_init, token_keywords
         from sidrec.text import item_texts
 
@@ -149,8 +170,17 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None):
         table, share = sa_init(vocab, kws, tok, lm.get_input_embeddings().weight.detach(), model.sid_embeddings.detach())
         with torch.no_grad():
             model.sid_embeddings.copy_(table)
-        model.sa_init_share = share
+        model.sa_init_share = model.sid_init_share = share
     return model.to(resolve_device(cfg)), tok, Encoder(tok, vocab)
+
+
+def calibrate(model, encoder, train_rows, cfg: RunConfig) -> None:
+    """``model.sid_logit_scale`` from the first training rows (``sidrec.model.calibrate_sid_logits``)."""
+    from sidrec.model import calibrate_sid_logits
+
+    if not cfg.model.calibrate_sid_logits:
+        return
+    model.sid_logit_raw_std = calibrate_sid_logits(model, encoder, list(train_rows["prompt"] + train_rows["target"]))
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -177,26 +207,41 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
     set_threads(cfg)
     seed_everything(cfg.seed)
     model, tok, encoder = build_model(cfg, bundle, ds)
+    calibrate(model, encoder, instructions.part("train"), cfg)
     losses: list[tuple[int, float]] = []
 
     def _log(step: int, m: dict) -> None:
-        losses.append((step, m["train/loss"]))
+        if "train/loss" in m:
+            losses.append((step, m["train/loss"]))
         if log is not None:
             log(step, m)
 
+    select = None
+    if cfg.train.eval_every:  # model selection on a fixed sample of valid users (never test)
+        from sidrec.evaluate import valid_selector
+
+        select = valid_selector(encoder, bundle.items, instructions.part("valid"), cfg.train.select_users,
+                                cfg.train.select_beams, cfg.eval.batch_size, cfg.seed, compute_dtype(cfg))
     res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled(),
-                checkpoint_dir=checkpoint_dir(cfg))
-    meta = recommender_meta(cfg, model, res.summary(), losses)
+                checkpoint_dir=checkpoint_dir(cfg), select=select)
+    meta = recommender_meta(cfg, model, res.summary(), losses, select_curve=res.select_curve)
     save_recommender(model, tok, out_dir, meta)
     return TrainedRecommender(path=out_dir, meta=meta)
 
 
 def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra) -> dict:
     """``meta.json`` of a fine-tuned recommender (static, distributed or warm-started training)."""
-    meta = {"backbone": cfg.model.backbone, "train": summary, "loss_curve": losses,
-            "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode, **extra}
+    from sidrec.tasks import PromptFormat
+
+    meta = {"backbone": cfg.model.backbone, "layers": cfg.model.layers, "train": summary, "loss_curve": losses,
+            "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode,
+            "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(), **extra}
     if hasattr(model, "sa_init_share"):
         meta["train"]["train/sa_init_share"] = round(model.sa_init_share, 4)
+    if getattr(model, "sid_logit_raw_std", None):
+        meta["train"]["train/sid_logit_scale"] = [round(float(x), 5) for x in model.sid_logit_scale.tolist()]
+    if hasattr(model, "sid_init_share"):
+        meta["train"]["train/sid_init_share"] = round(model.sid_init_share, 4)
     return meta
 
 
@@ -257,7 +302,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
 
     set_threads(cfg)
     seed_everything(cfg.seed)
-    lm, tok = load_backbone(cfg.model.backbone)
+    lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
     for p in lm.parameters():
         p.requires_grad_(False)
     lm = add_lora(lm, cfg.model.lora)
@@ -276,8 +321,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
         report["index/users/collision_rate_raw"] = float(last.get("collision_rate_raw/users", 0.0))
         report["index/users/collisions"] = count_duplicates(res.users.codes)
         report["index/churn_users_last_refresh"] = float(last.get("churn/users", 0.0))
-    meta = {"backbone": cfg.model.backbone, "train": res.summary, "loss_curve": res.losses,
-            "lora": cfg.model.lora.model_dump(), "index_mode": "dynamic", "dynamic_log": res.log}
+    meta = recommender_meta(cfg, res.model, res.summary, res.losses, dynamic_log=res.log)
     save_recommender(res.model, tok, out_dir, meta)
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "code_usage.png"

@@ -10,7 +10,15 @@ appear inline (``<a_3><b_12><c_0>``, users ``<u_a_1>...``) and are encoded atomi
 ``sidrec.model.Encoder``.
 
 Tasks (weights in ``TasksConfig``):
-- ``seqrec``: history SIDs -> next item SID (the recommendation task; also used for valid/test).
+- ``seqrec``: the recommendation task (also used for valid/test). Two formats (``seqrec_mode``):
+  ``window`` (default) -- one example is a window of ``max_history + 1`` consecutive *training*
+  items rendered as ``<prefix><sid 1><sid 2>...``; the target span is the SIDs of items 2..n, so one
+  forward supervises every item after the first. Each user's training sequence is cut into windows
+  from the newest item backwards, consecutive windows sharing one item (the older window's last
+  item is the newer one's first, unsupervised, item): every training interaction except a user's
+  first is a target exactly once. Valid/test/serving prompts are the same rendering of the last
+  ``max_history`` items (:class:`PromptFormat`). ``prefix`` -- one random history prefix of
+  ``prompt_history`` items in an instruction template with ONE target item (the earlier format).
 - ``text_to_sid``: item text -> SID (STORE: the LLM as tokenizer).
 - ``sid_to_text``: SID -> item title (STORE: token -> text reconstruction).
 - ``titles_to_sid``: history titles -> next item SID.
@@ -21,6 +29,7 @@ User-set data and user texts come from the training part of each sequence only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -49,6 +58,61 @@ def seqrec_prompt(history_sids: list[str], template: int = EVAL_TEMPLATE, user_s
     return f"{user_sid} {prompt}" if user_sid else prompt
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a history becomes a recommendation prompt -- the one rendering shared by training windows,
+    valid/test rows, model selection, the promotion gate and serving.
+
+    ``window``: ``<user sid><prefix><sid 1>...<sid k>`` of the last ``history`` items; ``prefix``: the
+    instruction template ``seqrec`` #0 over the last ``history`` items."""
+
+    mode: str = "prefix"
+    prefix: str = ""
+    history: int = 10
+
+    @classmethod
+    def from_config(cls, tasks_cfg, max_history: int) -> "PromptFormat":
+        if getattr(tasks_cfg, "seqrec_mode", "prefix") == "window":
+            return cls("window", tasks_cfg.window_prefix, int(max_history))
+        return cls("prefix", "", int(tasks_cfg.prompt_history))
+
+    @classmethod
+    def from_json(cls, d: Optional[dict], prompt_history: int = 10) -> "PromptFormat":
+        """From a saved model config; models saved before formats existed used the prefix template."""
+        if not d:
+            return cls("prefix", "", int(prompt_history))
+        return cls(str(d["mode"]), str(d.get("prefix", "")), int(d["history"]))
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "prefix": self.prefix, "history": self.history}
+
+    def render(self, history_sids: list[str], user_sid: str = "") -> str:
+        sids = list(history_sids)[-self.history:]
+        if self.mode == "window":
+            return f"{user_sid}{self.prefix}{''.join(sids)}"
+        return seqrec_prompt(sids, EVAL_TEMPLATE, user_sid)
+
+
+def train_windows(ds, max_history: int) -> pd.DataFrame:
+    """Windows of ``max_history + 1`` items over every user's *training* sequence, newest first.
+
+    Columns ``user_id``, ``items`` (the window), ``newest`` (0 for a user's newest window, 1 for the
+    one before, ...). Consecutive windows of a user share exactly one item, so every training
+    interaction but the user's first is a target (an item after a window's first) exactly once."""
+    W = int(max_history) + 1
+    users, wins, ranks = [], [], []
+    for user, seq in ds.train_sequences().items():
+        end, r = len(seq), 0
+        while end > 1:
+            start = max(0, end - W)
+            users.append(user)
+            wins.append(list(seq[start:end]))
+            ranks.append(r)
+            end, r = start + 1, r + 1
+    return pd.DataFrame({"user_id": pd.Series(users, dtype="str"), "items": pd.Series(wins, dtype=object),
+                         "newest": np.array(ranks, dtype=np.int64)})
+
+
 def _titles(items: pd.DataFrame) -> dict[str, str]:
     from sidrec.text import short_title
 
@@ -72,31 +136,59 @@ def task_weights(cfg, dual: bool) -> dict[str, float]:
     return w
 
 
-def sample_specs(ds, cfg, n_examples: int, max_history: int, seed: int, dual: bool = False,
+def sample_specs(ds, cfg, n_examples: Optional[int], max_history: int, seed: int, dual: bool = False,
                  index_levels: int = 0) -> pd.DataFrame:
-    """``n_examples`` training specs: a task drawn by weight, then an example and a template uniformly."""
+    """Training specs. Prefix mode: ``n_examples`` specs, a task drawn by weight, then an example and a
+    template uniformly. Window mode: every window of every user (:func:`train_windows`; the newest
+    ``max_train_examples`` if set) plus auxiliary specs in proportion to their weights
+    (``n_windows * weight / seqrec weight`` each); ``n_examples`` is not used."""
     rng = np.random.default_rng(seed)
     weights = task_weights(cfg, dual)
     if index_levels < 2:
         weights["ts_align"] = 0.0
+    if getattr(cfg, "seqrec_mode", "prefix") == "window" and weights["seqrec"] > 0:
+        return _window_specs(ds, cfg, weights, max_history, rng, dual, index_levels)
+    if n_examples is None:
+        raise ValueError("prefix mode needs n_examples")
     tasks = [t for t, w in weights.items() if w > 0]
     p = np.array([weights[t] for t in tasks], dtype=float)
     p /= p.sum()
     drawn = rng.choice(len(tasks), size=n_examples, p=p)
+    return pd.DataFrame(_draw_rows(ds, cfg, [tasks[i] for i in drawn], max_history, rng, index_levels), columns=SPEC_COLUMNS)
 
+
+def _window_specs(ds, cfg, weights: dict, max_history: int, rng, dual: bool, index_levels: int) -> pd.DataFrame:
+    wins = train_windows(ds, max_history)
+    if cfg.max_train_examples is not None:
+        share = weights["seqrec"] / sum(weights.values())
+        keep = max(1, int(round(cfg.max_train_examples * share)))
+        wins = wins.sort_values(["newest", "user_id"], kind="stable").head(keep).sort_index()
+    rows = [("train", "seqrec", 0, u, list(w[:-1]), w[-1], [], 0) for u, w in zip(wins["user_id"], wins["items"])]
+    aux = []
+    for task, w in weights.items():
+        if task != "seqrec" and w > 0:
+            aux += [task] * int(round(len(rows) * w / weights["seqrec"]))
+    aux = [aux[i] for i in rng.permutation(len(aux))]
+    rows += _draw_rows(ds, cfg, aux, max_history, rng, index_levels)
+    return pd.DataFrame(rows, columns=SPEC_COLUMNS)
+
+
+def _draw_rows(ds, cfg, drawn: list[str], max_history: int, rng, index_levels: int) -> list[tuple]:
+    """One spec per drawn task name: an example and a template uniformly."""
+    if not drawn:
+        return []
     prefixes = ds.split("train", max_history)
     hist = prefixes["history"].to_list()
     targ = prefixes["target"].to_list()
     users = prefixes["user_id"].to_list()
     item_ids = ds.items["item_id"].to_list()
-    sets = user_sets(ds) if weights.get("user_pred", 0) > 0 else {}
+    sets = user_sets(ds) if "user_pred" in drawn else {}
     set_items = [i for i, us in sets.items() if len(us) >= 2]
     train_users = list(ds.train_sequences().keys())
     k = cfg.prompt_history
 
     rows = []
-    for ti in drawn:
-        task = tasks[ti]
+    for task in drawn:
         tmpl = int(rng.integers(len(TEMPLATES[task])))
         if task in ("seqrec", "titles_to_sid"):
             if not hist:
@@ -118,10 +210,12 @@ def sample_specs(ds, cfg, n_examples: int, max_history: int, seed: int, dual: bo
         elif task == "ts_align":
             item = item_ids[int(rng.integers(len(item_ids)))]
             rows.append(("train", task, tmpl, "", [], item, [], int(rng.integers(1, index_levels))))
-    return pd.DataFrame(rows, columns=SPEC_COLUMNS)
+    return rows
 
 
 def eval_specs(ds, part: str, max_history: int, prompt_history: int) -> pd.DataFrame:
+    """One seqrec spec per user of ``valid``/``test``: the last ``prompt_history`` items (window mode:
+    pass ``max_history``, see :meth:`PromptFormat.from_config`)."""
     split = ds.split(part, max_history)
     return pd.DataFrame({
         "split": part, "task": "seqrec", "template": EVAL_TEMPLATE, "user_id": split["user_id"].to_numpy(),
@@ -135,7 +229,7 @@ class Renderer:
 
     def __init__(self, ds, item_index, user_index=None, item_texts: Optional[list[str]] = None,
                  user_texts: Optional[dict[str, str]] = None, keywords: Optional[dict[str, list[str]]] = None,
-                 user_in_prompt: bool = False):
+                 user_in_prompt: bool = False, prompt_format: Optional[PromptFormat] = None):
         self.item_sid = {e: item_index.sid(i) for i, e in enumerate(item_index.entity_ids)}
         self.item_index = item_index
         self.user_sid = {e: user_index.sid(i) for i, e in enumerate(user_index.entity_ids)} if user_index is not None else {}
@@ -144,12 +238,18 @@ class Renderer:
         self.user_texts = user_texts or {}
         self.keywords = keywords or {}
         self.user_in_prompt = user_in_prompt and user_index is not None
+        self.format = prompt_format or PromptFormat()
 
     def __call__(self, s) -> tuple[str, str, str]:
         t = TEMPLATES[s.task][s.template]
         sid = self.item_sid
         if s.task == "seqrec":
             usid = self.user_sid.get(s.user_id, "") if self.user_in_prompt else ""
+            if self.format.mode == "window":
+                if s.split == "train":  # a window: the first item is context, the SIDs of every later item are targets
+                    items = list(s.history) + [s.target_item]
+                    return f"{usid}{self.format.prefix}{sid[items[0]]}", "".join(sid[x] for x in items[1:]), "sid"
+                return self.format.render([sid[h] for h in s.history], usid), sid[s.target_item], "sid"
             return seqrec_prompt([sid[h] for h in s.history], s.template, usid), sid[s.target_item], "sid"
         if s.task == "titles_to_sid":
             return t.format(titles="; ".join(self.titles[x] for x in s.history[-5:])), sid[s.target_item], "sid"
@@ -182,29 +282,22 @@ class Renderer:
 
 
 def eval_rows(ds, index, part: str, max_history: int, prompt_history: int, renderer: Optional[Renderer] = None) -> pd.DataFrame:
-    """One seqrec row per user for ``valid`` or ``test`` (fixed template, no sampling)."""
-    renderer = renderer or Renderer(ds, index)
-    return renderer.render(eval_specs(ds, part, max_history, prompt_history))
+    """One seqrec row per user for ``valid`` or ``test`` (fixed template, no sampling); with a
+    renderer, its prompt format decides the history length."""
+    renderer = renderer or Renderer(ds, index, prompt_format=PromptFormat("prefix", "", prompt_history))
+    return renderer.render(eval_specs(ds, part, max_history, renderer.format.history))
 
 
-def train_rows(ds, index, cfg, n_examples: int, max_history: int, seed: int) -> pd.DataFrame:
-    """``n_examples`` rendered training rows for a static item index."""
-    from sidrec.text import item_texts
-
-    specs = sample_specs(ds, cfg, n_examples, max_history, seed)
-    texts = item_texts(ds) if cfg.text_to_sid > 0 else None
-    return Renderer(ds, index, item_texts=texts).render(specs)
-
-
-def build_instructions(ds, index, cfg, n_train: int, max_history: int, seed: int, user_index=None,
+def build_instructions(ds, index, cfg, n_train: Optional[int], max_history: int, seed: int, user_index=None,
                        keywords: Optional[dict[str, list[str]]] = None) -> pd.DataFrame:
-    """The whole instruction set: sampled train rows + one valid and one test row per user."""
+    """The whole instruction set: train rows (windows or sampled prefixes) + one valid and one test row per user."""
     from sidrec.text import item_texts, user_texts
 
     dual = user_index is not None
     specs = sample_specs(ds, cfg, n_train, max_history, seed, dual=dual, index_levels=index.num_levels if keywords else 0)
     utexts = dict(zip(*user_texts(ds))) if dual else None
+    fmt = PromptFormat.from_config(cfg, max_history)
     renderer = Renderer(ds, index, user_index, item_texts=item_texts(ds), user_texts=utexts, keywords=keywords,
-                        user_in_prompt=dual)
-    parts = [renderer.render(specs)] + [renderer.render(eval_specs(ds, p, max_history, cfg.prompt_history)) for p in ("valid", "test")]
+                        user_in_prompt=dual, prompt_format=fmt)
+    parts = [renderer.render(specs)] + [renderer.render(eval_specs(ds, p, max_history, fmt.history)) for p in ("valid", "test")]
     return pd.concat(parts, ignore_index=True)

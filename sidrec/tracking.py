@@ -61,7 +61,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _plot_loss(curve: list, path: Path) -> None:
+def _plot_loss(curve: list, path: Path, select_curve: Optional[list] = None, best_step: Optional[int] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,10 +70,18 @@ def _plot_loss(curve: list, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if curve:
         steps, losses = zip(*curve)
-        ax.plot(steps, losses)
+        ax.plot(steps, losses, label="train loss")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (target span)")
     ax.set_title("LoRA fine-tuning loss")
+    if select_curve:  # model selection: valid Recall@10 on the right axis, the kept step marked
+        ax2 = ax.twinx()
+        s, v = zip(*select_curve)
+        ax2.plot(s, v, "o-", color="tab:orange", label="valid Recall@10 (selection)")
+        ax2.set_ylabel("valid Recall@10")
+        if best_step:
+            ax2.axvline(best_step, color="tab:orange", ls=":", lw=1)
+        ax2.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -133,6 +141,8 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         for step, loss in recommender.meta.get("loss_curve", []):
             mlflow.log_metric("train/loss", float(loss), step=int(step))
+        for step, score in recommender.meta.get("select_curve", []):  # model selection (valid users)
+            mlflow.log_metric("valid/select_recall_at_10", float(score), step=int(step))
         for entry in recommender.meta.get("dynamic_log", []):  # per index refresh (dynamic mode)
             mlflow.log_metrics({f"index/{k.replace('/', '_')}": float(v) for k, v in entry.items() if k != "step"},
                                step=int(entry["step"]))
@@ -161,7 +171,8 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
             mlflow.log_artifact(str(tmp / "predictions.parquet"), "evaluation")
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
             mlflow.log_artifact(str(tmp / "metrics.json"), "evaluation")
-            _plot_loss(recommender.meta.get("loss_curve", []), tmp / "train_loss.png")
+            _plot_loss(recommender.meta.get("loss_curve", []), tmp / "train_loss.png", recommender.meta.get("select_curve"),
+                       recommender.meta.get("train", {}).get("train/best_step"))
             mlflow.log_artifact(str(tmp / "train_loss.png"), "plots")
             _plot_comparison(metrics, tmp / "llm_vs_baselines.png")
             mlflow.log_artifact(str(tmp / "llm_vs_baselines.png"), "plots")

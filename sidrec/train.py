@@ -111,6 +111,14 @@ def target_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor) ->
     return total / max(n, 1), n
 
 
+def train_steps(cfg, n_rows: int) -> int:
+    """Optimizer steps of a run: ``ceil(epochs * rows / batch_size)`` when ``cfg.epochs`` is set, else ``cfg.steps``."""
+    epochs = getattr(cfg, "epochs", None)
+    if epochs:
+        return max(1, math.ceil(float(epochs) * n_rows / cfg.batch_size))
+    return int(cfg.steps)
+
+
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
@@ -120,6 +128,13 @@ class TrainResult:
     padded_tokens: int = 0
     seconds: float = 0.0
     resumed_from: int = 0  # step of the checkpoint this run resumed from (0: fresh start)
+    first_loss: float = float("nan")
+    planned_steps: int = 0
+    select_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, valid score) of model selection
+    best_step: int = 0  # the step whose weights were kept (0: no selection, the last step)
+    best_score: float = float("nan")
+    select_seconds: float = 0.0  # wall time of the model-selection decoding (inside `seconds`)
+    rows: int = 0  # training rows (one epoch)
 
     @property
     def padding_share(self) -> float:
@@ -135,6 +150,11 @@ class TrainResult:
             "train/tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
             "train/final_loss": float(np.mean(self.losses[-10:])) if self.losses else float("nan"),
             "train/resumed_from_step": self.resumed_from,
+            "train/first_loss": round(self.first_loss, 4) if self.losses else float("nan"),
+            "train/epochs": round(self.examples / max(self.rows, 1), 3),
+            "train/select_seconds": round(self.select_seconds, 1),
+            **({"train/best_step": self.best_step, "train/best_valid_recall_at_10": round(self.best_score, 4)}
+               if self.select_curve else {}),
         }
 
 
@@ -169,7 +189,8 @@ def _ckpt_dirs(run_dir: Path) -> list[Path]:
     return sorted((p for p in run_dir.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", key: str) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", key: str,
+                    best: Optional[dict[str, torch.Tensor]] = None) -> Path:
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +208,8 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
                 opt_steps[str(i)] = float(v.item() if torch.is_tensor(v) else v)
             elif torch.is_tensor(v):
                 tensors[f"opt/{i}/{k}"] = v.detach().cpu().contiguous().clone()
+    for name, t in (best or {}).items():
+        tensors[f"best/{name}"] = t.detach().cpu().contiguous().clone()
     tensors["rng/torch"] = torch.get_rng_state().clone()
     np_state = np.random.get_state()
     tensors["rng/numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy())
@@ -197,7 +220,9 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
         "numpy_rng": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
         "losses": [float(x) for x in res.losses], "examples": res.examples, "tokens": res.tokens,
-        "padded_tokens": res.padded_tokens, "seconds": res.seconds,
+        "padded_tokens": res.padded_tokens, "seconds": res.seconds, "first_loss": res.first_loss,
+        "select_curve": [[int(a), float(b)] for a, b in res.select_curve], "best_step": res.best_step,
+        "best_score": res.best_score, "select_seconds": res.select_seconds,
     }
     tmp = run_dir / f".tmp-ckpt-{step:07d}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -249,6 +274,7 @@ def load_checkpoint(run_dir: Path, model, opt, key: str) -> Optional[dict]:
         pr = meta["python_rng"]
         random.setstate((pr[0], tuple(pr[1]), pr[2]))
         meta["path"] = str(ck)
+        meta["best"] = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
         return meta
     return None
 
@@ -256,18 +282,25 @@ def load_checkpoint(run_dir: Path, model, opt, key: str) -> Optional[dict]:
 def train(
     model, encoder, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype = torch.bfloat16,
     log: Optional[Callable[[int, dict], None]] = None, progress: bool = True,
-    checkpoint_dir: Optional[Path] = None,
+    checkpoint_dir: Optional[Path] = None, select: Optional[Callable[[object], float]] = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` (LoRA params + SID embeddings) for ``cfg.steps`` steps.
+    """Fine-tune ``model`` (LoRA params + SID embeddings) for :func:`train_steps` steps.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every``, resumes from the latest checkpoint of the
-    same run (see the module docstring) and saves one every ``checkpoint_every`` steps."""
+    same run (see the module docstring) and saves one every ``checkpoint_every`` steps.
+
+    SID warm-up: the first ``cfg.sid_warmup_steps`` steps update only the SID rows, at
+    ``cfg.sid_warmup_lr``; the LR schedule (linear warm-up, cosine decay) then runs over the rest.
+    Model selection: with ``select`` (model -> score, higher is better; built on valid users only,
+    see ``sidrec.evaluate.valid_selector``) and ``cfg.eval_every``, the model is scored every
+    ``eval_every`` steps and after the last one; the best-scoring weights are restored at the end."""
     from sidrec.distributed import average_gradients, broadcast_parameters, world_info
 
     torch.manual_seed(seed)
     rank, world = world_info()  # data-parallel (sidrec.distributed): each rank takes every world-th batch
     enc = encode_rows(encoder, rows)
-    batches = bucketed_batches(enc.lengths(), cfg.batch_size, cfg.steps * world, seed)[rank::world]
+    n_steps = train_steps(cfg, len(rows))
+    batches = bucketed_batches(enc.lengths(), cfg.batch_size, n_steps * world, seed)[rank::world]
     device = model.sid_embeddings.device
     trainable = [p for _, p in _trainable(model)]
     if world > 1:
@@ -280,14 +313,42 @@ def train(
     opt = torch.optim.AdamW(groups)
     base_lrs = [g["lr"] for g in groups]
 
+    sid_warm = min(int(getattr(cfg, "sid_warmup_steps", 0) or 0), n_steps)
+
     def lr_factor(step: int) -> float:
+        step -= sid_warm  # the schedule starts after the SID-only warm-up
         if step < cfg.warmup_steps:
             return (step + 1) / max(cfg.warmup_steps, 1)
-        progress_ = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        progress_ = (step - cfg.warmup_steps) / max(n_steps - sid_warm - cfg.warmup_steps, 1)
         return 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
 
+    def set_lrs(step: int) -> None:
+        if step < sid_warm:
+            opt.param_groups[0]["lr"] = cfg.sid_warmup_lr
+            for g in opt.param_groups[1:]:
+                g["lr"] = 0.0
+            return
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * lr_factor(step)
+
+    eval_every = getattr(cfg, "eval_every", None) if select is not None else None
+    best: dict[str, torch.Tensor] = {}
+
+    def run_selection(step: int) -> None:
+        t_sel = time.perf_counter()
+        score = float(select(model))
+        model.train()
+        res.select_seconds += time.perf_counter() - t_sel
+        res.select_curve.append((step, score))
+        if not res.best_step or score > res.best_score:
+            res.best_step, res.best_score = step, score
+            best.clear()
+            best.update({name: p.detach().clone() for name, p in _trainable(model)})
+        if log is not None:
+            log(step, {"valid/select_recall_at_10": score})
+
     model.train()
-    res = TrainResult()
+    res = TrainResult(rows=len(rows), planned_steps=n_steps)
     every = getattr(cfg, "checkpoint_every", None)
     run_dir = None
     start = 0
@@ -300,6 +361,11 @@ def train(
             res.losses = list(meta["losses"])
             res.steps, res.examples, res.tokens = start, int(meta["examples"]), int(meta["tokens"])
             res.padded_tokens, res.seconds = int(meta["padded_tokens"]), float(meta["seconds"])
+            res.first_loss = float(meta.get("first_loss", float("nan")))
+            res.select_curve = [(int(a), float(b)) for a, b in meta.get("select_curve", [])]
+            res.best_step, res.best_score = int(meta.get("best_step", 0)), float(meta.get("best_score", float("nan")))
+            res.select_seconds = float(meta.get("select_seconds", 0.0))
+            best.update(meta.get("best", {}))
             log_.warning("fine-tune: resuming from %s (step %d of %d)", meta["path"], start, len(batches))
             if log is not None:  # replay the logged curve up to the checkpoint
                 for step in range(start):
@@ -310,18 +376,22 @@ def train(
     bar = tqdm(range(start, len(batches)), desc="fine-tune", disable=not progress, unit="step", initial=start, total=len(batches))
     for step in bar:
         idx = batches[step]
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * lr_factor(step)
+        set_lrs(step)
         ids, mask, tgt = (t.to(device) for t in _collate(enc, idx, encoder.pad_id))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             h, _ = model.hidden(ids, attention_mask=mask)
             loss, _ = target_loss(model, h, ids, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step < sid_warm:  # SID-only warm-up: LoRA gets no update (and no AdamW moments)
+            for p in lora_params:
+                p.grad = None
         if world > 1:
             average_gradients(trainable)
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"] if p.grad is not None], 1.0)
         opt.step()
+        if not res.losses:
+            res.first_loss = loss.item()
         res.losses.append(loss.item())
         res.steps += 1
         res.examples += len(idx)
@@ -332,10 +402,17 @@ def train(
             bar.set_postfix(loss=f"{avg:.3f}")
             if log is not None:
                 log(step, {"train/loss": avg, "train/lr": opt.param_groups[-1]["lr"]})
+        if eval_every and ((step + 1) % eval_every == 0 or step == len(batches) - 1):
+            run_selection(step + 1)
         if run_dir is not None and rank == 0 and (step + 1) % every == 0 and step + 1 < len(batches):
             res.seconds = time.perf_counter() - t0
-            save_checkpoint(run_dir, step + 1, model, opt, res, key)
+            save_checkpoint(run_dir, step + 1, model, opt, res, key, best)
     res.seconds = time.perf_counter() - t0
+    if best and res.best_step < len(batches):  # model selection: keep the best-scoring weights
+        with torch.no_grad():
+            for name, p in _trainable(model):
+                p.copy_(best[name])
+        log_.info("fine-tune: kept step %d (valid Recall@10 %.4f) of %d", res.best_step, res.best_score, len(batches))
     if run_dir is not None and rank == 0:
         shutil.rmtree(run_dir, ignore_errors=True)  # finished: checkpoints are for resuming only
     model.eval()

@@ -20,6 +20,7 @@ import sidrec.keywords
 import sidrec.metrics
 import sidrec.model
 import sidrec.quantize
+import sidrec.sid_init
 import sidrec.stages
 import sidrec.tasks
 import sidrec.text
@@ -100,7 +101,8 @@ def instruction_dataset(dataset: Dataset, sid_index: IndexBundle, config: dict) 
     return sidrec.stages.instruct(dataset, sid_index, _cfg(config))
 
 
-@step(output_materializers=TrainedRecommenderMaterializer, cache_policy=_deps(sidrec.train, sidrec.model, sidrec.keywords))
+@step(output_materializers=TrainedRecommenderMaterializer,
+      cache_policy=_deps(sidrec.train, sidrec.model, sidrec.keywords, sidrec.sid_init, sidrec.evaluate, sidrec.decode))
 def finetune(dataset: Dataset, instructions: InstructionSet, sid_index: IndexBundle,
              config: dict) -> Annotated[TrainedRecommender, "recommender"]:
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"

@@ -1,0 +1,162 @@
+"""Sequence training benchmark: quality per CPU-minute of the LLM recommender's training variants.
+
+One process, one dataset, one split, one SID index (built from the base config's text features),
+SASRec and popularity trained once in the same run; then for every variant (a set of config
+overrides on top of the base config) the library's own stages run unchanged: instruction set ->
+fine-tuning -> trie-constrained evaluation on the same valid/test users. Recorded per variant:
+fine-tuning wall time, tokens and epochs seen, first-step loss, the loss curve, the model-selection
+curve, and test Recall/NDCG@K next to the baselines. JSON + PNG under ``bench/results``.
+
+    .venv/bin/python bench/seq_training.py --config configs/quickstart.yaml --variants prefix window \\
+        --out seq_training_ml100k
+
+Variants are named in ``VARIANTS`` below (``--list`` prints them). Run it alone on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# overrides on top of the base config, by name
+VARIANTS: dict[str, dict] = {
+    # the pre-issue format: one random prefix, one target, full backbone, random SID rows, extra level
+    "prefix": {"tasks": {"seqrec_mode": "prefix"}, "model": {"sid_init": "random", "layers": None, "calibrate_sid_logits": False},
+               "index": {"collisions": "extra_level"}, "train": {"epochs": None, "eval_every": None}},
+    "prefix-text-init": {"tasks": {"seqrec_mode": "prefix"}, "model": {"sid_init": "text", "layers": None},
+                         "index": {"collisions": "extra_level"}, "train": {"epochs": None, "eval_every": None}},
+    "window-random-init": {"tasks": {"seqrec_mode": "window"}, "model": {"sid_init": "random"}},
+    "window-uncalibrated": {"tasks": {"seqrec_mode": "window"}, "model": {"calibrate_sid_logits": False}},
+    "window-random-uncalibrated": {"tasks": {"seqrec_mode": "window"}, "model": {"sid_init": "random", "calibrate_sid_logits": False}},
+    "window": {"tasks": {"seqrec_mode": "window"}},
+    "window-warmup": {"tasks": {"seqrec_mode": "window"}, "train": {"sid_warmup_steps": 50}},
+    "window-extra-level": {"tasks": {"seqrec_mode": "window"}, "index": {"collisions": "extra_level"}},
+    "window-nearest-free": {"tasks": {"seqrec_mode": "window"}, "index": {"collisions": "nearest_free"}},
+    "window-full-backbone": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": None}},
+    "window-hi-lr": {"tasks": {"seqrec_mode": "window"}, "train": {"lr": 3.0e-3, "embedding_lr": 2.0e-2}},
+    "window-6-layers": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": 6}},
+    "window-no-aux": {"tasks": {"seqrec_mode": "window", "text_to_sid": 0.0, "sid_to_text": 0.0, "titles_to_sid": 0.0}},
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(common.QUICKSTART))
+    ap.add_argument("--variants", nargs="+", default=["prefix", "window"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra overrides for every variant, dotted keys, YAML values (e.g. train.epochs=2)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="repeat every variant with these seeds")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--out", default="seq_training")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    if args.list:
+        print(json.dumps(VARIANTS, indent=1))
+        return 0
+
+    import yaml
+
+    from sidrec import stages
+    from sidrec.config import load_config, parse_config
+
+    base = load_config(args.config).model_dump(mode="json")
+    for kv in args.set:
+        key, _, val = kv.partition("=")
+        node = base
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(val)
+    cfg = parse_config(base, args.config)
+    stages.set_threads(cfg)
+    t0 = time.perf_counter()
+    ds = stages.ingest(cfg)
+    features = stages.featurize(ds, cfg)
+    prep_s = time.perf_counter() - t0
+    print(f"prep (ingest + text features): {prep_s:.0f}s", flush=True)
+
+    result = {"env": common.env_info(), "config": args.config, "overrides": args.set, "prep_seconds": round(prep_s, 1),
+              "variants": {}}
+    if not args.no_baselines:
+        t1 = time.perf_counter()
+        result["baselines"] = stages.baselines(ds, cfg)
+        result["baselines_seconds"] = round(time.perf_counter() - t1, 1)
+        print(json.dumps({k: v for k, v in result["baselines"].items() if "test/recall_at_10" in k or "test/ndcg_at_10" in k}), flush=True)
+
+    bundles: dict[str, object] = {}
+    for name in args.variants:
+        for seed in args.seeds or [cfg.seed]:
+            over = _merge(VARIANTS[name], {"seed": seed})
+            vcfg = parse_config(_merge(base, over), f"variant {name}")
+            key = json.dumps([vcfg.index.model_dump(mode="json"), vcfg.seed], sort_keys=True)
+            if key not in bundles:
+                bundles[key] = stages.build_index(features, vcfg)
+            bundle = bundles[key]
+            label = name if args.seeds is None else f"{name}/seed{seed}"
+            t1 = time.perf_counter()
+            instr = stages.instruct(ds, bundle, vcfg)
+            with tempfile.TemporaryDirectory() as tmp:
+                t2 = time.perf_counter()
+                rec = stages.finetune(instr, bundle, vcfg, Path(tmp) / "rec", ds=ds)
+                ft_s = time.perf_counter() - t2
+                t3 = time.perf_counter()
+                report = stages.evaluate(rec, instr, bundle, vcfg)
+                ev_s = time.perf_counter() - t3
+            train = rec.meta["train"]
+            entry = {
+                "overrides": over, "fine_tune_seconds": round(ft_s, 1), "eval_seconds": round(ev_s, 1),
+                "instructions_seconds": round(t2 - t1, 1), "train_rows": int(instr.meta["n_train"]),
+                "tokens_per_item": int(bundle.items.num_levels), "index": bundle.report,
+                "train": train, "loss_curve": rec.meta["loss_curve"], "select_curve": rec.meta.get("select_curve", []),
+                "metrics": {k: v for k, v in report.metrics.items()},
+            }
+            result["variants"][label] = entry
+            print(f"{label}: fine-tune {ft_s:.0f}s eval {ev_s:.0f}s tokens {train['train/tokens']} "
+                  f"first_loss {train.get('train/first_loss')} test R@10 {report.metrics['test/recall_at_10']:.4f} "
+                  f"N@10 {report.metrics['test/ndcg_at_10']:.4f} best_step {train.get('train/best_step')}", flush=True)
+            common.write_json(common.RESULTS / f"{args.out}.json", result)
+    plot(result, common.RESULTS / f"{args.out}.png")
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.2))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    base = result.get("baselines", {})
+    for label, v in result["variants"].items():
+        steps, losses = zip(*v["loss_curve"]) if v["loss_curve"] else ((), ())
+        ax1.plot(steps, losses, label=label)
+        tok = v["train"]["train/tokens"]
+        ax2.scatter([tok], [v["metrics"]["test/recall_at_10"]], label=label)
+        ax3.scatter([v["fine_tune_seconds"] / 60], [v["metrics"]["test/ndcg_at_10"]], label=label)
+    for ax, key in ((ax2, "recall_at_10"), (ax3, "ndcg_at_10")):
+        for b, style in (("sasrec", "--"), ("popularity", ":")):
+            val = base.get(f"baseline/{b}/test/{key}")
+            if val is not None:
+                ax.axhline(val, ls=style, c="k", lw=1, label=b)
+    ax1.set(title="training loss", xlabel="step", ylabel="loss (SID tokens)")
+    ax2.set(title="test Recall@10 vs tokens seen", xlabel="training tokens", ylabel="Recall@10")
+    ax3.set(title="test NDCG@10 vs fine-tuning minutes", xlabel="minutes (2 CPU cores)", ylabel="NDCG@10")
+    ax1.legend(fontsize=7)
+    ax3.legend(fontsize=7)
+    common.save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

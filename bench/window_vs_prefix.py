@@ -5,8 +5,9 @@ Usage (after the runs, from the repository root):
         --prefix bench/results/scientific/static-*.json --window bench/results/scientific/window-*.json \\
         --out bench/results/window_vs_prefix.json --png bench/results/window_vs_prefix.png
 
-Inputs are the flat metrics files of ``run.py train --metrics-out``. For a window run whose MLflow run
-is still in the local store, the model-selection curve (valid Recall@10 on the fixed valid sample at
+Inputs are the flat metrics files of ``run.py train --metrics-out``. For a window run, the model-selection
+curve is the file's ``train/select_curve`` (copied in from the model's ``meta.json``) or, when its MLflow
+run is in the local store, read from MLflow; the curve (valid Recall@10 on the fixed valid sample at
 every ``train.eval_every`` steps, ``valid/select_recall_at_10``) is read from MLflow and drawn against
 the tokens seen at each step (steps x the run's mean tokens per step). Test points are final test
 metrics; the selection curve is *valid* users (the ones that picked the checkpoint), drawn dashed.
@@ -54,7 +55,9 @@ def main(argv=None) -> int:
     for kind, rs in runs.items():
         for r in rs:
             tokens_per_step = r["train/tokens"] / max(r["train/steps"], 1)
-            curve = _select_curve(r["mlflow_run_id"]) if kind == "window" and r.get("mlflow_run_id") else []
+            curve = [tuple(x) for x in r.get("train/select_curve", [])]  # copied in from the model's meta.json
+            if not curve and kind == "window" and r.get("mlflow_run_id"):
+                curve = _select_curve(r["mlflow_run_id"])
             out["runs"][Path(r["_file"]).stem] = {
                 "kind": kind, "tokens": r["train/tokens"], "steps": r["train/steps"], "fine_tune_seconds": r["train/seconds"],
                 "test_users": r.get("test/users"), "best_step": r.get("train/best_step"),
@@ -74,7 +77,9 @@ def main(argv=None) -> int:
     axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("recall_at_10", "ndcg_at_10")):
         for kind, marker in (("prefix", "s"), ("window", "o")):
-            pts = sorted((v["tokens"], v[metric] / v["sasrec"][metric]) for v in out["runs"].values()
+            # a selected model is drawn at the tokens seen by its best step (the weights that were tested)
+            pts = sorted((v["tokens"] * (v["best_step"] or v["steps"]) / v["steps"], v[metric] / v["sasrec"][metric])
+                         for v in out["runs"].values()
                          if v["kind"] == kind and v[metric] is not None and v["sasrec"][metric])
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=f"{kind} training (test)")

@@ -1,6 +1,8 @@
 """Dynamic (ED2-style) index: gradient into the codebooks, refresh consistency, frozen index unique."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -80,7 +82,13 @@ def test_train_dynamic_refreshes_consistently_and_freezes_unique(setup):
     # the final training rows (re-rendered after the last refresh) and eval rows use the final index
     rows = res.rows
     for r in rows[rows.task.isin(["seqrec", "text_to_sid"])].itertuples():
-        assert r.target == res.items.sid_of(r.target_item)
+        if r.task == "seqrec" and r.split == "train":  # a window: the SIDs of items 2..n, the last one the target item's
+            assert r.target.endswith(res.items.sid_of(r.target_item))
+            toks, L = re.findall(r"<[a-z]_\d+>", r.target), res.items.num_levels
+            assert len(toks) % L == 0
+            assert all(res.items.parse("".join(toks[i:i + L])) is not None for i in range(0, len(toks), L))
+        else:
+            assert r.target == res.items.sid_of(r.target_item)
     for r in rows[rows.split == "test"].itertuples():
         assert r.prompt.startswith(res.users.sid_of(r.user_id))
     # the frozen model's token table matches the final generator table shape and is saveable

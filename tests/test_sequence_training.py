@@ -8,25 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from sidrec.config import DataConfig, IndexConfig, LoraConfig, TasksConfig, TrainConfig
-from sidrec.data import load_dataset
-from sidrec.index import SIDIndex
+from sidrec.config import IndexConfig, LoraConfig, TasksConfig, TrainConfig
 from sidrec.tasks import PromptFormat, build_instructions, train_windows
 
 H = 6  # data.max_history of these tests: windows of 7 items
 
 
-@pytest.fixture(scope="module")
-def ml(ml100k_dir):
-    return load_dataset(DataConfig(format="recbole", path=str(ml100k_dir), max_users=80, kcore=5))
-
-
-@pytest.fixture(scope="module")
-def index(ml):
-    n = len(ml.items)
-    rng = np.random.default_rng(0)
-    codes = np.stack([rng.integers(0, 8, n), rng.integers(0, 8, n), np.arange(n)], 1)
-    return SIDIndex(entity_ids=ml.items["item_id"].tolist(), codes=codes, level_sizes=[8, 8, n])
+# the real MovieLens-100k slice (120 users) and its 3-level index, shared with the instruction-row tests
+from test_tasks_text import index, ml  # noqa: E402,F401  (pytest fixtures)
 
 
 @pytest.fixture(scope="module")

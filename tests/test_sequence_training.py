@@ -230,3 +230,20 @@ def test_nearest_free_refuses_a_catalog_larger_than_the_codes():
     x = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="nearest_free"):
         quantize(x, IndexConfig(levels=2, codebook_size=4, kmeans_iters=5, collisions="nearest_free"), 0, progress=False)
+
+
+def test_model_selection_does_not_change_what_is_trained(rows, index, tiny):
+    """Scoring valid users mid-training (a real constrained decode) leaves the trained weights bit-identical."""
+    from sidrec.evaluate import valid_selector
+    from sidrec.train import _trainable, train
+
+    finals = []
+    for every in (2, 6):
+        model, enc = tiny()
+        sel = valid_selector(enc, index, rows[rows["split"] == "valid"].reset_index(drop=True), 10, 10, 8, 0, torch.float32)
+        calls = iter(range(100))  # the latest step always scores best: the last step's weights are kept
+        cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=0, eval_every=every, checkpoint_every=None)
+        train(model, enc, rows[rows["split"] == "train"].reset_index(drop=True), cfg, 0, torch.float32, progress=False,
+              select=lambda m: sel(m) * 0 + next(calls))
+        finals.append({n: p.detach().clone() for n, p in _trainable(model)})
+    assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])

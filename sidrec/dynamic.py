@@ -335,9 +335,7 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
         return Renderer(ds, ii, ui, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual, prompt_format=fmt).render(specs)
 
     rows = render(item_index, user_index)
-    from sidrec.train import encode_rows
-
-    from sidrec.train import train_steps
+    from sidrec.train import encode_rows, train_steps
 
     enc = encode_rows(encoder, rows)
     tcfg = tcfg.model_copy(update={"steps": train_steps(tcfg, len(rows)), "epochs": None})

@@ -12,6 +12,10 @@ class ConfigError(SidrecError):
     """A run config or CLI option is invalid."""
 
 
+class IndexCapacityError(ConfigError, ValueError):
+    """The index's codes cannot give every item a unique SID under the configured collision rule."""
+
+
 class DataError(SidrecError):
     """An input data file is missing, malformed or fails a check."""
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sidrec.config import IndexConfig, RQVAEConfig
+from sidrec.errors import IndexCapacityError
 
 STATE_FILE = "quantizer.safetensors"
 META_FILE = "quantizer.json"
@@ -539,6 +540,17 @@ def resolve_collisions(raw_codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return np.concatenate([raw, rank[:, None]], 1), [int(counts.max())]
 
 
+def _nearest_free_last(key: tuple, residual: torch.Tensor, last_book: torch.Tensor, taken: set) -> Optional[tuple]:
+    """``key`` with its last code moved to the nearest last-level codeword (to ``residual`` [1, d], the
+    residual entering the last level) whose full tuple is not in ``taken``; None when all are taken."""
+    dist = _sq_dists(residual, last_book)[0]
+    for c in torch.argsort(dist, stable=True).tolist():
+        cand = key[:-1] + (int(c),)
+        if cand not in taken:
+            return cand
+    return None
+
+
 def spread_collisions(state: "QuantizerState", x: np.ndarray, raw_codes: np.ndarray) -> np.ndarray:
     """Unique ``M``-level codes without an extra level (``index.collisions: nearest_free``).
 
@@ -550,7 +562,7 @@ def spread_collisions(state: "QuantizerState", x: np.ndarray, raw_codes: np.ndar
     raw = np.asarray(raw_codes, dtype=np.int64)
     capacity = int(np.prod([int(cb.shape[0]) for cb in state.codebooks], dtype=np.float64))
     if raw.shape[0] > capacity:
-        raise ValueError(f"index.collisions nearest_free: {raw.shape[0]} items but only {capacity} distinct codes "
+        raise IndexCapacityError(f"index.collisions nearest_free: {raw.shape[0]} items but only {capacity} distinct codes "
                          f"({' x '.join(str(cb.shape[0]) for cb in state.codebooks)}); use a larger codebook_size, more levels "
                          "or collisions: extra_level")
     inv, counts = _group_ids(raw)
@@ -572,9 +584,7 @@ def spread_collisions(state: "QuantizerState", x: np.ndarray, raw_codes: np.ndar
             last_group = inv[i]
             continue
         key = tuple(raw[i].tolist())
-        dist = _sq_dists(residuals[-1][j : j + 1], books[-1])[0]
-        choice = next((key[:-1] + (int(c),) for c in torch.argsort(dist, stable=True).tolist()
-                       if key[:-1] + (int(c),) not in taken), None)
+        choice = _nearest_free_last(key, residuals[-1][j : j + 1], books[-1], taken)
         if choice is None and m >= 2:
             r2 = residuals[-2][j : j + 1] - books[-2]  # [N2, d]: residual after each second-to-last codeword
             pair = _sq_dists(r2, books[-1])  # [N2, N]
@@ -585,7 +595,7 @@ def spread_collisions(state: "QuantizerState", x: np.ndarray, raw_codes: np.ndar
                     choice = cand
                     break
         if choice is None:
-            raise ValueError(f"index.collisions nearest_free: every code near item {i}'s prefix {key[:-2]} is taken; "
+            raise IndexCapacityError(f"index.collisions nearest_free: every code near item {i}'s prefix {key[:-2]} is taken; "
                              "use a larger codebook_size or collisions: extra_level")
         codes[i] = choice
         taken.add(choice)
@@ -742,13 +752,10 @@ def assign_new(
         if key not in taken:
             taken.add(key)
             continue
-        dist = _sq_dists(residuals[-1][i : i + 1], last_cb)[0]
-        for c in torch.argsort(dist, stable=True).tolist():
-            cand = key[:-1] + (int(c),)
-            if cand not in taken:
-                codes[i, -1] = c
-                taken.add(cand)
-                break
+        choice = _nearest_free_last(key, residuals[-1][i : i + 1], last_cb, taken)
+        if choice is not None:
+            codes[i] = choice
+            taken.add(choice)
         else:
             raise ValueError(
                 f"new item {i}: every last-level code under prefix {key[:-1]} is taken; "

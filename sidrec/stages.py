@@ -91,14 +91,7 @@ def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
     from sidrec.index import SIDIndex
     from sidrec.quantize import plot_code_usage, quantize
 
-    try:
-        res = quantize(features.item_embeddings, cfg.index, cfg.seed)
-    except ValueError as e:
-        if "nearest_free" not in str(e):
-            raise
-        from sidrec.errors import ConfigError
-
-        raise ConfigError(str(e)) from None
+    res = quantize(features.item_embeddings, cfg.index, cfg.seed)  # IndexCapacityError: a ConfigError (exit 2)
     items = SIDIndex(entity_ids=list(features.item_ids), codes=res.codes, level_sizes=list(res.level_sizes))
     report = {
         "index/collision_rate_raw": float(res.raw_collision_rate),
@@ -180,7 +173,8 @@ def calibrate(model, encoder, train_rows, cfg: RunConfig) -> None:
 
     if not cfg.model.calibrate_sid_logits:
         return
-    model.sid_logit_raw_std = calibrate_sid_logits(model, encoder, list(train_rows["prompt"] + train_rows["target"]))
+    head = train_rows.head(32)  # the prompts calibrate_sid_logits reads
+    model.sid_logit_raw_std = calibrate_sid_logits(model, encoder, list(head["prompt"] + head["target"]), max_prompts=32)
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:

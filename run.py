@@ -2,7 +2,7 @@
 """sidrec command line: `python run.py --help`."""
 import sys
 
-from sidrec.cli import main
+from pipelines.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -206,7 +206,7 @@ def _ids(case):
 @pytest.fixture(scope="module")
 def zenml_runs():
     """Number of pipeline runs in the session's (temporary) ZenML store."""
-    from sidrec.cli import setup_environment
+    from pipelines.cli import setup_environment
 
     setup_environment()
     from zenml.client import Client
@@ -232,7 +232,7 @@ def _mlflow_runs(db: Path) -> int:
 def test_bad_input_fails_cleanly(case_id, edit, fragments, stage, tmp_path, capsys, zenml_runs):
     import os
 
-    from sidrec.cli import main
+    from pipelines.cli import main
 
     c = Case(tmp_path)
     edit(c)
@@ -266,7 +266,7 @@ def test_bad_input_fails_cleanly(case_id, edit, fragments, stage, tmp_path, caps
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from sidrec.cli import main
+    from pipelines.cli import main
     from sidrec.errors import ConfigError
 
     c = Case(tmp_path)

@@ -26,7 +26,7 @@ import json, os, sys
 from pathlib import Path
 from typing import Annotated
 
-from sidrec.cli import _ensure_zenml_repo, setup_environment
+from pipelines.cli import _ensure_zenml_repo, setup_environment
 
 setup_environment()
 import sidrec

@@ -31,7 +31,7 @@ def _config(tmp: Path, ml100k_dir: Path, **over) -> dict:
 def first_run(tmp_path_factory, ml100k_dir):
     import yaml
 
-    from sidrec.cli import run_training
+    from pipelines.cli import run_training
 
     tmp = tmp_path_factory.mktemp("pipe")
     cfg_path = tmp / "cfg.yaml"
@@ -91,7 +91,7 @@ def test_mlflow_run_has_artifacts_and_points_to_zenml(first_run):
 def test_rerun_reuses_cache(first_run):
     from zenml.client import Client
 
-    from sidrec.cli import run_training
+    from pipelines.cli import run_training
 
     tmp, cfg_path, m1 = first_run
     m2 = run_training(str(cfg_path), None)

@@ -185,7 +185,7 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     """train -> register -> promote (first champion) -> append new interactions to the same file ->
     `run.py retrain` (drift report, new items via the saved quantizer, warm start, register, gate)
     -> a forced worse challenger is rejected -> rollback; registry aliases checked at every stage."""
-    from sidrec.cli import _maybe_register, run_retrain, run_training
+    from pipelines.cli import _maybe_register, run_retrain, run_training
     from sidrec.config import load_config
     from sidrec.stages import ingest
     import sidrec.registry as reg

@@ -213,7 +213,7 @@ def test_servers_bind_localhost_by_default():
 
 
 def test_cli_ui_prints_localhost(capsys):
-    from sidrec.cli import main
+    from pipelines.cli import main
 
     assert main(["ui"]) == 0
     out = capsys.readouterr().out

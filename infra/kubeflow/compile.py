@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image", default=DEFAULT_IMAGE)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from sidrec.cli import setup_environment
+    from pipelines.cli import setup_environment
 
     setup_environment()
     from sidrec.config import load_config

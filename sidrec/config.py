@@ -348,17 +348,72 @@ def parse_config(data: dict, source: str = "<config>") -> RunConfig:
         raise ConfigError(_format_error(e, source)) from None
 
 
-def load_config(path: str | Path, overrides: Optional[dict] = None) -> RunConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found (pass --config configs/quickstart.yaml or another YAML file)")
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key repeated in one mapping (plain YAML keeps the last one)."""
+
+
+def _no_repeated_keys(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"{loader.name}: key '{key}' appears twice in one mapping (lines {seen[key] + 1} and "
+                              f"{key_node.start_mark.line + 1}); keep one (YAML would silently use the last)")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_repeated_keys)
+
+
+def _read_yaml(p: Path) -> dict:
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loader = _UniqueKeyLoader(p.read_text(encoding="utf-8"))
+        loader.name = str(p)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         raise ConfigError(f"{p}:{where} is not valid YAML: {str(e).splitlines()[0]}") from None
     data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, index:, ...)")
+    return data
+
+
+def _with_bases(p: Path, chain: tuple = ()) -> dict:
+    """The YAML of ``p`` merged over its ``base:`` file(s) (a path or a list, relative to ``p``; later
+    bases and then ``p`` itself override earlier ones, mappings merged key by key, lists replaced)."""
+    key = p.resolve()
+    if key in chain:
+        raise ConfigError(f"{p}: field 'base': circular inheritance ({' -> '.join(str(c.name) for c in chain + (key,))})")
+    data = _read_yaml(p)
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{p}: field 'base': a config path or a list of paths (relative to this file)")
+    merged: dict = {}
+    for b in bases:
+        bp = Path(b).expanduser()
+        bp = bp if bp.is_absolute() else p.parent / bp
+        if not bp.is_file():
+            raise ConfigError(f"{p}: field 'base': {bp} not found (paths are relative to {p.parent})")
+        merged = _deep_merge(merged, _with_bases(bp, chain + (key,)))
+    return _deep_merge(merged, data)
+
+
+def load_config(path: str | Path, overrides: Optional[dict] = None) -> RunConfig:
+    """Read a YAML run config: ``base:`` files merged first, a repeated key refused, then validated."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found (pass --config configs/quickstart.yaml or another YAML file)")
+    data = _with_bases(p)
     if overrides:
         data = _deep_merge(data, overrides)
     return parse_config(data, str(p))

@@ -181,6 +181,12 @@ CASES = [
     # --- config ------------------------------------------------------------------------------------
     ("config-missing", lambda c: setattr(c, "config_path", c.tmp / "nope.yaml"), ["nope.yaml", "config file not found"], "preflight"),
     ("config-not-yaml", lambda c: c.config_path.write_text("data: [unclosed\n"), ["config.yaml", "not valid YAML"], "preflight"),
+    ("config-repeated-key", lambda c: c.config_path.write_text(yaml.safe_dump(c.cfg) + "train: {steps: 3}\n"),
+     ["config.yaml", "key 'train' appears twice", "lines"], "preflight"),
+    ("config-base-missing", lambda c: c.config_path.write_text(yaml.safe_dump({**c.cfg, "base": "nope.yaml"})),
+     ["config.yaml", "field 'base'", "nope.yaml", "not found"], "preflight"),
+    ("config-base-circular", lambda c: c.config_path.write_text(yaml.safe_dump({**c.cfg, "base": "config.yaml"})),
+     ["config.yaml", "field 'base'", "circular"], "preflight"),
     ("config-unknown-key", lambda c: c.set("train", stepz=3), ["config.yaml", "train.stepz", "unknown key"], "preflight"),
     ("config-wrong-type", lambda c: c.set("train", steps="many"), ["config.yaml", "train.steps", "integer"], "preflight"),
     ("config-levels-zero", lambda c: c.set("index", levels=0), ["config.yaml", "index.levels", "greater than or equal to 1"], "preflight"),

@@ -36,6 +36,30 @@ def test_bad_configs_name_the_field(data, needle):
     assert needle in msg and msg.startswith("x.yaml") and "\n" not in msg
 
 
+def test_base_configs_are_merged_key_by_key(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "root.yaml").write_text("seed: 1\ntrain: {steps: 10, lr: 0.01}\neval: {ks: [1, 5, 10]}\n")
+    (tmp_path / "mid.yaml").write_text("base: shared/root.yaml\nname: mid\ntrain: {steps: 20}\n")
+    (tmp_path / "leaf.yaml").write_text("base: [mid.yaml]\ntrain: {batch_size: 3}\neval: {ks: [1]}\n")
+    cfg = load_config(tmp_path / "leaf.yaml")
+    assert (cfg.name, cfg.seed) == ("mid", 1)  # inherited through two levels, paths relative to each file
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.batch_size) == (20, 0.01, 3)  # mappings merged, nearest wins
+    assert cfg.eval.ks == [1]  # lists replaced, not appended
+    # a shipped ablation says only what differs, and still means what the full copy meant
+    abl = load_config(REPO / "configs" / "ablations" / "static-rqvae.yaml")
+    assert abl.index.quantizer == "rq_vae" and abl.train.steps == 200 and abl.name == "static-rqvae"
+
+
+def test_a_repeated_key_is_refused_with_both_lines(tmp_path):
+    p = tmp_path / "twice.yaml"
+    p.write_text("name: x\ntrain:\n  steps: 3\neval: {ks: [1]}\ntrain:\n  steps: 4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'train' appears twice in one mapping \(lines 2 and 5\)"):
+        load_config(p)
+    p.write_text("train: {steps: 3, steps: 4}\n")  # inside a section too
+    with pytest.raises(ConfigError, match="key 'steps' appears twice"):
+        load_config(p)
+
+
 def _cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -42,6 +43,9 @@ VARIANTS: dict[str, dict] = {
     "window-full-backbone": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": None}},
     "window-hi-lr": {"tasks": {"seqrec_mode": "window"}, "train": {"lr": 3.0e-3, "embedding_lr": 2.0e-2}},
     "window-6-layers": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": 6}},
+    "window-hybrid": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid"}},
+    "window-hybrid-0.8": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.8}}},
+    "window-hybrid-0.2": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.2}}},
     "window-no-aux": {"tasks": {"seqrec_mode": "window", "text_to_sid": 0.0, "sid_to_text": 0.0, "titles_to_sid": 0.0}},
 }
 
@@ -104,7 +108,10 @@ def main(argv=None) -> int:
             vcfg = parse_config(_merge(base, over), f"variant {name}")
             key = json.dumps([vcfg.index.model_dump(mode="json"), vcfg.seed], sort_keys=True)
             if key not in bundles:
-                bundles[key] = stages.build_index(features, vcfg)
+                vfeat = features
+                if vcfg.index.embedding == "hybrid":  # the training split's co-occurrence vectors, as featurize adds them
+                    vfeat = dataclasses.replace(features, item_collab=stages.collab_features(ds, vcfg))
+                bundles[key] = stages.build_index(vfeat, vcfg)
             bundle = bundles[key]
             label = name if args.seeds is None else f"{name}/seed{seed}"
             t1 = time.perf_counter()

@@ -42,6 +42,7 @@ class EntityFeatures:
     user_texts: list[str] = field(default_factory=list)
     user_embeddings: Optional[np.ndarray] = None
     embedder: str = "backbone"
+    item_collab: Optional[np.ndarray] = None  # index.embedding: hybrid (sidrec.collab), rows in item_ids order
 
     def save(self, directory: Path) -> None:
         from safetensors.numpy import save_file
@@ -50,6 +51,8 @@ class EntityFeatures:
         tensors = {"item_embeddings": np.ascontiguousarray(self.item_embeddings, dtype=np.float32)}
         if self.user_embeddings is not None:
             tensors["user_embeddings"] = np.ascontiguousarray(self.user_embeddings, dtype=np.float32)
+        if self.item_collab is not None:
+            tensors["item_collab"] = np.ascontiguousarray(self.item_collab, dtype=np.float32)
         save_file(tensors, str(directory / "embeddings.safetensors"))
         pd.DataFrame({"item_id": self.item_ids, "text": self.item_texts}).to_parquet(directory / "items.parquet", index=False)
         pd.DataFrame({"user_id": self.user_ids, "text": self.user_texts}).to_parquet(directory / "users.parquet", index=False)
@@ -66,7 +69,7 @@ class EntityFeatures:
         return cls(
             item_ids=items["item_id"].tolist(), item_texts=items["text"].tolist(), item_embeddings=t["item_embeddings"],
             user_ids=users["user_id"].tolist(), user_texts=users["text"].tolist(),
-            user_embeddings=t.get("user_embeddings"), embedder=meta["embedder"],
+            user_embeddings=t.get("user_embeddings"), embedder=meta["embedder"], item_collab=t.get("item_collab"),
         )
 
 
@@ -79,10 +82,17 @@ class IndexBundle:
     report: dict
     users: Optional["object"] = None
     usage_png: Optional[bytes] = None
+    # index.embedding: hybrid -- the collaborative vectors the quantizer saw, rows in items.entity_ids
+    # order, kept so a later run can rotate its own vectors into this basis (sidrec.collab.align)
+    collab: Optional[np.ndarray] = None
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.items.save(directory / "items")
+        if self.collab is not None:
+            from safetensors.numpy import save_file
+
+            save_file({"item_collab": np.ascontiguousarray(self.collab, dtype=np.float32)}, str(directory / "collab.safetensors"))
         self.state.save(directory / "quantizer")
         if self.users is not None:
             self.users.save(directory / "users")
@@ -96,12 +106,17 @@ class IndexBundle:
         from sidrec.quantize import QuantizerState
 
         png = directory / "code_usage.png"
+        collab = None
+        if (directory / "collab.safetensors").exists():
+            from safetensors.numpy import load_file
+
+            collab = load_file(str(directory / "collab.safetensors"))["item_collab"]
         return cls(
             items=SIDIndex.load(directory / "items"),
             state=QuantizerState.load(directory / "quantizer"),
             report=json.loads((directory / "report.json").read_text()),
             users=SIDIndex.load(directory / "users") if (directory / "users").exists() else None,
-            usage_png=png.read_bytes() if png.exists() else None,
+            usage_png=png.read_bytes() if png.exists() else None, collab=collab,
         )
 
 

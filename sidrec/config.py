@@ -103,6 +103,16 @@ class DynamicConfig(_Strict):
                                      "(VQ dead-code restart) before re-assigning")
 
 
+class HybridConfig(_Strict):
+    """``index.embedding: hybrid``: collaborative item vectors (PPMI-SVD of training-split co-occurrence,
+    :mod:`sidrec.collab`) quantized together with the text embedding."""
+
+    dim: int = Field(64, ge=2, description="collaborative vector dimension (truncated SVD rank)")
+    window: int = Field(5, ge=1, description="items at most this many positions apart in a training sequence co-occur")
+    collab_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of the quantizer's input variance given to the "
+                                "collaborative columns (the text columns get the rest)")
+
+
 class IndexConfig(_Strict):
     mode: Literal["static", "dynamic"] = "static"
     entities: Literal["items", "items+users"] = "items"
@@ -119,6 +129,10 @@ class IndexConfig(_Strict):
         "(M+1 tokens per item); nearest_free moves each colliding item to the nearest free code of the last level(s), so every "
         "item costs M tokens (rq_kmeans / rq_vae only)")
     keywords_per_token: int = Field(5, ge=1, description="TS-Rec: TF-IDF keywords kept per SID token/prefix")
+    embedding: Literal["text", "hybrid"] = Field(
+        "text", description="what the static quantizer indexes: text (the item text embedding) or hybrid (text + a "
+        "collaborative vector from the training split's item co-occurrence, index.hybrid; items only)")
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
 
     @field_validator("codebook_size")
     @classmethod
@@ -132,6 +146,13 @@ class IndexConfig(_Strict):
         if self.collisions == "nearest_free" and self.quantizer == "lsh":
             raise ValueError("collisions 'nearest_free' needs residual codebooks (quantizer rq_kmeans or rq_vae); "
                              "use collisions: extra_level with lsh")
+        return self
+
+    @model_validator(mode="after")
+    def _hybrid_is_static(self):
+        if self.embedding == "hybrid" and self.mode == "dynamic":
+            raise ValueError("index.embedding 'hybrid' is for the static index; the dynamic index learns from the backbone's "
+                             "representations (use embedding: text with mode: dynamic)")
         return self
 
 

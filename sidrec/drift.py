@@ -147,6 +147,21 @@ def extend_index(bundle, item_ids: list[str], embeddings: np.ndarray):
     return _with_new_items(bundle, [item_ids[i] for i in new_rows], codes, sizes), len(new_rows)
 
 
+def _hybrid_retrain_inputs(champ, features, cfg: RunConfig):
+    """``(x, collab)`` for extending a hybrid champion: this run's collaborative vectors rotated into
+    the champion's basis (:func:`sidrec.collab.align`), concatenated with the text embedding as the
+    champion's quantizer expects. ``ValueError`` when the champion kept no collaborative vectors."""
+    from sidrec.collab import align
+    from sidrec.stages import index_inputs
+
+    if champ.collab is None:
+        raise ValueError("the champion's index has no collaborative vectors (it was built with index.embedding: text)")
+    if features.item_collab is None:
+        raise ValueError("this run's text features have no collaborative vectors")
+    collab = align(champ.items.entity_ids[: len(champ.collab)], champ.collab, features.item_ids, features.item_collab)
+    return index_inputs(features, cfg, collab=collab)[0], collab
+
+
 def _new_rows(bundle, item_ids: list[str]) -> list[int]:
     """Positions in ``item_ids`` of items the bundle's index does not have yet."""
     return [i for i, e in enumerate(item_ids) if str(e) not in bundle.items._row]
@@ -161,7 +176,8 @@ def _with_new_items(bundle, new_ids: list, codes: np.ndarray, sizes: list[int], 
     items = SIDIndex(entity_ids=list(old.entity_ids) + [str(e) for e in new_ids],
                      codes=np.vstack([old.codes, codes]), level_sizes=list(sizes), prefix=old.prefix)
     report = {**bundle.report, "index/new_items_assigned": len(new_ids), **report_extra, "index/reused": 1}
-    return IndexBundle(items=items, state=bundle.state, report=report, users=bundle.users, usage_png=bundle.usage_png)
+    return IndexBundle(items=items, state=bundle.state, report=report, users=bundle.users, usage_png=bundle.usage_png,
+                       collab=bundle.collab)
 
 
 def extend_index_by_generation(bundle, model, encoder, item_ids: list[str], texts: list[str], beams: int = 5,
@@ -211,8 +227,14 @@ def index_for_retrain(cfg: RunConfig, features) -> tuple:
     if parts.get("index") is None:
         return build_index(features, cfg), {"source": "fresh", "reason": "no champion" if root is None else "champion has no index"}
     champ = IndexBundle.load(parts["index"])
-    if champ.state.input_dim != features.item_embeddings.shape[1]:
-        return build_index(features, cfg), {"source": "fresh", "reason": f"embedding dim {features.item_embeddings.shape[1]} != champion quantizer {champ.state.input_dim}"}
+    x, collab = features.item_embeddings, None
+    if cfg.index.embedding == "hybrid":
+        try:
+            x, collab = _hybrid_retrain_inputs(champ, features, cfg)
+        except ValueError as e:
+            return build_index(features, cfg), {"source": "fresh", "reason": f"cannot place new items in the champion's index: {e}"}
+    if champ.state.input_dim != x.shape[1]:
+        return build_index(features, cfg), {"source": "fresh", "reason": f"index input dim {x.shape[1]} != champion quantizer {champ.state.input_dim}"}
     try:
         if cfg.retrain.new_item_sids == "llm" and parts.get("recommender") is not None:
             from sidrec.model import Encoder, load_recommender
@@ -222,9 +244,11 @@ def index_for_retrain(cfg: RunConfig, features) -> tuple:
             bundle, n_new = extend_index_by_generation(champ, model, Encoder(tok, model.vocab), features.item_ids,
                                                        features.item_texts, dtype=compute_dtype(cfg))
         else:
-            bundle, n_new = extend_index(champ, features.item_ids, features.item_embeddings)
+            bundle, n_new = extend_index(champ, features.item_ids, x)
     except ValueError as e:  # last level full under some prefix
         return build_index(features, cfg), {"source": "fresh", "reason": f"cannot extend the champion's index: {e}"}
+    if collab is not None and n_new:  # the new items' collaborative vectors, in the order they were appended
+        bundle.collab = np.vstack([champ.collab, collab[_new_rows(champ, features.item_ids)]])
     return bundle, {"source": "champion", "version": parts["version"], "new_items": n_new,
                     "new_item_sids": cfg.retrain.new_item_sids}
 

@@ -380,7 +380,18 @@ def _scaled(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- fitting
 
 
-def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, iters: int = 50) -> QuantizerState:
+def _weighted(scale: np.ndarray, column_weights: Optional[np.ndarray]) -> np.ndarray:
+    """Column scales with ``column_weights`` folded in: standardised column j is multiplied by w_j."""
+    if column_weights is None:
+        return scale
+    w = np.asarray(column_weights, dtype=np.float32).ravel()
+    if w.shape != scale.shape or (w <= 0).any():
+        raise ValueError(f"column_weights must be {scale.shape[0]} positive numbers (got shape {w.shape})")
+    return (scale / w).astype(np.float32)
+
+
+def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, iters: int = 50,
+                  column_weights: Optional[np.ndarray] = None) -> QuantizerState:
     """Residual k-means: standardise ``x``, then k-means per level on the residual.
 
     Above ``codebook_size * MAX_POINTS_PER_CENTROID`` rows every level is fitted on one random
@@ -390,6 +401,7 @@ def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, ite
     gen = torch.Generator().manual_seed(int(seed))
     n_fit = codebook_size * MAX_POINTS_PER_CENTROID
     mean, scale = _moments(x)  # of every row
+    scale = _weighted(scale, column_weights)
     if x.shape[0] > n_fit:
         x = x[np.sort(torch.randperm(x.shape[0], generator=gen)[:n_fit].numpy())]
     r = torch.from_numpy(_scaled(x, mean, scale))  # our own copy: the residual is updated in place
@@ -410,6 +422,7 @@ def fit_rq_vae(
     cfg: Optional[RQVAEConfig] = None,
     kmeans_iters: int = 20,
     progress: bool = True,
+    column_weights: Optional[np.ndarray] = None,
 ) -> QuantizerState:
     """RQ-VAE: MLP encoder -> residual VQ -> MLP decoder.
 
@@ -423,6 +436,7 @@ def fit_rq_vae(
     cfg = cfg or RQVAEConfig()
     x = _as_matrix(x)
     mean, scale = _moments(x)
+    scale = _weighted(scale, column_weights)
     xs = _scaled(x, mean, scale)
     n, d = xs.shape
     data = torch.from_numpy(xs)
@@ -659,7 +673,8 @@ def lsh_codes(z: np.ndarray, planes: np.ndarray) -> np.ndarray:
     return (bits << np.arange(planes.shape[0], dtype=np.int64)).sum(1)
 
 
-def fit_lsh(x: np.ndarray, levels: int, codebook_size: int, seed: int) -> QuantizerState:
+def fit_lsh(x: np.ndarray, levels: int, codebook_size: int, seed: int,
+            column_weights: Optional[np.ndarray] = None) -> QuantizerState:
     """Random-hyperplane LSH per level (ED2's LSH ablation): log2(N) hyperplanes per level on the
     standardised input; codebooks hold each bucket's mean (for reconstruction error only)."""
     x = _as_matrix(x)
@@ -669,6 +684,7 @@ def fit_lsh(x: np.ndarray, levels: int, codebook_size: int, seed: int) -> Quanti
     mean = x.mean(0)
     scale = x.std(0)
     scale[scale < 1e-8] = 1.0
+    scale = _weighted(scale, column_weights)
     z = (x - mean) / scale
     rng = np.random.default_rng(seed)
     planes, books = {}, []
@@ -683,17 +699,22 @@ def fit_lsh(x: np.ndarray, levels: int, codebook_size: int, seed: int) -> Quanti
     return QuantizerState(kind="lsh", codebooks=books, mean=mean, scale=scale, encoder=planes)
 
 
-def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True) -> QuantizationResult:
-    """Fit the configured quantizer on ``x``, assign codes and resolve collisions."""
+def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True,
+             column_weights: Optional[np.ndarray] = None) -> QuantizationResult:
+    """Fit the configured quantizer on ``x``, assign codes and resolve collisions.
+
+    ``column_weights`` (one positive number per column) multiply the standardised columns, so parts of
+    a concatenated input get set shares of the variance (:func:`sidrec.collab.hybrid_inputs`); they are
+    folded into the saved state's scale, so later assignments weight new rows the same way."""
     x = _as_matrix(x)
     m = cfg.levels
     n_codes = auto_codebook_size(x.shape[0], m) if cfg.codebook_size == "auto" else int(cfg.codebook_size)
     if cfg.quantizer == "rq_kmeans":
-        state = fit_rq_kmeans(x, m, n_codes, seed, cfg.kmeans_iters)
+        state = fit_rq_kmeans(x, m, n_codes, seed, cfg.kmeans_iters, column_weights=column_weights)
     elif cfg.quantizer == "lsh":
-        state = fit_lsh(x, m, n_codes, seed)
+        state = fit_lsh(x, m, n_codes, seed, column_weights=column_weights)
     else:
-        state = fit_rq_vae(x, m, n_codes, seed, cfg.rqvae, progress=progress)
+        state = fit_rq_vae(x, m, n_codes, seed, cfg.rqvae, progress=progress, column_weights=column_weights)
     raw = state.assign(x)
     if getattr(cfg, "collisions", "extra_level") == "nearest_free":
         codes, extra = spread_collisions(state, x, raw), []

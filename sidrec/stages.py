@@ -83,7 +83,32 @@ def featurize(ds, cfg: RunConfig) -> EntityFeatures:
     return EntityFeatures(
         item_ids=ds.items["item_id"].tolist(), item_texts=items, item_embeddings=item_emb,
         user_ids=user_ids, user_texts=utexts, user_embeddings=user_emb, embedder=cfg.features.embedder,
+        item_collab=collab_features(ds, cfg) if cfg.index.embedding == "hybrid" else None,
     )
+
+
+def collab_features(ds, cfg: RunConfig) -> np.ndarray:
+    """Collaborative item vectors (``index.hybrid``) from the training split only, rows in ``ds.items`` order."""
+    from sidrec.collab import cooccurrence_vectors
+
+    h = cfg.index.hybrid
+    return cooccurrence_vectors(ds.train_sequences().values(), ds.items["item_id"].tolist(), h.dim, h.window, cfg.seed)
+
+
+def index_inputs(features: EntityFeatures, cfg: RunConfig, collab: Optional[np.ndarray] = None):
+    """What the static quantizer sees for ``features``' items: ``(x, column_weights)``. For
+    ``index.embedding: hybrid`` the text embedding and the collaborative vectors (``collab``, default
+    ``features.item_collab``) with ``index.hybrid.collab_share`` of the variance; else the text alone."""
+    if cfg.index.embedding != "hybrid":
+        return features.item_embeddings, None
+    from sidrec.collab import hybrid_inputs
+    from sidrec.errors import ConfigError
+
+    collab = features.item_collab if collab is None else collab
+    if collab is None:
+        raise ConfigError("index.embedding: hybrid, but the text features have no collaborative vectors "
+                          "(they were computed with index.embedding: text); re-run the text-features step")
+    return hybrid_inputs(features.item_embeddings, collab, cfg.index.hybrid.collab_share)
 
 
 # 4. SID quantization (static) ---------------------------------------------------------------
@@ -91,13 +116,15 @@ def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
     from sidrec.index import SIDIndex
     from sidrec.quantize import plot_code_usage, quantize
 
-    res = quantize(features.item_embeddings, cfg.index, cfg.seed)  # IndexCapacityError: a ConfigError (exit 2)
+    x, weights = index_inputs(features, cfg)
+    res = quantize(x, cfg.index, cfg.seed, column_weights=weights)  # IndexCapacityError: a ConfigError (exit 2)
     items = SIDIndex(entity_ids=list(features.item_ids), codes=res.codes, level_sizes=list(res.level_sizes))
     report = {
         "index/collision_rate_raw": float(res.raw_collision_rate),
         "index/collisions": int(res.collisions),
         "index/recon_error": float(res.recon_error),
         "index/levels": items.num_levels,
+        "index/input_dim": int(x.shape[1]),
         "index/codebook_size": int(res.state.codebook_sizes[0]) if hasattr(res.state, "codebook_sizes") else res.level_sizes[0],
         **{f"index/{k}": float(v) for k, v in res.stats.items()},
     }
@@ -111,7 +138,10 @@ def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
         png = Path(tmp) / "code_usage.png"
         plot_code_usage(items.codes, items.level_sizes, png)
         usage = png.read_bytes()
-    return IndexBundle(items=items, state=res.state, report=report, users=users, usage_png=usage)
+    collab = features.item_collab if weights is not None else None
+    if collab is not None:
+        report["index/collab_coverage"] = float((np.abs(collab).sum(1) > 0).mean())  # items with a collaborative vector
+    return IndexBundle(items=items, state=res.state, report=report, users=users, usage_png=usage, collab=collab)
 
 
 # 5. instruction dataset ---------------------------------------------------------------------

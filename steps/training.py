@@ -11,6 +11,7 @@ from zenml.config.cache_policy import CachePolicy
 
 import sidrec.artifacts
 import sidrec.baselines
+import sidrec.collab
 import sidrec.data
 import sidrec.decode
 import sidrec.dynamic
@@ -84,12 +85,12 @@ def quality_gate(report: QualityReport) -> Annotated[bool, "quality_passed"]:
     return True
 
 
-@step(output_materializers=EntityFeaturesMaterializer, cache_policy=_deps(sidrec.text, sidrec.model))
+@step(output_materializers=EntityFeaturesMaterializer, cache_policy=_deps(sidrec.text, sidrec.model, sidrec.collab))
 def text_features(dataset: Dataset, quality_passed: bool, config: dict) -> Annotated[EntityFeatures, "features"]:
     return sidrec.stages.featurize(dataset, _cfg(config))
 
 
-@step(output_materializers=IndexBundleMaterializer, cache_policy=_deps(sidrec.quantize, sidrec.index))
+@step(output_materializers=IndexBundleMaterializer, cache_policy=_deps(sidrec.quantize, sidrec.index, sidrec.collab))
 def sid_quantization(features: EntityFeatures, config: dict) -> Annotated[IndexBundle, "sid_index"]:
     bundle = sidrec.stages.build_index(features, _cfg(config))
     _meta(**{"index": {k.replace("/", "_"): v for k, v in bundle.report.items()}})

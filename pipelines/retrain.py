@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from zenml import pipeline
 
-from pipelines.training import data_digest, pick
+from pipelines.training import pick
 from steps import baselines, evaluate, ingest, instruction_dataset, log_to_mlflow, quality_gate, text_features, validate_data
 from steps.ops import drift_report, extend_index, promotion_gate, register_challenger, warm_finetune
 
 
 @pipeline(enable_cache=True)
 def retrain_pipeline(config: dict) -> None:
-    dataset = ingest(config=pick(config, "ingest"), source_digest=data_digest(config))
+    dataset = ingest(config=pick(config, "ingest"))
     quality = validate_data(dataset, config=pick(config, "validate_data"))
     passed = quality_gate(quality)
     drift_report(dataset, passed, config=config)

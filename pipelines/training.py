@@ -51,17 +51,9 @@ def pick(config: dict, step: str) -> dict:
     return out
 
 
-def data_digest(config: dict) -> str:
-    """Digest of the data source files, so that appended data is never served from the ingest cache."""
-    from sidrec.config import DataConfig
-    from sidrec.data import source_digest
-
-    return source_digest(DataConfig.model_validate(config.get("data", {})))
-
-
 @pipeline(enable_cache=True)
 def training_pipeline(config: dict) -> None:
-    dataset = ingest(config=pick(config, "ingest"), source_digest=data_digest(config))
+    dataset = ingest(config=pick(config, "ingest"))
     quality = validate_data(dataset, config=pick(config, "validate_data"))
     passed = quality_gate(quality)
     features = text_features(dataset, passed, config=pick(config, "text_features"))

@@ -59,12 +59,14 @@ def _deps(*modules) -> CachePolicy:
     return CachePolicy(source_dependencies=[sidrec.stages, sidrec.artifacts, *modules])
 
 
-@step(output_materializers=DatasetMaterializer, cache_policy=_deps(sidrec.data))
-def ingest(config: dict, source_digest: str) -> Annotated[Dataset, "dataset"]:
-    """``source_digest`` (:func:`sidrec.data.source_digest`, computed when the pipeline is built) is only
-    here for the cache key: new bytes in the source files under the same config mean new data."""
-    ds = sidrec.stages.ingest(_cfg(config))
-    _meta(**{"dataset": ds.stats(), "source_digest": source_digest})
+@step(output_materializers=DatasetMaterializer, enable_cache=False)
+def ingest(config: dict) -> Annotated[Dataset, "dataset"]:
+    """Never cached: every run -- also every run of a built pipeline on a ZenML ``Schedule`` -- reads the
+    data as it is *now*. The steps below stay cached while the data is unchanged: their cache keys
+    take the dataset's content hash (``DatasetMaterializer.compute_content_hash``, the fingerprint)."""
+    cfg = _cfg(config)
+    ds = sidrec.stages.ingest(cfg)
+    _meta(**{"dataset": ds.stats(), "source_digest": sidrec.data.source_digest(cfg.data), "fingerprint": ds.fingerprint()})
     return ds
 
 

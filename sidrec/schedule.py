@@ -1,4 +1,5 @@
-"""Scheduled retraining with cron + flock (the local ZenML orchestrator has no schedules).
+"""Scheduled retraining: cron + flock on one machine (the local ZenML orchestrator has no schedules),
+or a ZenML ``Schedule`` on an orchestrator that runs them (``run.py schedule --zenml``, e.g. Kubeflow).
 
 `run.py schedule --config C [--cron "0 3 * * 1"] [--install]` prints (or installs) one crontab line:
 
@@ -31,6 +32,28 @@ def validate_cron(expr: str) -> str:
         if not set(f) <= allowed | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"):
             raise ConfigError(f"--cron: field {f!r} has characters cron does not accept")
     return " ".join(fields)
+
+
+# orchestrator flavors whose schedules take a 6-field cron (seconds first): Kubeflow Pipelines parses
+# recurring runs with robfig/cron (kfp.Client.create_recurring_run: "6 space-separated fields") and
+# ZenML passes Schedule.cron_expression through unchanged
+SIX_FIELD_FLAVORS = {"kubeflow"}
+# flavors without schedule support (ZenML docs, "Schedule a pipeline")
+NO_SCHEDULES = {"local", "local_docker"}
+
+
+def orchestrator_cron(expr: str, flavor: str) -> str:
+    """The cron expression a ZenML ``Schedule`` needs on orchestrator ``flavor``: the 5-field crontab form
+    (as ``--cron`` takes it), with a leading seconds field ``0`` for Kubeflow. ``ConfigError`` for an
+    orchestrator that cannot run schedules."""
+    if flavor in NO_SCHEDULES:
+        raise ConfigError(f"--zenml: the active stack's orchestrator ({flavor}) does not run schedules; use the crontab "
+                          "line (run.py schedule without --zenml) or a stack with a Kubeflow orchestrator "
+                          "(infra/kubeflow/register_stack.sh)")
+    fields = validate_cron(expr).split()
+    if fields[0].startswith("@"):
+        return fields[0]
+    return " ".join(["0", *fields]) if flavor in SIX_FIELD_FLAVORS else " ".join(fields)
 
 
 def cron_line(config: str, cron: str, repo: Path, python: Optional[str] = None, lock_file: Optional[str] = None,

@@ -2,6 +2,8 @@
 and the cron/flock schedule line. (The full `run.py retrain` pipeline is not exercised here.)"""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -118,6 +120,28 @@ def test_schedule_cron_line_and_merge(tmp_path):
         cron_line(str(cfg), "every monday", tmp_path)
     with pytest.raises(ConfigError):
         cron_line(str(cfg), "0 3 * * 1; rm -rf /", tmp_path)
+
+
+def test_zenml_schedule_cron_per_orchestrator(tmp_path):
+    import subprocess
+    import sys
+
+    from sidrec.errors import ConfigError
+    from sidrec.schedule import orchestrator_cron
+
+    assert orchestrator_cron("0 3 * * 1", "kubeflow") == "0 0 3 * * 1"  # KFP recurring runs: seconds first
+    assert orchestrator_cron("0 3 * * 1", "kubernetes") == "0 3 * * 1"  # a Kubernetes CronJob: crontab form
+    with pytest.raises(ConfigError, match="does not run schedules"):
+        orchestrator_cron("0 3 * * 1", "local")
+    with pytest.raises(ConfigError, match="5-field"):
+        orchestrator_cron("0 0 3 * * 1", "kubeflow")  # --cron takes the crontab form only
+    # through the CLI on the default (local) stack: one error line, exit 2, nothing scheduled
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "run.py", "schedule", "--zenml", "--config", "configs/smoke.yaml"], cwd=repo,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    err = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "local" in err[0] and "does not run schedules" in err[0], out.stderr[-2000:]
 
 
 def test_store_new_item_sids_generated_by_the_llm():

@@ -44,13 +44,27 @@ def setup_mlflow(cfg: RunConfig):
     name = experiment_name(cfg)
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        root = STATE_DIR / "mlartifacts" / name
-        root.mkdir(parents=True, exist_ok=True)
+        location = local_artifact_location(uri, name)
         try:
-            return mlflow.create_experiment(name, artifact_location=root.resolve().as_uri())
+            return mlflow.create_experiment(name, artifact_location=location)
         except Exception:  # created concurrently by another run
             exp = mlflow.get_experiment_by_name(name)
     return exp.experiment_id
+
+
+def local_artifact_location(uri: str, experiment: str) -> Optional[str]:
+    """The artifact root for a new experiment: a folder in the state directory for a local store (sqlite
+    or file), so runs never write into the working directory; ``None`` for a tracking server (http(s),
+    databricks, ...), whose own artifact store (``--artifacts-destination`` / ``--default-artifact-root``)
+    must be used -- a local path there would make every pod write to its own disk."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if scheme not in ("sqlite", "file", "") or uri.split(":")[0] in ("databricks", "databricks-uc", "uc"):
+        return None
+    root = STATE_DIR / "mlartifacts" / experiment
+    root.mkdir(parents=True, exist_ok=True)
+    return root.resolve().as_uri()
 
 
 def git_commit() -> str:

@@ -285,3 +285,15 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     assert len(client.search_model_versions(f"name='{name}'")) == 3
     log = reg.read_log(cfg)
     assert sum(r["action"] == "register" for r in log) == 3 and any(r["action"] == "promote" and not r["promoted"] for r in log)
+
+
+def test_artifact_root_is_local_only_for_local_stores(tmp_path):
+    from sidrec.tracking import STATE_DIR, local_artifact_location
+
+    for uri in (f"sqlite:///{tmp_path / 'm.db'}", f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns")):
+        loc = local_artifact_location(uri, "sidrec-x")
+        assert loc is not None and loc.startswith("file://") and loc.endswith("/mlartifacts/sidrec-x")
+        assert loc.startswith(STATE_DIR.resolve().as_uri())
+    # a tracking server keeps its own artifact store: no local path is forced on it
+    for uri in ("http://mlflow.internal:5000", "https://mlflow.example.com", "databricks"):
+        assert local_artifact_location(uri, "sidrec-x") is None

@@ -69,3 +69,13 @@ def test_resources_gpu_for_finetune_and_evaluate(compiled):
     c = executors[exec_of[comp_of["finetune"]]]["container"]
     assert "zenml.entrypoints.entrypoint" in " ".join(c["command"]) and "finetune" in c["args"]
     assert info["finetune"]["docker"].parent_image.startswith("pytorch/pytorch")
+    # the image's requirements never pin a CPU-only torch (it would replace the parent image's CUDA build)
+    docker = info["finetune"]["docker"]
+    req = Path(docker.requirements)
+    req = req if req.is_absolute() else REPO / req
+    pins = [ln.strip() for ln in req.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    torch_pins = [p for p in pins if p.split("==")[0].strip().lower() == "torch"]
+    assert torch_pins and not any("+cpu" in p for p in torch_pins), torch_pins
+    # ... and otherwise the same pins as the tested CPU install (constraints.txt)
+    cpu = [ln.strip() for ln in (REPO / "constraints.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert [p for p in pins if not p.startswith("torch==")] == [p for p in cpu if not p.startswith("torch==")]

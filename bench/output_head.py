@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from sidrec.decode import beam_search_batch  # noqa: E402
-from sidrec.train import _collate, bucketed_batches, encode_rows, target_loss  # noqa: E402
+from sidrec.train import collate, bucketed_batches, encode_rows, target_loss  # noqa: E402
 
 
 def full_logits(model, h: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     pool = sorted(pool, key=lambda b: float(lengths[b].mean()))
     picks = [int(round((i + 0.5) / args.train_batches * len(pool) - 0.5)) for i in range(args.train_batches)]
     batches = [pool[i] for i in picks]
-    collated = [_collate(encd, idx, enc.pad_id) for idx in batches]
+    collated = [collate(encd, idx, enc.pad_id) for idx in batches]
     n_tokens = int(sum(int(m.sum()) for _, m, _ in collated))
     n_target = int(sum(int(t[:, 1:].sum()) for _, _, t in collated))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from sidrec.train import _collate, bucketed_batches, encode_rows, target_loss, train  # noqa: E402
+from sidrec.train import collate, bucketed_batches, encode_rows, target_loss, train  # noqa: E402
 
 
 def padding_share(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     encd = encode_rows(enc, train_rows)
     lengths = encd.lengths()
     batches = bucketed_batches(lengths, args.batch, args.steps, cfg.seed)
-    collated = [_collate(encd, idx, enc.pad_id) for idx in batches]
+    collated = [collate(encd, idx, enc.pad_id) for idx in batches]
     n_tokens = int(sum(int(m.sum()) for _, m, _ in collated))
     n_padded = int(sum(m.numel() for _, m, _ in collated))
     params = [p for p in model.parameters() if p.requires_grad]

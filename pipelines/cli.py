@@ -24,7 +24,9 @@ EXIT_USER_ERROR = 2
 
 def setup_environment() -> None:
     """Offline, quiet, and local state under ``.sidrec/`` (set before zenml/mlflow are imported)."""
-    home = Path(os.environ.get("SIDREC_HOME", REPO_ROOT / ".sidrec"))
+    from sidrec.runtime import state_home
+
+    home = state_home()
     os.environ.setdefault("SIDREC_HOME", str(home))
     os.environ.setdefault("ZENML_CONFIG_PATH", str(home / "zenml"))
     os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
@@ -36,7 +38,14 @@ def setup_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    if not sys.stdout.isatty():  # no colour codes in logs, pipes and CI
+        os.environ.setdefault("ZENML_LOGGING_COLORS_DISABLED", "true")
     import logging
+    import warnings
+
+    # third-party deprecation notices a user can do nothing about (issue 14: a clean console)
+    for message in (r".*is_gradient_checkpointing.* is deprecated", r"You are using a Python version .* google"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
     for name in ("great_expectations", "mlflow", "alembic", "urllib3", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -83,7 +92,9 @@ def _store_lock():
         import fcntl
     except ImportError:  # not POSIX: no lock
         return contextlib.nullcontext()
-    cfg_dir = Path(os.environ.get("ZENML_CONFIG_PATH", Path(os.environ.get("SIDREC_HOME", REPO_ROOT / ".sidrec")) / "zenml"))
+    from sidrec.runtime import state_home
+
+    cfg_dir = Path(os.environ.get("ZENML_CONFIG_PATH", state_home() / "zenml"))
     cfg_dir.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
@@ -167,7 +178,10 @@ def _check_inputs(cfg) -> None:
     if not path.exists():
         hint = "run `make fetch` to extract MovieLens-100k" if "ml-100k" in str(path) else "fix data.path"
         raise DataError(f"{path}: data.path does not exist; {hint}")
-    load_dataset(cfg.data)
+    ds = load_dataset(cfg.data)
+    from sidrec.validation import check_config_fits_data
+
+    check_config_fits_data(cfg, ds)  # e.g. index.codebook_size above the catalog
     backbone = cfg.model.backbone
     if backbone not in ("smollm2", "tiny"):
         p = Path(backbone).expanduser()
@@ -336,9 +350,12 @@ def _ops_command(args) -> int:
         run_retrain(args.config, args.run_name)
     elif args.command == "schedule":
         from sidrec import schedule
+        from sidrec.errors import ConfigError
 
         cfg = load_config(args.config)
         if args.zenml:
+            if args.install:
+                raise ConfigError("--install writes a crontab line; --zenml registers a ZenML Schedule instead: pass one of them")
             run_zenml_schedule(cfg, args.cron)
             return 0
         line = schedule.cron_line(args.config, args.cron, REPO_ROOT, lock_file=cfg.retrain.lock_file)
@@ -367,8 +384,8 @@ def run_zenml_schedule(cfg, cron: str) -> None:
 
     sched = Schedule(name=f"sidrec-retrain-{cfg.name}", cron_expression=expr)
     opts = {"schedule": sched, "model": _zenml_model(cfg)}
-    if flavor == "kubeflow":  # images, resources and GPUs of the Kubeflow stack (docs/operations.md section 6)
-        opts["config_path"] = str(REPO_ROOT / "infra" / "kubeflow" / "run_config.yaml")
+    if flavor == "kubeflow":  # images, resources and GPUs of the retraining steps (docs/operations.md section 6)
+        opts["config_path"] = str(REPO_ROOT / "infra" / "kubeflow" / "retrain_run_config.yaml")
     retrain_pipeline.with_options(**opts)(config=cfg.model_dump(mode="json"))
     print(f"registered ZenML schedule {sched.name!r} ({expr}) on the {flavor} orchestrator")
 

@@ -9,10 +9,12 @@ items, :meth:`sidrec.data.Dataset.train_sequences`), so no evaluation item leaks
 2. positive PMI of those counts (with context-distribution smoothing, Levy & Goldberg 2015);
 3. a truncated SVD of the PPMI matrix; an item's vector is its row of ``U * sqrt(S)``.
 
-Items with no training interaction get a zero vector (their index position then comes from the
-text alone). :func:`hybrid_inputs` concatenates the text and the collaborative vectors with column
-weights that give each part a set share of the quantizer's input variance (the quantizer
-standardises every column, so a plain concatenation would weight the parts by their column counts).
+Items with no training interaction get a zero vector: they all share one collaborative position,
+and the text part alone tells them apart. :func:`hybrid_inputs` concatenates the text and the
+collaborative vectors with column weights that give each part a set share of the quantizer's input
+variance (the quantizer standardises every column, so a plain concatenation would weight the parts by
+their column counts). Within the collaborative part every SVD component then carries the same
+weight (the components are whitened; their singular values order them, they do not weight them).
 :func:`align` rotates vectors from a later run's SVD into an earlier run's basis (orthogonal
 Procrustes on the items both runs know), so a champion's quantizer can place new items.
 """
@@ -102,7 +104,11 @@ def hybrid_inputs(text: np.ndarray, collab: np.ndarray, collab_share: float) -> 
     if not 0.0 < collab_share < 1.0:
         raise ValueError("collab_share must be strictly between 0 and 1")
     dt, dc = text.shape[1], collab.shape[1]
-    w = np.concatenate([np.full(dt, np.sqrt((1.0 - collab_share) / dt)), np.full(dc, np.sqrt(collab_share / dc))])
+    # constant columns (an SVD rank below dim on a tiny catalog) are zero after standardising: they get no share
+    live = collab.std(0) > 1e-8
+    n_live = max(int(live.sum()), 1)
+    wc = np.where(live, np.sqrt(collab_share / n_live), 1.0)
+    w = np.concatenate([np.full(dt, np.sqrt((1.0 - collab_share) / dt)), wc])
     return np.concatenate([text, collab], axis=1), w.astype(np.float32)
 
 

@@ -73,6 +73,8 @@ class FeaturesConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     max_text_tokens: int = Field(64, ge=4)
     user_history_titles: int = Field(10, ge=0, description="titles of the last N training items in a user's text")
+    cache: bool = Field(True, description="reuse text embeddings across runs and datasets, keyed by the text and the "
+                        "embedder's identity ($SIDREC_HOME/cache/embeddings; sidrec/embedding_cache.py)")
 
 
 class RQVAEConfig(_Strict):
@@ -333,6 +335,18 @@ class RunConfig(_Strict):
             raise ValueError("retrain.new_item_sids 'llm' needs tasks.text_to_sid > 0 (the model must learn text -> SID)")
         return self
 
+    @model_validator(mode="after")
+    def _dynamic_index_limits(self):
+        """What the dynamic index does not do (yet), said at load time instead of silently ignored."""
+        if self.index.mode == "dynamic":
+            if self.train.processes > 1:
+                raise ValueError("train.processes > 1 is not supported with index.mode 'dynamic' (the index refresh is "
+                                 "not distributed); use processes: 1")
+            if self.model.device == "cuda":
+                raise ValueError("model.device 'cuda' is not supported with index.mode 'dynamic' (it trains on the CPU); "
+                                 "use 'auto' or 'cpu'")
+        return self
+
     def flat(self) -> dict[str, object]:
         """The resolved config as flat dotted keys (for MLflow params)."""
         out: dict[str, object] = {}
@@ -376,6 +390,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _no_repeated_keys(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merge keys are YAML's own, not repeats
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise ConfigError(f"{loader.name}: key '{key}' appears twice in one mapping (lines {seen[key] + 1} and "

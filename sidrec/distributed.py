@@ -12,92 +12,15 @@ sync can be checked.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-
-def world_info() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def broadcast_parameters(params) -> None:
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=0)
-
-
-def average_gradients(params) -> None:
-    """Mean of every parameter's gradient over the processes (a missing gradient counts as zero)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world)
-
-
-def checksum(params) -> str:
-    h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def launch(job: Path, processes: int, timeout: float | None = None) -> None:
-    """Run the job with torchrun on this machine; raises ModelError with the failing rank's last lines."""
-    from sidrec.errors import ModelError
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "sidrec.distributed", str(job)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, env=env, stdout=None, stderr=subprocess.PIPE, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-3:]
-        raise ModelError(f"distributed fine-tuning ({processes} processes) failed with exit {proc.returncode}: "
-                         + " | ".join(tail)[-600:])
-
-
-def finetune_distributed(instructions, bundle, cfg, out_dir: Path, ds=None, log=None):
-    """``sidrec.stages.finetune`` over ``cfg.train.processes`` processes; returns a TrainedRecommender."""
-    import shutil
-    import tempfile
-
-    from sidrec.artifacts import TrainedRecommender
-
-    job = Path(tempfile.mkdtemp(prefix="sidrec-ddp-"))
-    try:
-        (job / "config.json").write_text(cfg.model_dump_json())
-        instructions.part("train").reset_index(drop=True).to_parquet(job / "train.parquet")
-        bundle.save(job / "bundle")
-        if ds is not None and (cfg.index.sa_init or cfg.model.sid_init != "random"):
-            ds.save(job / "dataset")
-        launch(job, cfg.train.processes)
-        meta = json.loads((job / "recommender" / "meta.json").read_text())
-        if log is not None:
-            for step, loss in meta["loss_curve"]:
-                log(step, {"train/loss": loss})
-        out_dir = Path(out_dir)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        shutil.copytree(job / "recommender", out_dir)
-        return TrainedRecommender(path=out_dir, meta=meta)
-    finally:
-        shutil.rmtree(job, ignore_errors=True)
+# the primitives and the launcher live in sidrec.parallel (a leaf); importable from here as before
+from sidrec.parallel import average_gradients, broadcast_parameters, checksum, finetune_distributed, launch, world_info  # noqa: F401
 
 
 def _worker(job: Path) -> None:
@@ -107,7 +30,8 @@ def _worker(job: Path) -> None:
     from sidrec.config import RunConfig
     from sidrec.data import Dataset
     from sidrec.model import save_recommender
-    from sidrec.stages import build_model, calibrate, checkpoint_dir, compute_dtype, progress_enabled, recommender_meta, seed_everything
+    from sidrec.runtime import compute_dtype, progress_enabled, seed_everything
+    from sidrec.stages import build_model, calibrate, checkpoint_dir, recommender_meta
     from sidrec.train import train
 
     import pandas as pd
@@ -131,9 +55,9 @@ def _worker(job: Path) -> None:
         res = train(model, encoder, rows, cfg.train, cfg.seed, compute_dtype(cfg),
                     lambda s, m: losses.append((s, m["train/loss"])), progress_enabled() and rank == 0,
                     checkpoint_dir=checkpoint_dir(cfg))
-        from sidrec.train import _trainable
+        from sidrec.train import trainable_parameters
 
-        (job / f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "checksum": checksum(p for _, p in _trainable(model))}))
+        (job / f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "checksum": checksum(p for _, p in trainable_parameters(model))}))
         dist.barrier()
         if rank == 0:
             replicas = [json.loads((job / f"replica-{r}.json").read_text())["checksum"] for r in range(world)]

@@ -27,9 +27,9 @@ def download_champion(cfg: RunConfig, alias: str = "champion") -> Optional[Path]
     """Local folder of the ``alias`` model version's files, or None when there is no such alias."""
     import mlflow
 
-    from sidrec.registry import _client, alias_version, model_name
+    from sidrec.registry import client_for, alias_version, model_name
 
-    client = _client(cfg)
+    client = client_for(cfg)
     name = model_name(cfg)
     v = alias_version(client, name, alias)
     if v is None:
@@ -164,7 +164,7 @@ def _hybrid_retrain_inputs(champ, features, cfg: RunConfig):
 
 def _new_rows(bundle, item_ids: list[str]) -> list[int]:
     """Positions in ``item_ids`` of items the bundle's index does not have yet."""
-    return [i for i, e in enumerate(item_ids) if str(e) not in bundle.items._row]
+    return [i for i, e in enumerate(item_ids) if e not in bundle.items]
 
 
 def _with_new_items(bundle, new_ids: list, codes: np.ndarray, sizes: list[int], **report_extra):
@@ -238,7 +238,7 @@ def index_for_retrain(cfg: RunConfig, features) -> tuple:
     try:
         if cfg.retrain.new_item_sids == "llm" and parts.get("recommender") is not None:
             from sidrec.model import Encoder, load_recommender
-            from sidrec.stages import compute_dtype
+            from sidrec.runtime import compute_dtype
 
             model, tok, _ = load_recommender(parts["recommender"], cfg.model.backbone)
             bundle, n_new = extend_index_by_generation(champ, model, Encoder(tok, model.vocab), features.item_ids,
@@ -299,7 +299,8 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
     """``sidrec.stages.finetune`` that starts from the champion when compatible (meta ``warm_start``)."""
     from sidrec.artifacts import TrainedRecommender
     from sidrec.model import save_recommender
-    from sidrec.stages import build_model, calibrate, compute_dtype, progress_enabled, recommender_meta, seed_everything, set_threads
+    from sidrec.runtime import compute_dtype, progress_enabled, seed_everything, set_threads
+    from sidrec.stages import build_model, calibrate, recommender_meta
     from sidrec.train import train
 
     set_threads(cfg)

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from sidrec.index import SIDIndex
 from sidrec.model import SIDRecModel, SIDVocab, inner_model
 from sidrec.quantize import auto_codebook_size, code_stats, kmeans, raw_collision_rate, resolve_collisions
+from sidrec.train import TrainHooks
 
 
 class IndexGenerator(nn.Module):
@@ -286,7 +286,6 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
     """Joint training of the index generator(s) and LoRA; returns the frozen model + final index."""
     from sidrec.model import Encoder
     from sidrec.tasks import PromptFormat, Renderer, eval_specs, sample_specs
-    from sidrec.train import _collate, bucketed_batches, target_loss
     from sidrec.text import item_texts as make_item_texts
     from sidrec.text import user_texts as make_user_texts
 
@@ -335,110 +334,126 @@ def train_dynamic(ds, features, cfg, lm, tok, log: Optional[Callable[[int, dict]
         return Renderer(ds, ii, ui, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual, prompt_format=fmt).render(specs)
 
     rows = render(item_index, user_index)
-    from sidrec.train import encode_rows, train_steps
+    from sidrec.train import train, train_steps
 
-    enc = encode_rows(encoder, rows)
     tcfg = tcfg.model_copy(update={"steps": train_steps(tcfg, len(rows)), "epochs": None})
-    batches = bucketed_batches(enc.lengths(), tcfg.batch_size, tcfg.steps, cfg.seed)
-
-    gen_params = [p for g in gens for n, p in g.named_parameters() if not n.startswith("codebooks")]
-    codebooks = [p for g in gens for p in g.codebooks]
-    lora = [p for p in lm.parameters() if p.requires_grad]
-    groups = [{"params": gen_params, "lr": tcfg.embedding_lr}, {"params": codebooks, "lr": dcfg.codebook_lr}]
-    if lora:
-        groups.append({"params": lora, "lr": tcfg.lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    base_lrs = [g["lr"] for g in groups]
-
-    refresh_log: list[dict] = []
+    hooks = DynamicIndexHooks(
+        gens=gens, cfg=cfg, items=items, item_tok=item_tok, uids=uids, user_tok=user_tok, pad=pad, dtype=dtype,
+        render=render, item_index=item_index, user_index=user_index, n_steps=tcfg.steps, log=log)
+    hooks.rows = rows
     losses: list[tuple[int, float]] = []
-    running: list[float] = []
 
-    def refresh(step: int, final: bool = False):
-        nonlocal item_index, user_index, rows, enc
-        model.eval()
-        reps_i = encode_texts(model, item_tok, pad, dtype=dtype)
-        moved = restart_dead_codes(gens[0], reps_i, cfg.seed + step) if dcfg.restart_dead_codes else 0
-        new_items, ri = assign(gens[0], reps_i, items, "")
-        entry = {"step": step, "frozen": int(final), "churn/items": churn(item_index, new_items),
-                 "collision_rate_raw/items": ri, "restarted_codes/items": moved}
-        entry.update({f"utilization/items/level_{k}": v for k, v in _util(new_items, gens[0]).items()})
-        if dual:
-            reps_u = encode_texts(model, user_tok, pad, dtype=dtype)
-            moved_u = restart_dead_codes(gens[1], reps_u, cfg.seed + step + 1) if dcfg.restart_dead_codes else 0
-            new_users, ru = assign(gens[1], reps_u, uids, "u_")
-            entry.update({"churn/users": churn(user_index, new_users), "collision_rate_raw/users": ru,
-                          "restarted_codes/users": moved_u})
-            user_index = new_users
-        item_index = new_items
-        rows = render(item_index, user_index)  # targets remapped to the current index
-        enc = encode_rows(encoder, rows)
-        refresh_log.append(entry)
+    def _log(step: int, metrics: dict) -> None:
+        if "train/loss" in metrics:
+            losses.append((step, metrics["train/loss"]))
         if log is not None:
-            log(step, {f"dynamic/{k}": v for k, v in entry.items() if k != "step"})
-        model.train()
+            log(step, metrics)
 
-    def lr_factor(step):
-        if step < tcfg.warmup_steps:
-            return (step + 1) / max(tcfg.warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min((step - tcfg.warmup_steps) / max(tcfg.steps - tcfg.warmup_steps, 1), 1.0)))
-
-    rng = np.random.default_rng(cfg.seed)
-    model.train()
-    t0 = time.perf_counter()
-    tokens = 0
-    bar = tqdm(batches, desc="fine-tune (dynamic index)", disable=not progress, unit="step")
-    # the index is frozen at freeze_step (one last refresh); the steps after it train on the final SIDs,
-    # so the evaluated model has seen its own index (freezing only after the last step re-assigned ~95%
-    # of item SIDs the model never trained on: BENCHMARKS.md)
-    freeze_step = min(len(batches), max(1, round(dcfg.freeze_after * len(batches))))
-    frozen_at = None
-    for step, idx in enumerate(bar):
-        if step > 0 and step == freeze_step:
-            refresh(step, final=True)
-            frozen_at = step
-        elif step > 0 and step % dcfg.refresh_every == 0 and frozen_at is None:
-            refresh(step)
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * lr_factor(step)
-        model.reset_table()
-        ids, mask, tgt = _collate(enc, idx, encoder.pad_id)
-        tokens += int(mask.sum())
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            h, _ = model.hidden(ids, attention_mask=mask)
-            loss, _ = target_loss(model, h, ids, tgt)
-            reg = regulator_losses(model, gens, dcfg, item_index, item_tok, pad, rng,
-                                   (user_index, user_tok) if dual else None)
-        total = loss + reg["total"]
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        running.append(loss.item())
-        if step % tcfg.log_every == 0 or step == len(batches) - 1:
-            avg = float(np.mean(running[-tcfg.log_every:]))
-            losses.append((step, avg))
-            bar.set_postfix(loss=f"{avg:.3f}", tok=f"{reg['token_align'].item():.3f}", idx=f"{reg['index_align'].item():.3f}")
-            if log is not None:
-                log(step, {"train/loss": avg, "train/token_align": reg["token_align"].item(),
-                           "train/index_align": reg["index_align"].item()})
-    if frozen_at is None:  # freeze_after = 1.0: final assignment with the final backbone and codebooks
-        refresh(len(batches), final=True)
-        frozen_at = len(batches)
-    seconds = time.perf_counter() - t0
+    res = train(model, encoder, rows, tcfg, cfg.seed, dtype, _log, progress, hooks=hooks)
+    item_index, user_index, rows, frozen_at = hooks.item_index, hooks.user_index, hooks.rows, hooks.frozen_at
     model.eval()
     model.reset_table()
     frozen = model.frozen()
     final = Renderer(ds, item_index, user_index, item_texts=itexts, user_texts=utext_map, user_in_prompt=dual, prompt_format=fmt)
     ev = [final.render(eval_specs(ds, p, cfg.data.max_history, fmt.history)) for p in ("valid", "test")]
     all_rows = pd.concat([rows] + ev, ignore_index=True)
-    summary = {"train/steps": len(batches), "train/examples": len(batches) * tcfg.batch_size, "train/tokens": tokens,
-               "train/seconds": round(seconds, 1), "train/tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-               "train/final_loss": float(np.mean(running[-10:])), "dynamic/refreshes": len(refresh_log),
-               "dynamic/frozen_at_step": frozen_at,
+    summary = {**res.summary(), "dynamic/refreshes": len(hooks.refresh_log), "dynamic/frozen_at_step": frozen_at,
                "dynamic/initial_collision_rate_raw": rate_i}
-    return DynamicResult(model=frozen, items=item_index, users=user_index, rows=all_rows, generators=list(gens), log=refresh_log,
-                         losses=losses, summary=summary)
+    return DynamicResult(model=frozen, items=item_index, users=user_index, rows=all_rows, generators=list(gens),
+                         log=hooks.refresh_log, losses=losses, summary=summary)
+
+
+class DynamicIndexHooks(TrainHooks):
+    """The dynamic index inside the one training loop (:func:`sidrec.train.train`):
+
+    * trains the index generators (projection at ``train.embedding_lr``, codebooks at
+      ``index.dynamic.codebook_lr``) and LoRA, no weight decay;
+    * before each step rebuilds the SID table from the codewords; every ``refresh_every`` steps
+      re-encodes the entity texts with the current backbone, restarts dead codes, re-assigns SIDs and
+      hands the loop the training rows re-rendered on the new index; at ``freeze_after`` of the steps
+      one last refresh freezes the index, and the rest of the run trains on it;
+    * adds ED2's regulator losses (token- and index-level alignment) to the recommendation loss.
+
+    Not resumable: the index assignments change during the run and are not part of a checkpoint."""
+
+    resumable = False
+    sid_warmup = False
+
+    def __init__(self, *, gens, cfg, items, item_tok, uids, user_tok, pad, dtype, render, item_index, user_index,
+                 n_steps: int, log=None):
+        self.gens, self.cfg, self.dcfg = gens, cfg, cfg.index.dynamic
+        self.items, self.item_tok, self.uids, self.user_tok, self.pad, self.dtype = items, item_tok, uids, user_tok, pad, dtype
+        self.render, self.item_index, self.user_index = render, item_index, user_index
+        self.dual = user_index is not None
+        self.rows = None
+        self.log = log
+        self.refresh_log: list[dict] = []
+        self.rng = np.random.default_rng(cfg.seed)
+        # the index is frozen at freeze_step (one last refresh); the steps after it train on the final SIDs,
+        # so the evaluated model has seen its own index (freezing only after the last step re-assigned ~95%
+        # of item SIDs the model never trained on: BENCHMARKS.md)
+        self.freeze_step = min(n_steps, max(1, round(self.dcfg.freeze_after * n_steps)))
+        self.frozen_at: Optional[int] = None
+
+    def parameters(self, model):
+        named = [(f"gen{i}.{n}", p) for i, g in enumerate(self.gens) for n, p in g.named_parameters() if not n.startswith("codebooks")]
+        named += [(f"gen{i}.codebook{j}", p) for i, g in enumerate(self.gens) for j, p in enumerate(g.codebooks)]
+        return named + [(n, p) for n, p in model.lm.named_parameters() if p.requires_grad]
+
+    def param_groups(self, model, cfg):
+        gen_params = [p for g in self.gens for n, p in g.named_parameters() if not n.startswith("codebooks")]
+        codebooks = [p for g in self.gens for p in g.codebooks]
+        lora = [p for _, p in model.lm.named_parameters() if p.requires_grad]
+        groups = [{"params": gen_params, "lr": cfg.embedding_lr, "weight_decay": 0.0},
+                  {"params": codebooks, "lr": self.dcfg.codebook_lr, "weight_decay": 0.0}]
+        if lora:
+            groups.append({"params": lora, "lr": cfg.lr, "weight_decay": 0.0})
+        return groups
+
+    def before_step(self, step, model):
+        new_rows = None
+        if step > 0 and step == self.freeze_step:
+            new_rows = self.refresh(model, step, final=True)
+        elif step > 0 and step % self.dcfg.refresh_every == 0 and self.frozen_at is None:
+            new_rows = self.refresh(model, step)
+        model.reset_table()
+        return new_rows
+
+    def extra_loss(self, model, step):
+        reg = regulator_losses(model, self.gens, self.dcfg, self.item_index, self.item_tok, self.pad, self.rng,
+                               (self.user_index, self.user_tok) if self.dual else None)
+        return reg["total"], {"train/token_align": reg["token_align"].item(), "train/index_align": reg["index_align"].item()}
+
+    def after_training(self, model, steps):
+        if self.frozen_at is None:  # freeze_after = 1.0: final assignment with the final backbone and codebooks
+            self.refresh(model, steps, final=True)
+
+    def refresh(self, model, step: int, final: bool = False) -> pd.DataFrame:
+        """Re-encode, re-assign and re-render; returns the training rows on the new index."""
+        seed = self.cfg.seed
+        model.eval()
+        reps_i = encode_texts(model, self.item_tok, self.pad, dtype=self.dtype)
+        moved = restart_dead_codes(self.gens[0], reps_i, seed + step) if self.dcfg.restart_dead_codes else 0
+        new_items, ri = assign(self.gens[0], reps_i, self.items, "")
+        entry = {"step": step, "frozen": int(final), "churn/items": churn(self.item_index, new_items),
+                 "collision_rate_raw/items": ri, "restarted_codes/items": moved}
+        entry.update({f"utilization/items/level_{k}": v for k, v in _util(new_items, self.gens[0]).items()})
+        if self.dual:
+            reps_u = encode_texts(model, self.user_tok, self.pad, dtype=self.dtype)
+            moved_u = restart_dead_codes(self.gens[1], reps_u, seed + step + 1) if self.dcfg.restart_dead_codes else 0
+            new_users, ru = assign(self.gens[1], reps_u, self.uids, "u_")
+            entry.update({"churn/users": churn(self.user_index, new_users), "collision_rate_raw/users": ru,
+                          "restarted_codes/users": moved_u})
+            self.user_index = new_users
+        self.item_index = new_items
+        self.rows = self.render(self.item_index, self.user_index)  # targets remapped to the current index
+        if final:
+            self.frozen_at = step
+        self.refresh_log.append(entry)
+        if self.log is not None:
+            self.log(step, {f"dynamic/{k}": v for k, v in entry.items() if k != "step"})
+        model.train()
+        return self.rows
 
 
 def _util(index: SIDIndex, gen: IndexGenerator) -> dict[str, float]:

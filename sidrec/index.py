@@ -99,6 +99,10 @@ class SIDIndex:
     def __len__(self) -> int:
         return int(self.codes.shape[0])
 
+    def __contains__(self, entity_id) -> bool:
+        """Whether ``entity_id`` (compared as a string) has a SID in this index."""
+        return str(entity_id) in self._row
+
     def token(self, level: int, code: int) -> str:
         if not 0 <= level < self.num_levels:
             raise IndexError(f"level {level} out of range [0, {self.num_levels})")

@@ -153,6 +153,14 @@ def load_backbone(spec: str, layers: Optional[int] = None):
     return truncate_layers(model, layers), tok
 
 
+def backbone_folder(spec: str) -> Path:
+    """The local folder a backbone spec (``smollm2`` or a path) loads from."""
+    if spec == "smollm2":
+        return SMOLLM2_DIR
+    path = Path(spec).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def _load_backbone(spec: str):
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer

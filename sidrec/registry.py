@@ -48,7 +48,9 @@ def state_dir(cfg: RunConfig) -> Path:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).resolve().parent
-    return Path(os.environ.get("SIDREC_HOME", Path.cwd() / ".sidrec"))
+    from sidrec.runtime import state_home
+
+    return state_home()
 
 
 def decision_log_path(cfg: RunConfig) -> Path:
@@ -62,7 +64,7 @@ def lock_path(cfg: RunConfig) -> Path:
     return d / f"{model_name(cfg)}.promote.lock"
 
 
-def _client(cfg: RunConfig):
+def client_for(cfg: RunConfig):
     import mlflow
     from mlflow import MlflowClient
 
@@ -182,7 +184,7 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
 
     from sidrec.serving import SERVING_FILE
 
-    client = _client(cfg)
+    client = client_for(cfg)
     name = model_name(cfg)
     run = client.get_run(run_id)
     if quality_passed is not None:
@@ -202,9 +204,12 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
         model_config = {"backbone": cfg.model.backbone, "beams": cfg.eval.beams, "prompt_history": cfg.tasks.prompt_history,
                         "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
                         "dtype": cfg.model.dtype, "k": 10}
+        example_history = ",".join(str(i) for i in dataset.items["item_id"].head(3))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_FILE), artifacts=artifacts,
-                                           model_config=model_config, pip_requirements=_pip_requirements())
+                                           model_config=model_config, pip_requirements=_pip_requirements(),
+                                           signature=serving_signature(model_config["k"]),
+                                           input_example=(pd.DataFrame({"history": [example_history]}), {"k": 5}))
     mv = mlflow.register_model(info.model_uri, name, tags={
         "run_id": run_id, "dataset_hash": run.data.tags.get("dataset_hash", dataset.fingerprint()),
         "data_validation": validation, "backbone": cfg.model.backbone, "config_name": cfg.name,
@@ -217,12 +222,28 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
     return version
 
 
+def serving_signature(default_k: int = 10):
+    """The pyfunc's MLflow signature: input rows ``history`` (comma-separated item ids) and an optional
+    per-row ``k``; the inference parameter ``k`` (default ``default_k``) for the whole request, which
+    ``mlflow models serve`` and ``pyfunc.predict(..., params={"k": 5})`` pass only when declared here;
+    one output row per recommended item."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "history"), ColSpec("long", "k", required=False)]),
+        outputs=Schema([ColSpec("long", "request"), ColSpec("long", "rank"), ColSpec("string", "item_id"),
+                        ColSpec("string", "title"), ColSpec("double", "score")]),
+        params=ParamSchema([ParamSpec("k", "long", int(default_k))]),
+    )
+
+
 # ------------------------------------------------------------------------------------ scoring
 def load_pyfunc_recommender(cfg: RunConfig, version: str):
     """The :class:`sidrec.serving.Recommender` inside registered version ``version``."""
     import mlflow.pyfunc
 
-    _client(cfg)
+    client_for(cfg)
     pf = mlflow.pyfunc.load_model(f"models:/{model_name(cfg)}/{version}")
     return pf.unwrap_python_model().rec
 
@@ -244,7 +265,7 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
     """
     from sidrec.evaluate import evaluate_llm
 
-    known = rec.index._row
+    known = rec.index  # SIDIndex: `id in known`
     users, prompts, targets = [], [], []
     for u, hist, t in zip(split["user_id"], split["history"], split["target"]):
         hist = [h for h in hist if h in known]
@@ -349,7 +370,7 @@ def promote(cfg: RunConfig, version: Optional[str] = None, dataset=None, stage_h
     ``stage_hook(zenml_run_id) -> str``, when given, runs after a promotion (see :func:`_apply_stage_hook`)."""
     from sidrec.data import load_dataset
 
-    client = _client(cfg)
+    client = client_for(cfg)
     name = model_name(cfg)
     with _lock(cfg):
         challenger = version or alias_version(client, name, CHALLENGER)
@@ -403,7 +424,7 @@ def _tag_decision(client, name: str, version: str, rec: dict) -> None:
 
 def rollback(cfg: RunConfig, stage_hook=None) -> dict:
     """Move ``champion`` back to the previous champion (from ``champion_history``)."""
-    client = _client(cfg)
+    client = client_for(cfg)
     name = model_name(cfg)
     with _lock(cfg):
         current = alias_version(client, name, CHAMPION)

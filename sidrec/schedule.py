@@ -11,7 +11,6 @@ never overlap. Installing replaces an existing line for the same config (matched
 """
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -61,7 +60,9 @@ def cron_line(config: str, cron: str, repo: Path, python: Optional[str] = None, 
     repo = Path(repo).resolve()
     cfg = str(Path(config).resolve()) if Path(config).exists() else config
     python = python or (str(repo / ".venv" / "bin" / "python") if (repo / ".venv" / "bin" / "python").exists() else sys.executable)
-    home = Path(os.environ.get("SIDREC_HOME", repo / ".sidrec"))
+    from sidrec.runtime import state_home
+
+    home = state_home()
     lock = lock_file or str(home / "retrain.lock")
     log = log_file or str(home / "logs" / "retrain.log")
     cmd = (f"cd {shlex.quote(str(repo))} && mkdir -p {shlex.quote(str(Path(log).parent))} && "

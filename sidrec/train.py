@@ -1,4 +1,7 @@
-"""LoRA fine-tuning of the backbone on instruction rows (static index).
+"""LoRA fine-tuning of the backbone on instruction rows: the one training loop (:func:`train`).
+
+A static-index model trains its SID table and LoRA; the dynamic index plugs its generators, index
+refreshes and regulator losses in through :class:`TrainHooks` (``sidrec.dynamic``).
 
 The loss covers the target span only. At a position whose target is a SID token of level ``t``
 the logits are computed over level ``t``'s SID rows only (the same distribution decoding uses);
@@ -74,7 +77,7 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, steps: int, seed: int
     return out[:steps]
 
 
-def _collate(enc: Encoded, idx: np.ndarray, pad_id: int):
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int):
     seqs = [enc.input_ids[i] for i in idx]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -159,27 +162,63 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------
+# the extension points of the one training loop
+# ----------------------------------------------------------------------------------------------
+class TrainHooks:
+    """What a kind of model changes in :func:`train`, the one training loop. The defaults train a
+    static-index model (SID table + LoRA); ``sidrec.dynamic.DynamicIndexHooks`` overrides them to train
+    the index generators too, refresh the index between steps and add ED2's regulator losses."""
+
+    resumable = True  # checkpoints can restore everything the run depends on
+    sid_warmup = True  # the SID-only warm-up applies (param group 0 is the SID table)
+
+    def parameters(self, model) -> list[tuple[str, torch.nn.Parameter]]:
+        """Named trainable tensors: the optimizer's, the checkpoints' and the data-parallel averaging's."""
+        return trainable_parameters(model)
+
+    def param_groups(self, model, cfg) -> list[dict]:
+        """AdamW groups; group 0 is the SID table when ``sid_warmup``."""
+        params = [p for _, p in self.parameters(model)]
+        groups = [{"params": params[:1], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
+        if params[1:]:
+            groups.append({"params": params[1:], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        return groups
+
+    def before_step(self, step: int, model) -> Optional[pd.DataFrame]:
+        """Called before every step's forward pass; new training rows (same count, same order of
+        examples) replace the encoded ones, e.g. re-rendered after the index changed."""
+        return None
+
+    def extra_loss(self, model, step: int) -> tuple[Optional[torch.Tensor], dict]:
+        """A loss added to the recommendation loss this step, and scalars to log with it."""
+        return None, {}
+
+    def after_training(self, model, steps: int) -> None:
+        """Called once after the last step, before the best weights are restored."""
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints: safetensors (tensors) + JSON (scalars)
 # ----------------------------------------------------------------------------------------------
-def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype) -> str:
+def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype, params=None) -> str:
     """Hash of everything that determines a training run (not where/how often it checkpoints)."""
     h = hashlib.sha256()
     tcfg = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(vars(cfg))
     for k in ("checkpoint_every", "checkpoint_dir", "log_every", "threads"):
         tcfg.pop(k, None)
-    from sidrec.distributed import world_info
+    from sidrec.parallel import world_info
 
     h.update(json.dumps({"format": CHECKPOINT_FORMAT, "train": tcfg, "seed": int(seed), "dtype": str(dtype),
                          "world": world_info()[1]}, sort_keys=True).encode())
     cols = [c for c in ("prompt", "target", "target_kind") if c in rows.columns]
     h.update(pd.util.hash_pandas_object(rows[cols].reset_index(drop=True), index=True).to_numpy().tobytes())
-    for name, p in _trainable(model):
+    for name, p in params if params is not None else trainable_parameters(model):
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes()[:4096])  # the initial values' head
     return h.hexdigest()[:16]
 
 
-def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [("sid_embeddings", model.sid_embeddings)] + [(n, p) for n, p in model.lm.named_parameters() if p.requires_grad]
 
 
@@ -190,16 +229,16 @@ def _ckpt_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", key: str,
-                    best: Optional[dict[str, torch.Tensor]] = None) -> Path:
+                    best: Optional[dict[str, torch.Tensor]] = None, params=None) -> Path:
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    for name, p in _trainable(model):
+    for name, p in params if params is not None else trainable_parameters(model):
         tensors[f"param/{name}"] = p.detach().cpu().contiguous().clone()
-    params = [p for g in opt.param_groups for p in g["params"]]
+    opt_params = [p for g in opt.param_groups for p in g["params"]]
     opt_steps: dict[str, float] = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(opt_params):
         st = opt.state.get(p)
         if not st:
             continue
@@ -216,7 +255,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
     py_state = random.getstate()
     meta = {
         "format": CHECKPOINT_FORMAT, "key": key, "step": int(step),
-        "opt_steps": opt_steps, "n_params": len(params),
+        "opt_steps": opt_steps, "n_params": len(opt_params),
         "numpy_rng": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
         "losses": [float(x) for x in res.losses], "examples": res.examples, "tokens": res.tokens,
@@ -241,7 +280,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
     return final
 
 
-def load_checkpoint(run_dir: Path, model, opt, key: str) -> Optional[dict]:
+def load_checkpoint(run_dir: Path, model, opt, key: str, params=None) -> Optional[dict]:
     """Restore the newest readable checkpoint of ``key`` into model/opt/RNGs; returns its meta or None."""
     from safetensors.torch import load_file
 
@@ -254,13 +293,13 @@ def load_checkpoint(run_dir: Path, model, opt, key: str) -> Optional[dict]:
             continue
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != key:
             continue
-        params = [p for g in opt.param_groups for p in g["params"]]
-        if meta["n_params"] != len(params):
+        opt_params = [p for g in opt.param_groups for p in g["params"]]
+        if meta["n_params"] != len(opt_params):
             continue
         with torch.no_grad():
-            for name, p in _trainable(model):
+            for name, p in params if params is not None else trainable_parameters(model):
                 p.copy_(tensors[f"param/{name}"])
-        for i, p in enumerate(params):
+        for i, p in enumerate(opt_params):
             if str(i) not in meta["opt_steps"]:
                 continue
             st = {"step": torch.tensor(meta["opt_steps"][str(i)], dtype=torch.float32)}
@@ -283,6 +322,7 @@ def train(
     model, encoder, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype = torch.bfloat16,
     log: Optional[Callable[[int, dict], None]] = None, progress: bool = True,
     checkpoint_dir: Optional[Path] = None, select: Optional[Callable[[object], float]] = None,
+    hooks: Optional[TrainHooks] = None,
 ) -> TrainResult:
     """Fine-tune ``model`` (LoRA params + SID embeddings) for :func:`train_steps` steps.
 
@@ -293,27 +333,28 @@ def train(
     ``cfg.sid_warmup_lr``; the LR schedule (linear warm-up, cosine decay) then runs over the rest.
     Model selection: with ``select`` (model -> score, higher is better; built on valid users only,
     see ``sidrec.evaluate.valid_selector``) and ``cfg.eval_every``, the model is scored every
-    ``eval_every`` steps and after the last one; the best-scoring weights are restored at the end."""
-    from sidrec.distributed import average_gradients, broadcast_parameters, world_info
+    ``eval_every`` steps and after the last one; the best-scoring weights are restored at the end.
+    ``hooks`` (:class:`TrainHooks`) adapt the loop to another kind of model (the dynamic index)."""
+    from sidrec.parallel import average_gradients, broadcast_parameters, world_info
 
+    hooks = hooks or TrainHooks()
     torch.manual_seed(seed)
-    rank, world = world_info()  # data-parallel (sidrec.distributed): each rank takes every world-th batch
+    rank, world = world_info()  # data-parallel (sidrec.parallel): each rank takes every world-th batch
     enc = encode_rows(encoder, rows)
     n_steps = train_steps(cfg, len(rows))
     batches = bucketed_batches(enc.lengths(), cfg.batch_size, n_steps * world, seed)[rank::world]
-    device = model.sid_embeddings.device
-    trainable = [p for _, p in _trainable(model)]
+    named = hooks.parameters(model)
+    trainable = [p for _, p in named]
+    device = trainable[0].device
     if world > 1:
         broadcast_parameters(trainable)  # identical replicas to start with
         torch.manual_seed(seed + rank)  # own dropout masks per replica
-    lora_params = trainable[1:]  # _trainable: the SID table first, then the LoRA tensors
-    groups = [{"params": [model.sid_embeddings], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
-    if lora_params:
-        groups.append({"params": lora_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    groups = hooks.param_groups(model, cfg)
     opt = torch.optim.AdamW(groups)
     base_lrs = [g["lr"] for g in groups]
+    lora_params = [p for g in groups[1:] for p in g["params"]]  # what the SID-only warm-up holds still
 
-    sid_warm = min(int(getattr(cfg, "sid_warmup_steps", 0) or 0), n_steps)
+    sid_warm = min(int(getattr(cfg, "sid_warmup_steps", 0) or 0), n_steps) if hooks.sid_warmup else 0
 
     def lr_factor(step: int) -> float:
         step -= sid_warm  # the schedule starts after the SID-only warm-up
@@ -343,7 +384,7 @@ def train(
         if not res.best_step or score > res.best_score:
             res.best_step, res.best_score = step, score
             best.clear()
-            best.update({name: p.detach().clone() for name, p in _trainable(model)})
+            best.update({name: p.detach().clone() for name, p in named})
         if log is not None:
             log(step, {"valid/select_recall_at_10": score})
 
@@ -352,10 +393,12 @@ def train(
     every = getattr(cfg, "checkpoint_every", None)
     run_dir = None
     start = 0
-    if checkpoint_dir is not None and every:
-        key = run_key(model, rows, cfg, seed, dtype)
+    if checkpoint_dir is not None and every and not hooks.resumable:
+        log_.info("fine-tune: %s runs are not checkpointed (train.checkpoint_every does not apply)", type(hooks).__name__)
+    if checkpoint_dir is not None and every and hooks.resumable:
+        key = run_key(model, rows, cfg, seed, dtype, named)
         run_dir = Path(checkpoint_dir) / key
-        meta = load_checkpoint(run_dir, model, opt, key)
+        meta = load_checkpoint(run_dir, model, opt, key, named)
         if meta is not None:
             start = res.resumed_from = int(meta["step"])
             res.losses = list(meta["losses"])
@@ -377,12 +420,18 @@ def train(
     for step in bar:
         idx = batches[step]
         set_lrs(step)
-        ids, mask, tgt = (t.to(device) for t in _collate(enc, idx, encoder.pad_id))
+        new_rows = hooks.before_step(step, model)
+        if new_rows is not None:  # e.g. the dynamic index was refreshed: targets follow the new SIDs
+            if len(new_rows) != len(enc.input_ids):
+                raise ValueError(f"before_step returned {len(new_rows)} rows for {len(enc.input_ids)} training rows")
+            enc = encode_rows(encoder, new_rows)
+        ids, mask, tgt = (t.to(device) for t in collate(enc, idx, encoder.pad_id))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             h, _ = model.hidden(ids, attention_mask=mask)
             loss, _ = target_loss(model, h, ids, tgt)
+            extra, extra_logs = hooks.extra_loss(model, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if extra is None else loss + extra).backward()
         if step < sid_warm:  # SID-only warm-up: LoRA gets no update (and no AdamW moments)
             for p in lora_params:
                 p.grad = None
@@ -401,16 +450,18 @@ def train(
             avg = float(np.mean(res.losses[-cfg.log_every :]))
             bar.set_postfix(loss=f"{avg:.3f}")
             if log is not None:
-                log(step, {"train/loss": avg, "train/lr": opt.param_groups[-1]["lr"]})
+                log(step, {"train/loss": avg, "train/lr": opt.param_groups[-1]["lr"],
+                           **{k: float(v) for k, v in extra_logs.items()}})
         if eval_every and ((step + 1) % eval_every == 0 or step == len(batches) - 1):
             run_selection(step + 1)
         if run_dir is not None and rank == 0 and (step + 1) % every == 0 and step + 1 < len(batches):
             res.seconds = time.perf_counter() - t0
-            save_checkpoint(run_dir, step + 1, model, opt, res, key, best)
+            save_checkpoint(run_dir, step + 1, model, opt, res, key, best, named)
+    hooks.after_training(model, len(batches))
     res.seconds = time.perf_counter() - t0
     if best and res.best_step < len(batches):  # model selection: keep the best-scoring weights
         with torch.no_grad():
-            for name, p in _trainable(model):
+            for name, p in named:
                 p.copy_(best[name])
         log_.info("fine-tune: kept step %d (valid Recall@10 %.4f) of %d", res.best_step, res.best_score, len(batches))
     if run_dir is not None and rank == 0:

@@ -234,3 +234,24 @@ def validate_dataset(ds, cfg: ValidationConfig, docs_dir: Optional[Path]) -> Qua
 
     success = all(r["success"] for r in results if r["critical"])
     return QualityReport(success=success, results=results, docs_dir=str(docs_path) if docs_path is not None else None)
+
+
+def check_config_fits_data(cfg, ds) -> None:
+    """Config values that only make sense against the loaded data (the CLI's pre-flight runs this).
+
+    ``index.codebook_size`` above the catalog (or, with a dual index, above the number of users) is
+    refused: most of the N new tokens per level would never be used, and ``auto`` sizes it for the
+    catalog. ``eval.valid_max_users`` / ``test_max_users`` / ``train.select_users`` above the number of
+    users are not errors: they are clipped to every user (README "Configuration")."""
+    from sidrec.errors import ConfigError
+
+    n = cfg.index.codebook_size
+    if n == "auto":
+        return
+    families = [("items", len(ds.items))]
+    if cfg.index.entities == "items+users":
+        families.append(("users", int(ds.sequences["user_id"].nunique())))
+    for what, count in families:
+        if int(n) > count:
+            raise ConfigError(f"index.codebook_size: {n} codes per level for {count} {what} (after filtering) would leave "
+                              f"most SID tokens unused; use at most {count} or 'auto'")

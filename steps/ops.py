@@ -15,6 +15,7 @@ import sidrec.drift
 import sidrec.model
 import sidrec.quantize
 import sidrec.registry
+import sidrec.runtime
 import sidrec.stages
 import sidrec.train
 from materializers import IndexBundleMaterializer, TrainedRecommenderMaterializer
@@ -84,7 +85,7 @@ def register_training_run(cfg: RunConfig, run_name_or_id: Optional[str] = None, 
 
 # ------------------------------------------------------------------ retraining steps
 def _deps(*modules) -> CachePolicy:
-    return CachePolicy(source_dependencies=[sidrec.stages, sidrec.artifacts, *modules])
+    return CachePolicy(source_dependencies=[sidrec.stages, sidrec.runtime, sidrec.artifacts, *modules])
 
 
 @step(enable_cache=False)

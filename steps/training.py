@@ -21,6 +21,7 @@ import sidrec.keywords
 import sidrec.metrics
 import sidrec.model
 import sidrec.quantize
+import sidrec.runtime
 import sidrec.sid_init
 import sidrec.stages
 import sidrec.tasks
@@ -56,7 +57,7 @@ def _cfg(config: dict) -> RunConfig:
 
 
 def _deps(*modules) -> CachePolicy:
-    return CachePolicy(source_dependencies=[sidrec.stages, sidrec.artifacts, *modules])
+    return CachePolicy(source_dependencies=[sidrec.stages, sidrec.runtime, sidrec.artifacts, *modules])
 
 
 @step(output_materializers=DatasetMaterializer, enable_cache=False)

@@ -192,6 +192,8 @@ CASES = [
     ("config-levels-zero", lambda c: c.set("index", levels=0), ["config.yaml", "index.levels", "greater than or equal to 1"], "preflight"),
     ("config-codebook-one", lambda c: c.set("index", codebook_size=1), ["config.yaml", "index.codebook_size", ">= 2"], "preflight"),
     ("config-k-above-beams", lambda c: c.set("eval", beams=5, ks=[1, 10]), ["config.yaml", "eval", "larger than beams"], "preflight"),
+    ("config-codebook-above-catalog", lambda c: c.set("index", codebook_size=16),
+     ["index.codebook_size", "16 codes per level for 6 items", "'auto'"], "preflight"),
     ("config-kcore-zero", lambda c: c.set("data", kcore=0), ["config.yaml", "data.kcore"], "preflight"),
     # --- backbone -----------------------------------------------------------------------------------
     ("backbone-missing", lambda c: c.set("model", backbone=str(c.tmp / "no-model")), ["model.backbone", "no-model", "config.json"], "preflight"),

@@ -150,7 +150,7 @@ def test_retrain_places_new_items_in_the_hybrid_champions_basis(ml, tmp_path, mo
     # the new items got the codes the champion's quantizer gives their un-rotated hybrid vectors
     x_new, _ = hybrid_inputs(text[keep:], collab[keep:], cfg.index.hybrid.collab_share)
     want, _ = assign_new(champ.state, champ.items.codes, list(champ.items.level_sizes), x_new)
-    got = np.array([bundle.items.codes[bundle.items._row[e]] for e in ids[keep:]])
+    got = np.array([bundle.items.codes[bundle.items.row_of(e)] for e in ids[keep:]])
     assert np.array_equal(got, want)
     assert bundle.collab.shape == (len(ids), 16) and np.allclose(bundle.collab[keep:], collab[keep:], atol=1e-4)
     # a champion without collaborative vectors cannot place them: a fresh index, with the reason

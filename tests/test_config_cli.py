@@ -28,6 +28,8 @@ def test_every_shipped_config_validates(path):
     ({"data": {"format": "xml"}}, "data.format"),
     ({"tasks": {"seqrec": 0, "text_to_sid": 0, "sid_to_text": 0, "titles_to_sid": 0}}, "at least one task"),
     ([1, 2], "top level must be a mapping"),
+    ({"index": {"mode": "dynamic"}, "train": {"processes": 2}}, "train.processes > 1 is not supported with index.mode 'dynamic'"),
+    ({"index": {"mode": "dynamic"}, "model": {"device": "cuda"}}, "model.device 'cuda' is not supported"),
 ])
 def test_bad_configs_name_the_field(data, needle):
     with pytest.raises(ConfigError) as e:
@@ -58,6 +60,10 @@ def test_a_repeated_key_is_refused_with_both_lines(tmp_path):
     p.write_text("train: {steps: 3, steps: 4}\n")  # inside a section too
     with pytest.raises(ConfigError, match="key 'steps' appears twice"):
         load_config(p)
+    # YAML's own merge keys are not repeats
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("name: m\ntrain:\n  <<: {steps: 3, batch_size: 2}\n  lr: 0.01\n")
+    assert (load_config(merged).train.steps, load_config(merged).train.lr) == (3, 0.01)
 
 
 def _cli(*args, cwd=REPO):

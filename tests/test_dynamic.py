@@ -12,7 +12,7 @@ from sidrec.config import parse_config
 from sidrec.data import load_dataset
 from sidrec.dynamic import IndexGenerator, assign, train_dynamic
 from sidrec.model import add_lora, load_backbone
-from sidrec.train import _collate, encode_rows, target_loss
+from sidrec.train import collate, encode_rows, target_loss
 
 
 def _cfg(ml100k_dir, **over):
@@ -59,7 +59,7 @@ def test_recommendation_loss_gradient_reaches_codebooks(setup):
     rows = pd.DataFrame({"prompt": [f"History: {index.sid(i)} Next:" for i in range(4)],
                          "target": [index.sid(i + 1) for i in range(4)], "target_kind": "sid"})
     e = encode_rows(enc, rows)
-    ids, mask, tgt = _collate(e, np.arange(4), enc.pad_id)
+    ids, mask, tgt = collate(e, np.arange(4), enc.pad_id)
     h, _ = model.hidden(ids, attention_mask=mask)
     loss, _ = target_loss(model, h, ids, tgt)  # the recommendation loss only: no quantizer loss here
     loss.backward()

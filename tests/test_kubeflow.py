@@ -79,3 +79,19 @@ def test_resources_gpu_for_finetune_and_evaluate(compiled):
     # ... and otherwise the same pins as the tested CPU install (constraints.txt)
     cpu = [ln.strip() for ln in (REPO / "constraints.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert [p for p in pins if not p.startswith("torch==")] == [p for p in cpu if not p.startswith("torch==")]
+
+
+def test_retrain_run_config_names_the_retraining_steps(tmp_path):
+    """`run.py schedule --zenml` applies retrain_run_config.yaml on Kubeflow: every retraining step has its
+    settings there (ZenML drops settings of unknown step names with a warning only), warm_finetune a GPU."""
+    pytest.importorskip("kfp")
+    from pipelines.retrain import retrain_pipeline
+    from sidrec.config import RunConfig
+
+    run_config = REPO / "infra" / "kubeflow" / "retrain_run_config.yaml"
+    info = _compile_module().compile_pipeline(retrain_pipeline, RunConfig().model_dump(mode="json"),
+                                              tmp_path / "retrain.yaml", run_config=run_config)
+    configured = set(yaml.safe_load(run_config.read_text())["steps"])
+    assert configured == set(info), (sorted(configured ^ set(info)))
+    assert info["warm_finetune"]["resources"].gpu_count == 1 and info["promotion_gate"]["resources"].gpu_count == 1
+    assert not info["ingest"]["resources"].gpu_count

@@ -133,6 +133,7 @@ def test_failed_validation_stops_before_training(tmp_path):
     items = tmp_path / "items.csv"  # i5 is missing from the items table
     items.write_text("item_id,title\n" + "".join(f"i{i},Item {i}\n" for i in range(5)))
     cfg = {"data": {"format": "table", "path": str(inter), "items_path": str(items), "kcore": 3},
+           "index": {"codebook_size": "auto"},  # 256 codes for 6 items is refused before the run
            "model": {"backbone": "tiny"}, "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     repo = Path(__file__).resolve().parent.parent

@@ -62,7 +62,7 @@ def _fake_registry(tmp: Path, monkeypatch, n_versions: int):
     import sidrec.registry as reg
 
     cfg = parse_config({"data": {"name": "lock-test"}, "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}})
-    client = reg._client(cfg)
+    client = reg.client_for(cfg)
     name = reg.model_name(cfg)
     client.create_registered_model(name)
     with mlflow.start_run() as run:
@@ -197,7 +197,7 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     cfg = load_config(cfg_a)
     name = reg.model_name(cfg)
     assert name == "sidrec-ml-100k"
-    client = reg._client(cfg)
+    client = reg.client_for(cfg)
     old_ds = ingest(cfg)
 
     # 1. train + register -> v1 is the challenger, no champion yet
@@ -288,12 +288,14 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
 
 
 def test_artifact_root_is_local_only_for_local_stores(tmp_path):
-    from sidrec.tracking import STATE_DIR, local_artifact_location
+    from sidrec.runtime import state_home
+    from sidrec.tracking import local_artifact_location
 
-    for uri in (f"sqlite:///{tmp_path / 'm.db'}", f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns")):
+    for uri in (f"sqlite:///{tmp_path / 'm.db'}", f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns"),
+                "postgresql://u@db/mlflow", "mysql+pymysql://u@db/mlflow"):  # this process writes the artifacts
         loc = local_artifact_location(uri, "sidrec-x")
         assert loc is not None and loc.startswith("file://") and loc.endswith("/mlartifacts/sidrec-x")
-        assert loc.startswith(STATE_DIR.resolve().as_uri())
+        assert loc.startswith(state_home().resolve().as_uri())
     # a tracking server keeps its own artifact store: no local path is forced on it
     for uri in ("http://mlflow.internal:5000", "https://mlflow.example.com", "databricks"):
         assert local_artifact_location(uri, "sidrec-x") is None

@@ -52,7 +52,7 @@ def test_no_valid_or_test_item_in_any_training_window(ml, rows):
 
 def test_loss_covers_exactly_the_sids_of_items_2_to_n(ml, index, rows):
     from sidrec.model import Encoder, SIDVocab
-    from sidrec.train import _collate, encode_rows
+    from sidrec.train import collate, encode_rows
     from transformers import AutoTokenizer
 
     from sidrec.model import SMOLLM2_DIR
@@ -62,7 +62,7 @@ def test_loss_covers_exactly_the_sids_of_items_2_to_n(ml, index, rows):
     enc_ = Encoder(tok, vocab)
     tr = rows[(rows["split"] == "train") & (rows["task"] == "seqrec")].head(12).reset_index(drop=True)
     enc = encode_rows(enc_, tr)
-    ids, mask, tgt = _collate(enc, np.arange(len(tr)), enc_.pad_id)
+    ids, mask, tgt = collate(enc, np.arange(len(tr)), enc_.pad_id)
     wins = train_windows(ml, H).head(12)
     for j, items in enumerate(wins["items"]):
         supervised = ids[j][tgt[j]].tolist()
@@ -132,7 +132,7 @@ def tiny(index):
 
 def test_selection_uses_valid_users_only_and_keeps_the_best_step(rows, index, tiny):
     from sidrec.evaluate import valid_selector
-    from sidrec.train import _trainable, train
+    from sidrec.train import trainable_parameters, train
 
     model, enc = tiny()
     with pytest.raises(ValueError, match="only see valid users"):
@@ -146,7 +146,7 @@ def test_selection_uses_valid_users_only_and_keeps_the_best_step(rows, index, ti
     snapshots = {}
 
     def scripted(m):
-        snapshots[len(snapshots) + 1] = {n: p.detach().clone() for n, p in _trainable(m)}
+        snapshots[len(snapshots) + 1] = {n: p.detach().clone() for n, p in trainable_parameters(m)}
         return next(scores)
 
     cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=0, eval_every=2, checkpoint_every=None, lr=1e-2, embedding_lr=1e-2)
@@ -154,19 +154,19 @@ def test_selection_uses_valid_users_only_and_keeps_the_best_step(rows, index, ti
                 select=scripted)
     assert [s for s, _ in res.select_curve] == [2, 4, 6]
     assert res.best_step == 4 and res.summary()["train/best_step"] == 4
-    for n, p in _trainable(model):
+    for n, p in trainable_parameters(model):
         assert torch.equal(p.detach(), snapshots[2][n])
     assert not torch.equal(snapshots[2]["sid_embeddings"], snapshots[3]["sid_embeddings"])
 
 
 def test_sid_warmup_trains_only_the_sid_rows(rows, tiny):
-    from sidrec.train import _trainable, train
+    from sidrec.train import trainable_parameters, train
 
     model, enc = tiny()
-    before = {n: p.detach().clone() for n, p in _trainable(model)}
+    before = {n: p.detach().clone() for n, p in trainable_parameters(model)}
     cfg = TrainConfig(steps=3, batch_size=4, sid_warmup_steps=3, checkpoint_every=None)
     res = train(model, enc, rows[rows["split"] == "train"].reset_index(drop=True), cfg, 0, torch.float32, progress=False)
-    after = dict(_trainable(model))
+    after = dict(trainable_parameters(model))
     assert not torch.equal(before["sid_embeddings"], after["sid_embeddings"].detach())
     assert all(torch.equal(before[n], p.detach()) for n, p in after.items() if n != "sid_embeddings")
     assert np.isfinite(res.first_loss) and res.first_loss == res.losses[0]
@@ -235,7 +235,7 @@ def test_nearest_free_refuses_a_catalog_larger_than_the_codes():
 def test_model_selection_does_not_change_what_is_trained(rows, index, tiny):
     """Scoring valid users mid-training (a real constrained decode) leaves the trained weights bit-identical."""
     from sidrec.evaluate import valid_selector
-    from sidrec.train import _trainable, train
+    from sidrec.train import trainable_parameters, train
 
     finals = []
     for every in (2, 6):
@@ -245,5 +245,5 @@ def test_model_selection_does_not_change_what_is_trained(rows, index, tiny):
         cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=0, eval_every=every, checkpoint_every=None)
         train(model, enc, rows[rows["split"] == "train"].reset_index(drop=True), cfg, 0, torch.float32, progress=False,
               select=lambda m: sel(m) * 0 + next(calls))
-        finals.append({n: p.detach().clone() for n, p in _trainable(model)})
+        finals.append({n: p.detach().clone() for n, p in trainable_parameters(model)})
     assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])

@@ -54,7 +54,7 @@ def registered(tmp_path_factory, ml100k_dir):
         pass
     version = registry.register_model(cfg, run_id=run.info.run_id, recommender_dir=rec_dir, bundle=bundle, dataset=ds,
                                       quality_passed=True)
-    client = registry._client(cfg)
+    client = registry.client_for(cfg)
     client.set_registered_model_alias(registry.model_name(cfg), "champion", version)
     return cfg, cfg_path, ds, version
 
@@ -84,16 +84,19 @@ def test_pyfunc_predict(registered):
     cfg, _, ds, version = registered
     pf = mlflow.pyfunc.load_model(f"models:/{registry.model_name(cfg)}@champion")
     items = ds.items["item_id"].tolist()
-    out = pf.predict(pd.DataFrame({"history": [items[:3], ",".join(items[3:6])], "k": [5, 3]}))
+    sig = pf.metadata.get_params_schema()
+    assert [(p.name, p.default) for p in sig.params] == [("k", 10)]  # declared, so params={"k": ...} reaches predict
+    out = pf.predict(pd.DataFrame({"history": [",".join(items[:3]), ",".join(items[3:6])], "k": [5, 3]}))
     assert list(out.columns) == ["request", "rank", "item_id", "title", "score"]
     assert (out["request"] == 0).sum() == 5 and (out["request"] == 1).sum() == 3
     for _, g in out.groupby("request"):
         assert g["score"].is_monotonic_decreasing and set(g["item_id"]) <= set(items)
         assert g["title"].str.len().gt(0).all()
-    default_k = pf.predict(pd.DataFrame({"history": [items[:2]]}))
+    default_k = pf.predict(pd.DataFrame({"history": [",".join(items[:2])]}))
     assert len(default_k) == 10
+    assert len(pf.predict(pd.DataFrame({"history": [",".join(items[:2])] * 2}), params={"k": 4})) == 8
     with pytest.raises(UnknownItemsError, match="nope-1"):
-        pf.predict(pd.DataFrame({"history": [[items[0], "nope-1"]]}))
+        pf.predict(pd.DataFrame({"history": [f"{items[0]},nope-1"]}))
 
 
 def _cli(*args):
@@ -113,3 +116,56 @@ def test_cli_recommend_json_and_unknown_ids(registered):
     assert bad.returncode == 2, bad.stderr[-2000:]
     err = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "zz-unknown" in err[0]
+
+
+def test_mlflow_models_serve_honours_k(registered, tmp_path):
+    """A real `mlflow models serve` on 127.0.0.1 for the registered model: a POST with params k=5 gets 5
+    items back (before the signature declared k, MLflow dropped the param and returned 10)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sidrec import registry
+    from sidrec.tracking import tracking_uri
+
+    cfg, _, ds, _ = registered
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` starts uvicorn by name
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "MLFLOW_TRACKING_URI": tracking_uri(cfg)}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{registry.model_name(cfg)}@champion",
+                             "--host", "127.0.0.1", "-p", str(port), "--env-manager", "local", "--workers", "1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        items = ds.items["item_id"].tolist()
+        body = json.dumps({"dataframe_records": [{"history": ",".join(items[:3])}], "params": {"k": 5}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            preds = json.loads(r.read())["predictions"]
+        assert len(preds) == 5 and [p["rank"] for p in preds] == [1, 2, 3, 4, 5], preds
+        assert {p["item_id"] for p in preds} <= set(items)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -76,7 +76,58 @@ def _bar_chart(table: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(runs: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+def decision_events(decision_logs: list[Path]) -> pd.DataFrame:
+    """Champion changes from registry decision logs (JSON lines, ``sidrec.registry``): one row per
+    promotion that moved the alias and per rollback, with its time, model and version."""
+    import json
+
+    rows = []
+    for path in decision_logs:
+        if not Path(path).is_file():
+            continue
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("action") == "promote" and r.get("promoted"):
+                rows.append({"time": r.get("time"), "model": r.get("model"), "event": "promoted", "version": r.get("challenger")})
+            elif r.get("action") == "rollback" and r.get("to"):
+                rows.append({"time": r.get("time"), "model": r.get("model"), "event": "rollback", "version": r.get("to")})
+    df = pd.DataFrame(rows, columns=["time", "model", "event", "version"])
+    df["time"] = pd.to_datetime(df["time"], utc=True, errors="coerce", format="%Y-%m-%dT%H:%M:%S%z")
+    return df.dropna(subset=["time"]).sort_values("time").reset_index(drop=True)
+
+
+def _over_time_chart(runs: pd.DataFrame, events: pd.DataFrame, path: Path) -> None:
+    """Test Recall@10 / NDCG@10 of every run by date, one line per (dataset, index mode), SASRec of each
+    run dashed, champion promotions (green) and rollbacks (red) as vertical lines."""
+    from matplotlib.figure import Figure
+
+    metrics = ["test/recall_at_10", "test/ndcg_at_10"]
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    t = pd.to_datetime(runs["start_time"], utc=True)
+    for ax, m in zip(axes, metrics):
+        for (exp, mode), g in runs.assign(_t=t).groupby(["experiment", "index_mode"], dropna=False):
+            g = g.sort_values("_t")
+            label = f"{str(exp).removeprefix('sidrec-')} {mode or '?'}"
+            ax.plot(g["_t"], g[m], marker="o", label=label)
+            base = g.get(f"baseline/sasrec/{m}")
+            if base is not None and base.notna().any():
+                ax.plot(g["_t"], base, ls="--", lw=1, label=f"{label}: SASRec")
+        for e in events.itertuples():
+            ax.axvline(e.time, color="tab:green" if e.event == "promoted" else "tab:red", lw=1, alpha=0.7)
+            ax.annotate(f"{'v' if e.event == 'promoted' else 'back to v'}{e.version}", (e.time, ax.get_ylim()[1]),
+                        fontsize=7, rotation=90, va="top", ha="right")
+        ax.set(title=f"{m} over time (green: promoted, red: rollback)", xlabel="run start", ylabel=m)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(runs: pd.DataFrame, out_dir: Path, events: Optional[pd.DataFrame] = None) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = latest_per_config(runs)
     cols = ["experiment", "config", "index_mode", "entities", "quantizer"] + METRICS + BASELINES
@@ -86,16 +137,32 @@ def write_report(runs: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     md.append("|" + "---|" * len(shown.columns))
     for r in shown.itertuples(index=False):
         md.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |")
-    paths = {"md": out_dir / "comparison.md", "html": out_dir / "comparison.html", "png": out_dir / "comparison.png"}
+    events = events if events is not None else decision_events([])
+    paths = {"md": out_dir / "comparison.md", "html": out_dir / "comparison.html", "png": out_dir / "comparison.png",
+             "over_time": out_dir / "comparison_over_time.png"}
+    if len(events):
+        md += ["", "Champion history: " + "; ".join(f"{e.time:%Y-%m-%d %H:%M} {e.model} {e.event} v{e.version}"
+                                                    for e in events.itertuples())]
     paths["md"].write_text("\n".join(md) + "\n")
     paths["html"].write_text("<html><head><meta charset='utf-8'><title>sidrec comparison</title></head><body>"
                              "<h2>sidrec run comparison</h2>" + shown.to_html(index=False, float_format="%.4f", na_rep="-")
-                             + "<p><img src='comparison.png'></p></body></html>")
+                             + "<p><img src='comparison.png'></p><p><img src='comparison_over_time.png'></p></body></html>")
     _bar_chart(table, paths["png"])
+    _over_time_chart(runs, events, paths["over_time"])
     return paths
 
 
-def compare(experiment: Optional[str], out_dir: Path, tracking_uri: str) -> dict[str, Path]:
+def _default_decision_logs(tracking_uri: str, runs: pd.DataFrame) -> list[Path]:
+    """The registry's decision logs of the compared datasets: ``decisions/<model>.jsonl`` next to a sqlite
+    store (else in the state folder), the model named like the experiment (``sidrec-<dataset>``)."""
+    from sidrec.runtime import state_home
+
+    root = Path(tracking_uri[len("sqlite:///"):]).resolve().parent if tracking_uri.startswith("sqlite:///") else state_home()
+    return [root / "decisions" / f"{name}.jsonl" for name in sorted(set(runs["experiment"]))]
+
+
+def compare(experiment: Optional[str], out_dir: Path, tracking_uri: str,
+            decision_logs: Optional[list[Path]] = None) -> dict[str, Path]:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
@@ -105,7 +172,7 @@ def compare(experiment: Optional[str], out_dir: Path, tracking_uri: str) -> dict
         from sidrec.errors import SidrecError
 
         raise SidrecError("no finished sidrec training runs in MLflow yet; run `run.py train --config ...` first")
-    paths = write_report(runs, out_dir)
+    paths = write_report(runs, out_dir, decision_events(decision_logs or _default_decision_logs(tracking_uri, runs)))
     name = experiment or "sidrec-comparisons"
     exp = mlflow.get_experiment_by_name(name) or mlflow.get_experiment(mlflow.create_experiment(name))
     with mlflow.start_run(experiment_id=exp.experiment_id, run_name="comparison", tags={"kind": "comparison"}):

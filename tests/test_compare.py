@@ -33,3 +33,24 @@ def test_compare_writes_report_and_logs_it(store):
     # a second comparison ignores the comparison run itself
     paths = compare("sidrec-toy", tmp / "out2", uri)
     assert "3 finished runs" in paths["md"].read_text()
+
+
+def test_compare_plots_runs_over_time_with_the_champion_history(store):
+    """Every run by date per index mode, and the registry's promotions/rollbacks (its decision log,
+    written by the registry's own logger) marked on the plot and listed in the report."""
+    from sidrec import registry
+    from sidrec.compare import compare, decision_events
+    from sidrec.config import parse_config
+
+    uri, tmp = store
+    cfg = parse_config({"tracking": {"tracking_uri": uri}, "registry": {"model_name": "sidrec-toy"}})
+    registry._append_log(cfg, {"action": "promote", "model": "sidrec-toy", "challenger": "1", "champion": None, "promoted": True})
+    registry._append_log(cfg, {"action": "promote", "model": "sidrec-toy", "challenger": "2", "champion": "1", "promoted": False})
+    registry._append_log(cfg, {"action": "promote", "model": "sidrec-toy", "challenger": "3", "champion": "1", "promoted": True})
+    registry._append_log(cfg, {"action": "rollback", "model": "sidrec-toy", "from": "3", "to": "1", "promoted": False})
+    events = decision_events([registry.decision_log_path(cfg)])
+    assert list(events["event"]) == ["promoted", "promoted", "rollback"] and list(events["version"]) == ["1", "3", "1"]
+    paths = compare("sidrec-toy", tmp / "out3", uri)  # finds the decision log next to the sqlite store
+    md = paths["md"].read_text()
+    assert "sidrec-toy promoted v3" in md and "sidrec-toy rollback v1" in md and "promoted v2" not in md
+    assert paths["over_time"].stat().st_size > 5000 and "comparison_over_time.png" in paths["html"].read_text()

@@ -43,8 +43,11 @@ VARIANTS: dict[str, dict] = {
     "window-full-backbone": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": None}},
     "window-hi-lr": {"tasks": {"seqrec_mode": "window"}, "train": {"lr": 3.0e-3, "embedding_lr": 2.0e-2}},
     "window-6-layers": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": 6}},
-    "window-hybrid": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid"}},
+    "window-hybrid": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid"}},  # the default share (0.8)
+    # hybrid_ml100k.json's "window-hybrid" ran when the default share was 0.5: this variant
+    "window-hybrid-0.5": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.5}}},
     "window-hybrid-0.8": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.8}}},
+    "window-hybrid-0.95": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.95}}},
     "window-hybrid-0.2": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.2}}},
     "window-no-aux": {"tasks": {"seqrec_mode": "window", "text_to_sid": 0.0, "sid_to_text": 0.0, "titles_to_sid": 0.0}},
 }

@@ -111,7 +111,7 @@ class HybridConfig(_Strict):
 
     dim: int = Field(64, ge=2, description="collaborative vector dimension (truncated SVD rank)")
     window: int = Field(5, ge=1, description="items at most this many positions apart in a training sequence co-occur")
-    collab_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of the quantizer's input variance given to the "
+    collab_share: float = Field(0.8, gt=0.0, lt=1.0, description="share of the quantizer's input variance given to the "
                                 "collaborative columns (the text columns get the rest)")
 
 

@@ -33,6 +33,7 @@ def setup_environment() -> None:
     os.environ.setdefault("ZENML_LOGGING_VERBOSITY", "WARN")
     os.environ.setdefault("ZENML_ENABLE_RICH_TRACEBACK", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own INFO level on import
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,6 +50,12 @@ def setup_environment() -> None:
 
     for name in ("great_expectations", "mlflow", "alembic", "urllib3", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # ZenML stays at WARN except the lines a person follows: each step starting/finishing, the run's end
+    for name in ("zenml.orchestrators.step_launcher", "zenml.orchestrators.local.local_orchestrator"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    # the store quietly falls back to the default project/stack when .zen/ names another store's (e.g. after
+    # `make test`, whose runs use their own stores): that reset is not something to act on
+    logging.getLogger("zenml.zen_stores.base_zen_store").setLevel(logging.ERROR)
 
 
 def _user_error(exc: BaseException) -> SidrecError | None:

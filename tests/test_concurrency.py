@@ -46,6 +46,7 @@ def test_two_concurrent_runs_share_the_stores(tmp_path, ml100k_dir):
         # a clean console when piped: no colour codes, no third-party deprecation notices
         assert "\x1b[" not in out + err, [ln for ln in (out + err).splitlines() if "\x1b[" in ln][:3]
         assert "FutureWarning" not in err, [ln for ln in err.splitlines() if "FutureWarning" in ln][:3]
+        assert "INFO mlflow" not in err, [ln for ln in err.splitlines() if "INFO mlflow" in ln][:3]
 
     metrics = [json.loads((tmp_path / f"m{i}.json").read_text()) for i in range(2)]
     assert metrics[0]["mlflow_run_id"] != metrics[1]["mlflow_run_id"]

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
-from zenml import step
+from zenml import get_step_context, step
 from zenml.config.cache_policy import CachePolicy
 from zenml.types import HTMLString
 
@@ -77,10 +77,25 @@ def zenml_production_stage(zenml_run_id: str) -> str:
     return f"{mv.model.name}:{mv.name} -> production"
 
 
+def zenml_staging_stage(zenml_run_id: str) -> str:
+    """Move the ZenML model version of a run whose model was just registered as the MLflow ``challenger``
+    to stage ``staging`` (a previous staging version drops back to ``archived``). Returns ``<model>:<version>``."""
+    from zenml.client import Client
+    from zenml.enums import ModelStages
+
+    mv = Client().get_pipeline_run(zenml_run_id).model_version
+    if mv is None:
+        return "the run has no ZenML model version"
+    mv.set_stage(ModelStages.STAGING, force=True)
+    return f"{mv.model.name}:{mv.name} -> staging"
+
+
 def register_training_run(cfg: RunConfig, run_name_or_id: Optional[str] = None, pipeline_name: str = "training_pipeline") -> str:
     a = training_run_artifacts(run_name_or_id, pipeline_name)
-    return sidrec.registry.register_model(cfg, run_id=a["mlflow_run_id"], recommender_dir=Path(a["recommender"].path),
-                                          bundle=a["bundle"], dataset=a["dataset"], quality_passed=bool(a["quality"].success))
+    version = sidrec.registry.register_model(cfg, run_id=a["mlflow_run_id"], recommender_dir=Path(a["recommender"].path),
+                                             bundle=a["bundle"], dataset=a["dataset"], quality_passed=bool(a["quality"].success))
+    zenml_staging_stage(a["zenml_run_id"])  # the ZenML model version follows the MLflow alias
+    return version
 
 
 # ------------------------------------------------------------------ retraining steps
@@ -128,6 +143,10 @@ def register_challenger(dataset: Dataset, quality: QualityReport, sid_index: Ind
                                        bundle=sid_index, dataset=dataset, quality_passed=bool(quality.success),
                                        extra_tags={"warm_start": recommender.meta.get("warm_start", {}).get("from_version", "")})
     _meta(registered={"model": sidrec.registry.model_name(cfg), "version": v})
+    try:
+        zenml_staging_stage(str(get_step_context().pipeline_run.id))  # ZenML's stage follows the challenger alias
+    except RuntimeError:  # called through .entrypoint, outside a pipeline run
+        pass
     return v
 
 

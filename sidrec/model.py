@@ -391,7 +391,8 @@ def add_lora(model: nn.Module, cfg) -> nn.Module:
     targets = [t for t in cfg.target_modules if t in names]
     if not targets:
         raise ModelError(f"model.lora.target_modules: none of {cfg.target_modules} exist in the backbone (found e.g. {sorted(names)[:8]})")
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none",
+                      task_type="CAUSAL_LM")  # peft's causal-LM wrapper; adapters saved without it still load
     return get_peft_model(model, lcfg)
 
 

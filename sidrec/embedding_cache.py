@@ -90,11 +90,13 @@ class EmbeddingCache:
         self.misses, self.hits = len(missing), len(set(want)) - len(missing)
         if missing:
             new = np.asarray(compute(list(missing.values())), dtype=np.float32)
-            if vecs is not None and vecs.shape[1] != new.shape[1]:  # a store from another embedder: start over
+            if vecs is not None and vecs.shape[1] != new.shape[1]:  # a store from another embedder: start over,
+                rest = {k: t for k, t in zip(want, texts) if k not in missing}  # embedding only what was a hit
+                if rest:
+                    new = np.vstack([new, np.asarray(compute(list(rest.values())), dtype=np.float32)])
                 keys, vecs, row = [], None, {}
-                missing = {k: t for k, t in zip(want, texts)}
+                missing = {**missing, **rest}
                 self.misses, self.hits = len(missing), 0
-                new = np.asarray(compute(list(missing.values())), dtype=np.float32)
             base = len(keys)
             keys = keys + list(missing)
             vecs = new if vecs is None else np.vstack([vecs, new])

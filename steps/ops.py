@@ -64,30 +64,27 @@ def training_run_artifacts(run_name_or_id: Optional[str] = None, pipeline_name: 
             "mlflow_run_id": metrics["mlflow_run_id"], "zenml_run_id": str(run.id)}
 
 
-def zenml_production_stage(zenml_run_id: str) -> str:
-    """Move the ZenML model version of a training/retraining run to stage ``production`` (the previous
-    production version drops back to ``archived``, ZenML's ``force``). Returns ``<model>:<version>``."""
+def _set_zenml_stage(zenml_run_id: str, stage: str) -> str:
+    """Move the ZenML model version of a run to ``stage`` (the version holding it before drops back to
+    ``archived``, ZenML's ``force``). Returns ``<model>:<version> -> <stage>``."""
     from zenml.client import Client
     from zenml.enums import ModelStages
 
     mv = Client().get_pipeline_run(zenml_run_id).model_version
     if mv is None:
         return "the run has no ZenML model version"
-    mv.set_stage(ModelStages.PRODUCTION, force=True)
-    return f"{mv.model.name}:{mv.name} -> production"
+    mv.set_stage(ModelStages(stage), force=True)
+    return f"{mv.model.name}:{mv.name} -> {stage}"
+
+
+def zenml_production_stage(zenml_run_id: str) -> str:
+    """The champion's training/retraining run: its ZenML model version to stage ``production``."""
+    return _set_zenml_stage(zenml_run_id, "production")
 
 
 def zenml_staging_stage(zenml_run_id: str) -> str:
-    """Move the ZenML model version of a run whose model was just registered as the MLflow ``challenger``
-    to stage ``staging`` (a previous staging version drops back to ``archived``). Returns ``<model>:<version>``."""
-    from zenml.client import Client
-    from zenml.enums import ModelStages
-
-    mv = Client().get_pipeline_run(zenml_run_id).model_version
-    if mv is None:
-        return "the run has no ZenML model version"
-    mv.set_stage(ModelStages.STAGING, force=True)
-    return f"{mv.model.name}:{mv.name} -> staging"
+    """A run whose model was just registered as the MLflow ``challenger``: its ZenML model version to ``staging``."""
+    return _set_zenml_stage(zenml_run_id, "staging")
 
 
 def register_training_run(cfg: RunConfig, run_name_or_id: Optional[str] = None, pipeline_name: str = "training_pipeline") -> str:

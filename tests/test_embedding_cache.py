@@ -60,3 +60,13 @@ def test_featurize_reuses_the_cache_across_runs(tmp_path, monkeypatch, ml100k_di
     assert seen == [len(set(first.item_texts))]  # each distinct text embedded once, then served from the cache
     assert np.array_equal(first.item_embeddings, second.item_embeddings)
     assert list((tmp_path / "cache" / "embeddings").iterdir())
+
+
+def test_a_store_of_another_dimension_is_replaced_embedding_each_text_once(tmp_path):
+    calls = []
+    EmbeddingCache(tmp_path, "id").get_or_compute(["a", "b"], _embedder(calls))
+    wide = lambda texts: calls.append(list(texts)) or np.ones((len(texts), 5), np.float32)  # noqa: E731
+    out = EmbeddingCache(tmp_path, "id").get_or_compute(["a", "c", "b"], wide)
+    assert out.shape == (3, 5) and calls[1:] == [["c"], ["a", "b"]]  # the new text, then the old ones once
+    again = EmbeddingCache(tmp_path, "id")
+    assert again.get_or_compute(["b"], wide).shape == (1, 5) and (again.hits, again.misses) == (1, 0)

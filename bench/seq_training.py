@@ -50,6 +50,14 @@ VARIANTS: dict[str, dict] = {
     "window-hybrid-0.95": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.95}}},
     "window-hybrid-0.2": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.2}}},
     "window-no-aux": {"tasks": {"seqrec_mode": "window", "text_to_sid": 0.0, "sid_to_text": 0.0, "titles_to_sid": 0.0}},
+    # issue 13: the base config as it is (static), and the dynamic index (sidrec.dynamic) on top of it
+    "static": {},
+    "dynamic-items": {"index": {"mode": "dynamic"}},
+    "dynamic-dual": {"index": {"mode": "dynamic", "entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
+    "static-dual": {"index": {"entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
+    "dynamic-items-fast-tok": {"index": {"mode": "dynamic", "dynamic": {"tokenizer_lr": 3.0e-3}}},
+    "dynamic-dual-fast-tok": {"index": {"mode": "dynamic", "entities": "items+users", "dynamic": {"tokenizer_lr": 3.0e-3}},
+                              "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
 }
 
 
@@ -105,23 +113,33 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in result["baselines"].items() if "test/recall_at_10" in k or "test/ndcg_at_10" in k}), flush=True)
 
     bundles: dict[str, object] = {}
+    users = None  # features with user embeddings (dual index variants), computed once
     for name in args.variants:
         for seed in args.seeds or [cfg.seed]:
             over = _merge(VARIANTS[name], {"seed": seed})
             vcfg = parse_config(_merge(base, over), f"variant {name}")
             key = json.dumps([vcfg.index.model_dump(mode="json"), vcfg.seed], sort_keys=True)
-            if key not in bundles:
-                vfeat = features
-                if vcfg.index.embedding == "hybrid":  # the training split's co-occurrence vectors, as featurize adds them
-                    vfeat = dataclasses.replace(features, item_collab=stages.collab_features(ds, vcfg))
+            vfeat = features
+            if vcfg.index.embedding == "hybrid":  # the training split's co-occurrence vectors, as featurize adds them
+                vfeat = dataclasses.replace(features, item_collab=stages.collab_features(ds, vcfg))
+            if vcfg.index.entities == "items+users" and vfeat.user_embeddings is None:  # user texts, as featurize does
+                if users is None:
+                    users = stages.featurize(ds, vcfg)
+                vfeat = dataclasses.replace(vfeat, user_embeddings=users.user_embeddings)
+            dynamic = vcfg.index.mode == "dynamic"
+            if key not in bundles and not dynamic:
                 bundles[key] = stages.build_index(vfeat, vcfg)
-            bundle = bundles[key]
             label = name if args.seeds is None else f"{name}/seed{seed}"
             t1 = time.perf_counter()
-            instr = stages.instruct(ds, bundle, vcfg)
+            if not dynamic:
+                bundle = bundles[key]
+                instr = stages.instruct(ds, bundle, vcfg)
             with tempfile.TemporaryDirectory() as tmp:
                 t2 = time.perf_counter()
-                rec = stages.finetune(instr, bundle, vcfg, Path(tmp) / "rec", ds=ds)
+                if dynamic:  # index, instructions and fine-tuning are one stage
+                    rec, bundle, instr = stages.dynamic_finetune(ds, vfeat, vcfg, Path(tmp) / "rec")
+                else:
+                    rec = stages.finetune(instr, bundle, vcfg, Path(tmp) / "rec", ds=ds)
                 ft_s = time.perf_counter() - t2
                 t3 = time.perf_counter()
                 report = stages.evaluate(rec, instr, bundle, vcfg)
@@ -132,6 +150,7 @@ def main(argv=None) -> int:
                 "instructions_seconds": round(t2 - t1, 1), "train_rows": int(instr.meta["n_train"]),
                 "tokens_per_item": int(bundle.items.num_levels), "index": bundle.report,
                 "train": train, "loss_curve": rec.meta["loss_curve"], "select_curve": rec.meta.get("select_curve", []),
+                "dynamic_log": rec.meta.get("dynamic_log", []),
                 "metrics": {k: v for k, v in report.metrics.items()},
             }
             result["variants"][label] = entry

@@ -31,8 +31,8 @@ SECTIONS = {
     "text_features": ("features", "model", "index", "train.threads", "seed"),
     "sid_quantization": ("index", "seed"),
     "instruction_dataset": ("tasks", "train", "data", "index", "seed"),
-    "finetune": ("model", "train", "index", "seed"),
-    "dynamic_finetune": ("index", "tasks", "model", "train", "data", "features", "seed"),
+    "finetune": ("model", "train", "index", "eval.batch_size", "seed"),  # eval.batch_size: model selection
+    "dynamic_finetune": ("index", "tasks", "model", "train", "data", "features", "eval.batch_size", "seed"),
     "evaluate": ("model", "eval", "train", "seed"),
     "baselines": ("baselines", "eval", "data", "train.threads", "seed"),
 }

@@ -87,22 +87,45 @@ class RQVAEConfig(_Strict):
 
 
 class DynamicConfig(_Strict):
-    """ED2-style dynamic index: quantizer heads on the backbone's pooled text representations,
-    trained together with LoRA; SID token embeddings are a learned projection of the codewords."""
+    """The dynamic index (:mod:`sidrec.dynamic`): it starts as the static RQ-KMeans index and is then learned
+    in alternating phases -- recommender phases (index frozen; LoRA + SID rows train) and tokenizer phases
+    (LLM frozen; the quantizer's encoder and codebooks train on the recommendation loss, the regulator and
+    the alignment with the LLM's hidden states) -- with codes recomputed, churn-bounded, only at the end of
+    each tokenizer phase, and a last recommender phase on the frozen index."""
 
-    code_dim: int = Field(64, ge=2, description="dimension of the quantizer space (backbone hidden -> code_dim)")
-    refresh_every: int = Field(100, ge=1, description="re-encode entity texts and refresh assignments every K steps")
-    text_tokens: int = Field(32, ge=4, description="entity text tokens seen by the index generator")
-    entity_batch: int = Field(16, ge=2, description="entities per step for the regulator losses")
-    index_align: float = Field(0.1, ge=0, description="ED2 index-level alignment (InfoNCE SID-sequence vs text) weight; 0 disables")
-    token_align: float = Field(0.25, ge=0, description="ED2 token-level alignment (quantizer input vs codeword) weight; 0 disables")
+    cycles: int = Field(2, ge=1, description="tokenizer phases (each after a recommender phase)")
+    tokenizer_share: float = Field(0.1, gt=0, le=1, description="tokenizer-phase steps (all together) as a share of the "
+                                   "recommender's budget (train.steps / epochs), added to it: the LLM trains as many steps as a static run")
+    final_share: float = Field(0.4, gt=0, lt=1, description="share of the recommender's budget in the last recommender phase, on the frozen index")
+    tokenizer_lr: Optional[float] = Field(None, gt=0, description="learning rate of the quantizer (encoder, codebooks, token "
+                                          "projections); default train.lr / 50 (ETEGRec's ratio)")
+    hidden_dim: int = Field(256, ge=4, description="width of the quantizer's residual encoder/decoder MLPs")
+    max_churn: float = Field(0.1, ge=0, le=1, description="at most this share of an entity family is re-assigned per refresh")
+    churn_margin: float = Field(0.05, ge=0, description="re-assign an entity only if its new code's quantization error is "
+                                "lower by this share of the old one")
+    token_align: float = Field(0.25, ge=0, description="ED2 token-level alignment (codebook + commitment loss); 0 disables")
+    index_align: float = Field(0.1, ge=0, description="ED2 index-level alignment (InfoNCE: LLM over an entity's SID tokens vs its "
+                               "encoded input); 0 disables")
+    seq_align: float = Field(0.1, ge=0, description="recommender feedback: InfoNCE between the LLM's hidden state before an item "
+                             "and the item's encoded input; 0 disables")
+    recon: float = Field(1.0, ge=0, description="reconstruction of the quantizer input from its codewords; 0 disables")
     temperature: float = Field(0.1, gt=0, description="InfoNCE temperature")
-    codebook_lr: float = Field(5e-3, gt=0)
-    extra_level_cap: int = Field(256, ge=2, description="max entities sharing one M-level code (disambiguation level size)")
-    freeze_after: float = Field(0.75, gt=0, le=1, description="share of training steps after which the index is frozen "
-                                "(the last refresh); the remaining steps train on the final index. 1.0: freeze after the last step")
-    restart_dead_codes: bool = Field(True, description="at each refresh, move unused codewords onto members of crowded codes "
-                                     "(VQ dead-code restart) before re-assigning")
+    entity_batch: int = Field(64, ge=2, description="entities per tokenizer step for the regulator and reconstruction")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired_keys(cls, data):
+        """Keys of the joint (pre-alternating) dynamic index: accepted with a warning, so old run configs
+        (a registered model's, a schedule's) still load."""
+        retired = ("code_dim", "refresh_every", "text_tokens", "codebook_lr", "extra_level_cap", "freeze_after",
+                   "restart_dead_codes")
+        if isinstance(data, dict) and any(k in data for k in retired):
+            import warnings
+
+            warnings.warn(f"index.dynamic: {', '.join(k for k in retired if k in data)} no longer apply (the dynamic index "
+                          "trains in alternating phases: cycles, tokenizer_share, final_share) and are ignored", UserWarning)
+            data = {k: v for k, v in data.items() if k not in retired}
+        return data
 
 
 class HybridConfig(_Strict):
@@ -118,7 +141,7 @@ class HybridConfig(_Strict):
 class IndexConfig(_Strict):
     mode: Literal["static", "dynamic"] = "static"
     entities: Literal["items", "items+users"] = "items"
-    quantizer: Literal["rq_kmeans", "rq_vae", "lsh"] = Field("rq_kmeans", description="static: rq_kmeans | rq_vae | lsh (S-LSH); dynamic: rq_kmeans-initialised heads, or lsh (D-LSH: fixed random hyperplanes on the re-encoded representations)")
+    quantizer: Literal["rq_kmeans", "rq_vae", "lsh"] = Field("rq_kmeans", description="static: rq_kmeans | rq_vae | lsh (S-LSH); dynamic: rq_kmeans (the learned index starts as it)")
     levels: int = Field(3, ge=1, le=8, description="M: SID length before collision resolution")
     codebook_size: Union[int, Literal["auto"]] = Field(256, description="N codes per level, or 'auto' to scale down for small catalogs")
     kmeans_iters: int = Field(50, ge=1)
@@ -151,10 +174,10 @@ class IndexConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _hybrid_is_static(self):
-        if self.embedding == "hybrid" and self.mode == "dynamic":
-            raise ValueError("index.embedding 'hybrid' is for the static index; the dynamic index learns from the backbone's "
-                             "representations (use embedding: text with mode: dynamic)")
+    def _dynamic_starts_from_rq_kmeans(self):
+        if self.mode == "dynamic" and self.quantizer != "rq_kmeans":
+            raise ValueError(f"index.mode 'dynamic' starts from the static RQ-KMeans index and learns it further; "
+                             f"quantizer {self.quantizer!r} is for static indices (use quantizer: rq_kmeans)")
         return self
 
 

@@ -203,6 +203,11 @@ def _mlp_state(m: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().astype(np.float32).copy() for k, v in m.state_dict().items()}
 
 
+# public names: the dynamic index's learned quantizer (sidrec.dynamic) builds and saves its MLPs with them
+MLP = _MLP
+mlp_state = _mlp_state
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -213,7 +218,9 @@ class QuantizerState:
     ``codebooks[l]`` is ``[N, d_code]``; inputs are standardised with
     ``(x - mean) / scale`` first. For ``rq_vae`` the standardised input goes
     through the ``encoder`` MLP before residual quantization and ``decoder``
-    maps summed codewords back to the standardised input space.
+    maps summed codewords back to the standardised input space. With ``residual`` both MLPs are
+    skip connections (``z = x + encoder(x)``, ``x_hat = q + decoder(q)``): the dynamic index's learned
+    quantizer (:mod:`sidrec.dynamic`), which starts as the identity on an RQ-KMeans state.
     """
 
     kind: str  # "rq_kmeans" | "rq_vae"
@@ -222,6 +229,7 @@ class QuantizerState:
     scale: np.ndarray
     encoder: dict[str, np.ndarray] = field(default_factory=dict)
     decoder: dict[str, np.ndarray] = field(default_factory=dict)
+    residual: bool = False
 
     def __post_init__(self):
         if self.kind not in ("rq_kmeans", "rq_vae", "lsh"):
@@ -250,6 +258,13 @@ class QuantizerState:
         return int(self.mean.shape[0])
 
     # -- encoding
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        """``(x - mean) / scale`` (float32): the space the codebooks of an ``rq_kmeans`` state live in."""
+        x = _as_matrix(x)
+        if x.shape[1] != self.input_dim:
+            raise ValueError(f"x has dimension {x.shape[1]} but the quantizer was fitted on {self.input_dim}")
+        return _scaled(x, self.mean, self.scale)
+
     def _latent(self, x: np.ndarray, encoder: Optional[nn.Module] = None) -> torch.Tensor:
         """Standardised input (a fresh tensor), through the encoder for rq_vae."""
         x = _as_matrix(x)
@@ -258,7 +273,8 @@ class QuantizerState:
         z = torch.from_numpy(_scaled(x, self.mean, self.scale))
         if self.kind == "rq_vae":
             with torch.no_grad():
-                z = (encoder or _MLP.from_state(self.encoder))(z)
+                e = (encoder or _MLP.from_state(self.encoder))(z)
+                z = z + e if self.residual else e
         return z
 
     def _residual_assign(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -297,7 +313,9 @@ class QuantizerState:
         q = sum(self.codebooks[l][codes[:, l]] for l in range(self.levels))
         if self.kind == "rq_vae":
             with torch.no_grad():
-                q = _MLP.from_state(self.decoder)(torch.from_numpy(np.asarray(q, dtype=np.float32))).numpy()
+                qt = torch.from_numpy(np.asarray(q, dtype=np.float32))
+                out = _MLP.from_state(self.decoder)(qt)
+                q = (qt + out if self.residual else out).numpy()
         return np.asarray(q, dtype=np.float32)
 
     def reconstruction_error(self, x: np.ndarray) -> float:
@@ -326,6 +344,7 @@ class QuantizerState:
             "levels": self.levels,
             "codebook_sizes": self.codebook_sizes,
             "input_dim": self.input_dim,
+            "residual": bool(self.residual),
         }
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".quantizer-", suffix=".tmp")
         os.close(fd)
@@ -351,7 +370,8 @@ class QuantizerState:
         books = [t[f"codebook.{i}"] for i in range(int(meta["levels"]))]
         enc = {k[len("encoder."):]: v for k, v in t.items() if k.startswith("encoder.")}
         dec = {k[len("decoder."):]: v for k, v in t.items() if k.startswith("decoder.")}
-        return cls(kind=meta["kind"], codebooks=books, mean=t["mean"], scale=t["scale"], encoder=enc, decoder=dec)
+        return cls(kind=meta["kind"], codebooks=books, mean=t["mean"], scale=t["scale"], encoder=enc, decoder=dec,
+                   residual=bool(meta.get("residual", False)))  # states saved before the flag existed: plain MLPs
 
 
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -115,6 +115,11 @@ def index_inputs(features: EntityFeatures, cfg: RunConfig, collab: Optional[np.n
 
 # 4. SID quantization (static) ---------------------------------------------------------------
 def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
+    return _static_index(features, cfg)[0]
+
+
+def _static_index(features: EntityFeatures, cfg: RunConfig):
+    """(bundle, user quantizer state or None): the static index; the dynamic index starts from both."""
     from sidrec.index import SIDIndex
     from sidrec.quantize import plot_code_usage, quantize
 
@@ -130,7 +135,7 @@ def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
         "index/codebook_size": int(res.state.codebook_sizes[0]) if hasattr(res.state, "codebook_sizes") else res.level_sizes[0],
         **{f"index/{k}": float(v) for k, v in res.stats.items()},
     }
-    users = None
+    users = ures = None
     if cfg.index.entities == "items+users" and features.user_embeddings is not None:
         ures = quantize(features.user_embeddings, cfg.index, cfg.seed + 1)
         users = SIDIndex(entity_ids=list(features.user_ids), codes=ures.codes, level_sizes=list(ures.level_sizes), prefix="u_")
@@ -143,11 +148,18 @@ def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
     collab = features.item_collab if weights is not None else None
     if collab is not None:
         report["index/collab_coverage"] = float((np.abs(collab).sum(1) > 0).mean())  # items with a collaborative vector
-    return IndexBundle(items=items, state=res.state, report=report, users=users, usage_png=usage, collab=collab)
+    bundle = IndexBundle(items=items, state=res.state, report=report, users=users, usage_png=usage, collab=collab)
+    return bundle, (ures.state if ures is not None else None)
 
 
 # 5. instruction dataset ---------------------------------------------------------------------
 def instruct(ds, bundle: IndexBundle, cfg: RunConfig) -> InstructionSet:
+    rows = render_instructions(ds, bundle.items, bundle.users, cfg)
+    return InstructionSet(rows=rows, meta={"n_train": int((rows["split"] == "train").sum())})
+
+
+def render_instructions(ds, items, users, cfg: RunConfig):
+    """Train, valid and test rows on the given item (and user) index; the same examples for any index."""
     from sidrec.tasks import build_instructions
 
     # prefix mode samples steps x batch rows; window mode takes every window (n_train is not used)
@@ -157,10 +169,8 @@ def instruct(ds, bundle: IndexBundle, cfg: RunConfig) -> InstructionSet:
         from sidrec.keywords import prefix_keywords
         from sidrec.text import item_texts
 
-        keywords = prefix_keywords(bundle.items, item_texts(ds), cfg.index.keywords_per_token)
-    rows = build_instructions(ds, bundle.items, cfg.tasks, n_train, cfg.data.max_history, cfg.seed,
-                              user_index=bundle.users, keywords=keywords)
-    return InstructionSet(rows=rows, meta={"n_train": int((rows["split"] == "train").sum())})
+        keywords = prefix_keywords(items, item_texts(ds), cfg.index.keywords_per_token)
+    return build_instructions(ds, items, cfg.tasks, n_train, cfg.data.max_history, cfg.seed, user_index=users, keywords=keywords)
 
 
 # 6. LoRA fine-tuning ------------------------------------------------------------------------
@@ -302,58 +312,82 @@ def png_bytes(fig) -> bytes:
 
 
 # 4-6 (dynamic mode). the index is learned with the LLM: one stage owns quantizer + instructions + LoRA -------------
-def _dynamic_state(gen) -> "object":
-    """The generator as a QuantizerState (standardise -> linear encoder -> residual codebooks), so new
-    entities can be assigned later from backbone representations computed with the trained adapter."""
-    from sidrec.quantize import QuantizerState
-
-    w = gen.proj_in.weight.detach().float()
-    b = gen.proj_in.bias.detach().float()
-    pinv = torch.linalg.pinv(w)  # a linear decoder: code space -> standardised input space
-    return QuantizerState(
-        kind="rq_vae",
-        codebooks=[c.detach().float().numpy() for c in gen.codebooks],
-        mean=gen.mean.numpy(), scale=gen.scale.numpy(),
-        encoder={"layers.0.weight": w.numpy(), "layers.0.bias": b.numpy()},
-        decoder={"layers.0.weight": pinv.numpy(), "layers.0.bias": (-(pinv @ b)).numpy()},
-    )
-
-
 def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path,
                      log: Optional[Callable[[int, dict], None]] = None):
-    """Train index generator(s) and LoRA together; returns (TrainedRecommender, IndexBundle, InstructionSet)."""
-    from sidrec.dynamic import train_dynamic
-    from sidrec.model import add_lora, load_backbone, save_recommender
+    """The dynamic index (:mod:`sidrec.dynamic`): start from the static index, model and rows, learn the
+    index in alternating phases inside the one training loop; returns (TrainedRecommender, IndexBundle,
+    InstructionSet) like the static stages 4-6 together."""
+    from sidrec.dynamic import DynamicIndexHooks, Family, LearnedIndexModel, LearnedQuantizer
+    from sidrec.evaluate import valid_selector
+    from sidrec.model import save_recommender
     from sidrec.quantize import code_stats, count_duplicates, plot_code_usage
+    from sidrec.train import train, train_steps
 
     set_threads(cfg)
     seed_everything(cfg.seed)
-    lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    lm = add_lora(lm, cfg.model.lora)
-    res = train_dynamic(ds, features, cfg, lm, tok, log=log, progress=progress_enabled())
-    last = res.log[-1] if res.log else {}
+    static, user_state = _static_index(features, cfg)  # exactly what a static run trains on
+    instr = instruct(ds, static, cfg)
+    model, tok, encoder = build_model(cfg, static, ds)
+    train_rows = instr.part("train")
+    calibrate(model, encoder, train_rows, cfg)
+    dcfg = cfg.index.dynamic
+    x_items, _ = index_inputs(features, cfg)  # column weights are in the static state's scale already
+    families = [Family("items", LearnedQuantizer(static.state, x_items, dcfg.hidden_dim, cfg.seed), static.items, 0)]
+    if static.users is not None:
+        families.append(Family("users", LearnedQuantizer(user_state, features.user_embeddings, dcfg.hidden_dim, cfg.seed + 1),
+                               static.users, static.items.num_levels))
+    learned = LearnedIndexModel(model, families, cfg.seed)
+    dtype = compute_dtype(cfg)
+
+    def render(indices: dict):
+        return render_instructions(ds, indices["items"], indices.get("users"), cfg)
+
+    def make_select(items, valid_rows):
+        return valid_selector(encoder, items, valid_rows, cfg.train.select_users, cfg.train.select_beams,
+                              cfg.eval.batch_size, cfg.seed, dtype)
+
+    losses: list[tuple[int, float]] = []
+
+    def _log(step: int, m: dict) -> None:
+        if "train/loss" in m:
+            losses.append((step, m["train/loss"]))
+        if log is not None:
+            log(step, m)
+
+    n_steps = train_steps(cfg.train, len(train_rows))  # the recommender's budget, as a static run's
+    hooks = DynamicIndexHooks(learned, dcfg, n_steps, cfg.train.lr, cfg.seed, render, instr.rows, make_select, _log)
+    tcfg = cfg.train.model_copy(update={"steps": hooks.total_steps, "epochs": None})  # + the tokenizer phases
+    res = train(learned, encoder, train_rows, tcfg, cfg.seed, dtype, _log, progress_enabled(),
+                checkpoint_dir=checkpoint_dir(cfg), select=hooks.select if cfg.train.eval_every else None, hooks=hooks)
+    final = learned.folded()
+    items = families[0].index
+    users = families[1].index if len(families) > 1 else None
+    last = hooks.refresh_log[-1] if hooks.refresh_log else {}
     levels = cfg.index.levels
     report = {
-        "index/collision_rate_raw": float(last.get("collision_rate_raw/items", 0.0)),
-        "index/collisions": count_duplicates(res.items.codes),
-        "index/levels": res.items.num_levels,
-        "index/codebook_size": int(res.items.level_sizes[0]),
-        **{f"index/{k}": float(v) for k, v in code_stats(res.items.codes[:, :levels], res.items.level_sizes[:levels]).items()},
-        "index/churn_items_last_refresh": float(last.get("churn/items", 0.0)),
+        "index/collision_rate_raw": float(last.get("collision_rate_raw/items", static.report["index/collision_rate_raw"])),
+        "index/static_collision_rate_raw": float(static.report["index/collision_rate_raw"]),
+        "index/collisions": count_duplicates(items.codes),
+        "index/levels": items.num_levels,
+        "index/codebook_size": int(items.level_sizes[0]),
+        **{f"index/{k}": float(v) for k, v in code_stats(items.codes[:, :levels], items.level_sizes[:levels]).items()},
+        "index/changed_vs_static": float((items.codes != static.items.codes).any(1).mean()),
     }
-    if res.users is not None:
+    if users is not None:
         report["index/users/collision_rate_raw"] = float(last.get("collision_rate_raw/users", 0.0))
-        report["index/users/collisions"] = count_duplicates(res.users.codes)
-        report["index/churn_users_last_refresh"] = float(last.get("churn/users", 0.0))
-    meta = recommender_meta(cfg, res.model, res.summary, res.losses, dynamic_log=res.log)
-    save_recommender(res.model, tok, out_dir, meta)
+        report["index/users/collisions"] = count_duplicates(users.codes)
+        report["index/users/changed_vs_static"] = float((users.codes != static.users.codes).any(1).mean())
+    summary = {**res.summary(), "dynamic/refreshes": len(hooks.refresh_log), "dynamic/frozen_at_step": hooks.final_start,
+               "dynamic/recommender_steps": n_steps, "dynamic/tokenizer_steps": hooks.total_steps - n_steps,
+               "dynamic/phases": " ".join(f"{p.kind}:{p.start}-{p.end}" for p in hooks.phases)}
+    meta = recommender_meta(cfg, final, summary, losses, dynamic_log=hooks.refresh_log, select_curve=res.select_curve)
+    save_recommender(final, tok, out_dir, meta)
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "code_usage.png"
-        plot_code_usage(res.items.codes, res.items.level_sizes, png)
+        plot_code_usage(items.codes, items.level_sizes, png)
         usage = png.read_bytes()
-    bundle = IndexBundle(items=res.items, state=_dynamic_state(res.generators[0]), report=report, users=res.users,
-                         usage_png=usage)
-    instr = InstructionSet(rows=res.rows, meta={"n_train": int((res.rows["split"] == "train").sum()), "dynamic": True})
-    return TrainedRecommender(path=out_dir, meta=meta), bundle, instr
+    bundle = IndexBundle(items=items, state=families[0].quantizer.state(), report=report, users=users, usage_png=usage,
+                         collab=static.collab)
+    rows = hooks.rows_all
+    out_instr = InstructionSet(rows=rows, meta={"n_train": int((rows["split"] == "train").sum()), "dynamic": True})
+    return TrainedRecommender(path=out_dir, meta=meta), bundle, out_instr

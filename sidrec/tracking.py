@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
 from sidrec.config import REPO_ROOT, RunConfig
@@ -102,6 +103,38 @@ def _plot_loss(curve: list, path: Path, select_curve: Optional[list] = None, bes
     plt.close(fig)
 
 
+def plot_refreshes(log: list[dict], path: Path, phases: str = "") -> None:
+    """The dynamic index per refresh: churn, raw collision rate (solid) and mean level utilization
+    (dashed) per entity family, with the tokenizer phases shaded (``phases``: "kind:start-end ...")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for part in phases.split():
+        kind, _, span = part.partition(":")
+        if kind == "tok":
+            a, _, b = span.partition("-")
+            ax.axvspan(int(a), int(b), color="0.9", lw=0)
+    steps = [e["step"] for e in log]
+    families = sorted({k.split("/")[1] for e in log for k in e if k.startswith("churn/")})
+    for fam, color in zip(families, ("tab:blue", "tab:green")):
+        ax.plot(steps, [e.get(f"churn/{fam}", float("nan")) for e in log], "o-", color=color, label=f"churn ({fam})")
+        ax.plot(steps, [e.get(f"collision_rate_raw/{fam}", float("nan")) for e in log], "s-", color=color, alpha=0.5,
+                label=f"raw collisions ({fam})")
+        util = [np.mean([v for k, v in e.items() if k.startswith(f"utilization/{fam}/")] or [np.nan]) for e in log]
+        ax.plot(steps, util, "^--", color=color, alpha=0.5, label=f"utilization ({fam})")
+    ax.set_xlabel("step (refresh at the end of each shaded tokenizer phase)")
+    ax.set_ylabel("share")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("dynamic index refreshes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_comparison(metrics: dict, path: Path, split: str = "test") -> None:
     import matplotlib
 
@@ -179,6 +212,10 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
             if bundle.usage_png:
                 (tmp / "code_usage.png").write_bytes(bundle.usage_png)
                 mlflow.log_artifact(str(tmp / "code_usage.png"), "index")
+            if recommender.meta.get("dynamic_log"):  # the dynamic index's refresh curves
+                plot_refreshes(recommender.meta["dynamic_log"], tmp / "refreshes.png",
+                               str(recommender.meta.get("train", {}).get("dynamic/phases", "")))
+                mlflow.log_artifact(str(tmp / "refreshes.png"), "index")
             # the model: LoRA adapter + SID embeddings + tokenizer
             mlflow.log_artifacts(str(recommender.path), "model")
             # evaluation: predictions, metrics, plots

@@ -189,9 +189,21 @@ class TrainHooks:
         examples) replace the encoded ones, e.g. re-rendered after the index changed."""
         return None
 
-    def extra_loss(self, model, step: int) -> tuple[Optional[torch.Tensor], dict]:
-        """A loss added to the recommendation loss this step, and scalars to log with it."""
+    def extra_loss(self, model, step: int, batch=None) -> tuple[Optional[torch.Tensor], dict]:
+        """A loss added to the recommendation loss this step, and scalars to log with it. ``batch`` is
+        ``(hidden_states, input_ids, target_mask)`` of the step's forward pass."""
         return None, {}
+
+    def selectable(self, step: int) -> bool:
+        """Whether model selection may score the model after 0-based ``step`` (e.g. only on a frozen index)."""
+        return True
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON-able scalars the hooks need to resume (saved with every checkpoint)."""
+        return {}, {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Take back what :meth:`checkpoint_state` saved (called after the checkpoint's parameters are loaded)."""
 
     def after_training(self, model, steps: int) -> None:
         """Called once after the last step, before the best weights are restored."""
@@ -229,7 +241,8 @@ def _ckpt_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", key: str,
-                    best: Optional[dict[str, torch.Tensor]] = None, params=None) -> Path:
+                    best: Optional[dict[str, torch.Tensor]] = None, params=None,
+                    hooks_state: Optional[tuple[dict, dict]] = None) -> Path:
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +262,9 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
                 tensors[f"opt/{i}/{k}"] = v.detach().cpu().contiguous().clone()
     for name, t in (best or {}).items():
         tensors[f"best/{name}"] = t.detach().cpu().contiguous().clone()
+    hook_tensors, hook_meta = hooks_state or ({}, {})
+    for name, t in hook_tensors.items():
+        tensors[f"hooks/{name}"] = t.detach().cpu().contiguous().clone()
     tensors["rng/torch"] = torch.get_rng_state().clone()
     np_state = np.random.get_state()
     tensors["rng/numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy())
@@ -261,7 +277,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
         "losses": [float(x) for x in res.losses], "examples": res.examples, "tokens": res.tokens,
         "padded_tokens": res.padded_tokens, "seconds": res.seconds, "first_loss": res.first_loss,
         "select_curve": [[int(a), float(b)] for a, b in res.select_curve], "best_step": res.best_step,
-        "best_score": res.best_score, "select_seconds": res.select_seconds,
+        "best_score": res.best_score, "select_seconds": res.select_seconds, "hooks": hook_meta,
     }
     tmp = run_dir / f".tmp-ckpt-{step:07d}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -314,6 +330,7 @@ def load_checkpoint(run_dir: Path, model, opt, key: str, params=None) -> Optiona
         random.setstate((pr[0], tuple(pr[1]), pr[2]))
         meta["path"] = str(ck)
         meta["best"] = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+        meta["hook_tensors"] = {k[6:]: v for k, v in tensors.items() if k.startswith("hooks/")}
         return meta
     return None
 
@@ -409,6 +426,7 @@ def train(
             res.best_step, res.best_score = int(meta.get("best_step", 0)), float(meta.get("best_score", float("nan")))
             res.select_seconds = float(meta.get("select_seconds", 0.0))
             best.update(meta.get("best", {}))
+            hooks.restore(meta["hook_tensors"], meta.get("hooks", {}))
             log_.warning("fine-tune: resuming from %s (step %d of %d)", meta["path"], start, len(batches))
             if log is not None:  # replay the logged curve up to the checkpoint
                 for step in range(start):
@@ -429,7 +447,7 @@ def train(
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             h, _ = model.hidden(ids, attention_mask=mask)
             loss, _ = target_loss(model, h, ids, tgt)
-            extra, extra_logs = hooks.extra_loss(model, step)
+            extra, extra_logs = hooks.extra_loss(model, step, (h, ids, tgt))
         opt.zero_grad(set_to_none=True)
         (loss if extra is None else loss + extra).backward()
         if step < sid_warm:  # SID-only warm-up: LoRA gets no update (and no AdamW moments)
@@ -452,11 +470,11 @@ def train(
             if log is not None:
                 log(step, {"train/loss": avg, "train/lr": opt.param_groups[-1]["lr"],
                            **{k: float(v) for k, v in extra_logs.items()}})
-        if eval_every and ((step + 1) % eval_every == 0 or step == len(batches) - 1):
+        if eval_every and ((step + 1) % eval_every == 0 or step == len(batches) - 1) and hooks.selectable(step):
             run_selection(step + 1)
         if run_dir is not None and rank == 0 and (step + 1) % every == 0 and step + 1 < len(batches):
             res.seconds = time.perf_counter() - t0
-            save_checkpoint(run_dir, step + 1, model, opt, res, key, best, named)
+            save_checkpoint(run_dir, step + 1, model, opt, res, key, best, named, hooks.checkpoint_state())
     hooks.after_training(model, len(batches))
     res.seconds = time.perf_counter() - t0
     if best and res.best_step < len(batches):  # model selection: keep the best-scoring weights

@@ -117,11 +117,13 @@ def finetune(dataset: Dataset, instructions: InstructionSet, sid_index: IndexBun
 
 @step(output_materializers={"recommender": TrainedRecommenderMaterializer, "sid_index": IndexBundleMaterializer,
                             "instructions": InstructionSetMaterializer},
-      cache_policy=_deps(sidrec.dynamic, sidrec.train, sidrec.model, sidrec.tasks, sidrec.quantize))
+      cache_policy=_deps(sidrec.dynamic, sidrec.train, sidrec.model, sidrec.tasks, sidrec.quantize, sidrec.collab,
+                         sidrec.keywords, sidrec.sid_init, sidrec.evaluate, sidrec.decode))
 def dynamic_finetune(dataset: Dataset, features: EntityFeatures, config: dict) -> Tuple[
         Annotated[TrainedRecommender, "recommender"], Annotated[IndexBundle, "sid_index"],
         Annotated[InstructionSet, "instructions"]]:
-    """Dynamic index: quantizer heads + LoRA trained together; emits the frozen index with the adapter."""
+    """Dynamic index: starts as the static index, learned in alternating phases with LoRA; emits the final
+    (frozen) index with the adapter and the instruction set rendered on it."""
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
     rec, bundle, instr = sidrec.stages.dynamic_finetune(dataset, features, _cfg(config), out)
     _meta(**{"train": rec.meta["train"], "index": {k.replace("/", "_"): v for k, v in bundle.report.items()}})

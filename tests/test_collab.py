@@ -166,7 +166,9 @@ def test_retrain_places_new_items_in_the_hybrid_champions_basis(ml, tmp_path, mo
 def test_config_refuses_hybrid_where_it_cannot_work():
     from sidrec.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="static index"):
-        parse_config({"index": {"embedding": "hybrid", "mode": "dynamic"}})
+    # the dynamic index starts from the static (hybrid) index, so the two go together; other quantizers do not
+    assert parse_config({"index": {"embedding": "hybrid", "mode": "dynamic"}}).index.embedding == "hybrid"
+    with pytest.raises(ConfigError, match="starts from the static RQ-KMeans"):
+        parse_config({"index": {"mode": "dynamic", "quantizer": "rq_vae"}})
     with pytest.raises(ConfigError, match="collab_share"):
         parse_config({"index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.0}}})

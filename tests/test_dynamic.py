@@ -1,4 +1,6 @@
-"""Dynamic (ED2-style) index: gradient into the codebooks, refresh consistency, frozen index unique."""
+"""The dynamic index (sidrec.dynamic): it starts as the static index, learns in alternating phases with
+churn-bounded refreshes, the recommendation loss reaches the codebooks only in tokenizer phases, training
+targets follow the current index, and a crashed dynamic run resumes to exactly the uninterrupted result."""
 from __future__ import annotations
 
 import re
@@ -8,128 +10,231 @@ import pytest
 import torch
 
 from sidrec.artifacts import EntityFeatures
-from sidrec.config import parse_config
+from sidrec.collab import cooccurrence_vectors
+from sidrec.config import IndexConfig, parse_config
 from sidrec.data import load_dataset
-from sidrec.dynamic import IndexGenerator, assign, train_dynamic
-from sidrec.model import add_lora, load_backbone
-from sidrec.train import collate, encode_rows, target_loss
+from sidrec.dynamic import LearnedQuantizer, phase_plan, reassign
+from sidrec.index import SIDIndex
+from sidrec.quantize import QuantizerState, quantize
 
 
-def _cfg(ml100k_dir, **over):
+def _cfg(ml100k_dir, tmp=None, **over):
     d = {"seed": 0, "data": {"format": "recbole", "path": str(ml100k_dir), "max_users": 40, "kcore": 3},
          "index": {"mode": "dynamic", "entities": "items+users", "levels": 2, "codebook_size": 8, "kmeans_iters": 5,
-                   "dynamic": {"refresh_every": 3, "entity_batch": 8, "text_tokens": 12}},
-         "tasks": {"seqrec": 1.0, "text_to_sid": 0.3, "sid_to_text": 0.2, "titles_to_sid": 0.0, "user_pred": 0.5,
-                   "user_to_text": 0.2, "text_to_user": 0.2, "prompt_history": 4},
-         "model": {"backbone": "tiny", "dtype": "float32"},
-         "train": {"steps": 7, "batch_size": 4, "warmup_steps": 1, "log_every": 1}}
-    d.update(over)
+                   "dynamic": {"cycles": 2, "tokenizer_share": 0.25, "final_share": 0.25, "tokenizer_lr": 0.05,
+                               "churn_margin": 0.0, "entity_batch": 8, "hidden_dim": 16}},
+         "tasks": {"seqrec": 1.0, "text_to_sid": 0.3, "sid_to_text": 0.0, "titles_to_sid": 0.0, "user_pred": 0.5,
+                   "user_to_text": 0.0, "text_to_user": 0.2, "prompt_history": 4},
+         "model": {"backbone": "tiny", "dtype": "float32", "lora": {"r": 2}},
+         "train": {"steps": 24, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "threads": 1,
+                   **({"checkpoint_dir": str(tmp)} if tmp else {})}}
+    for k, v in over.items():
+        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     return parse_config(d)
 
 
-@pytest.fixture(scope="module")
-def setup(ml100k_dir):
-    cfg = _cfg(ml100k_dir)
-    ds = load_dataset(cfg.data)
-    lm, tok = load_backbone("tiny")
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    lm = add_lora(lm, cfg.model.lora)
+def _features(ds) -> EntityFeatures:
     rng = np.random.default_rng(0)
     users = list(ds.train_sequences().keys())
-    feats = EntityFeatures(item_ids=ds.items["item_id"].tolist(), item_texts=[""] * len(ds.items),
-                           item_embeddings=rng.normal(size=(len(ds.items), 64)).astype("float32"),
-                           user_ids=users, user_texts=[""] * len(users),
-                           user_embeddings=rng.normal(size=(len(users), 64)).astype("float32"))
-    return cfg, ds, lm, tok, feats
+    return EntityFeatures(item_ids=ds.items["item_id"].tolist(), item_texts=[""] * len(ds.items),
+                          item_embeddings=rng.normal(size=(len(ds.items), 24)).astype("float32"),
+                          user_ids=users, user_texts=[""] * len(users),
+                          user_embeddings=rng.normal(size=(len(users), 24)).astype("float32"))
 
 
-def test_recommendation_loss_gradient_reaches_codebooks(setup):
-    from sidrec.dynamic import DynamicSIDRecModel, vocab_for
-    from sidrec.model import Encoder
-
-    cfg, ds, lm, tok, feats = setup
-    gen = IndexGenerator(64, 64, 16, 2, 8, 64, emb_std=0.02, seed=0)
-    gen.init_from(torch.as_tensor(feats.item_embeddings), 5, 0)
-    index, _ = assign(gen, torch.as_tensor(feats.item_embeddings), feats.item_ids, "")
-    model = DynamicSIDRecModel(lm, vocab_for(index, lm.get_input_embeddings().weight.shape[0]), [gen])
-    enc = Encoder(tok, model.vocab)
-    import pandas as pd
-
-    rows = pd.DataFrame({"prompt": [f"History: {index.sid(i)} Next:" for i in range(4)],
-                         "target": [index.sid(i + 1) for i in range(4)], "target_kind": "sid"})
-    e = encode_rows(enc, rows)
-    ids, mask, tgt = collate(e, np.arange(4), enc.pad_id)
-    h, _ = model.hidden(ids, attention_mask=mask)
-    loss, _ = target_loss(model, h, ids, tgt)  # the recommendation loss only: no quantizer loss here
-    loss.backward()
-    for lv, cb in enumerate(gen.codebooks):
-        assert cb.grad is not None and cb.grad.abs().sum() > 0, f"no recommendation gradient in codebook {lv}"
+@pytest.fixture(scope="module")
+def ml(ml100k_dir):
+    cfg = _cfg(ml100k_dir)
+    return cfg, load_dataset(cfg.data)
 
 
-def test_train_dynamic_refreshes_consistently_and_freezes_unique(setup):
-    cfg, ds, lm, tok, feats = setup
+@pytest.fixture(scope="module")
+def collab_x(ml100k_dir):
+    """Real co-occurrence vectors (training split) of a MovieLens slice: what a hybrid index quantizes."""
+    ds = load_dataset(parse_config({"data": {"format": "recbole", "path": str(ml100k_dir), "max_users": 200,
+                                             "kcore": 5}}).data)
+    return cooccurrence_vectors(ds.train_sequences().values(), ds.items["item_id"].tolist(), 16, 5, 0)
+
+
+@pytest.mark.parametrize("collisions", ["nearest_free", "extra_level"])
+def test_learned_quantizer_starts_as_the_static_index(collab_x, collisions, tmp_path):
+    res = quantize(collab_x, IndexConfig(levels=2, codebook_size=32, collisions=collisions, kmeans_iters=10), seed=0)
+    lq = LearnedQuantizer(res.state, collab_x, hidden_dim=16, seed=0)
+    codes, _ = lq.greedy(lq.encode())
+    assert np.array_equal(codes.numpy(), res.state.assign(collab_x))  # step 0: the static assignment
+    index = SIDIndex(entity_ids=[str(i) for i in range(len(collab_x))], codes=res.codes, level_sizes=res.level_sizes)
+    new, stats = reassign(lq, index, max_churn=0.1, margin=0.05)
+    assert stats["churn"] == 0.0 and np.array_equal(new.codes, res.codes)  # a refresh before training moves nothing
+    assert stats["collision_rate_raw"] == pytest.approx(res.raw_collision_rate)
+    # the saved learned state (residual MLPs) assigns like the static state until it has trained
+    lq.state().save(tmp_path / "q")
+    loaded = QuantizerState.load(tmp_path / "q")
+    assert loaded.residual and np.array_equal(loaded.assign(collab_x), res.state.assign(collab_x))
+
+
+@pytest.mark.parametrize("collisions", ["nearest_free", "extra_level"])
+def test_reassign_bounds_churn_moves_the_largest_gains_and_stays_unique(collab_x, collisions):
+    res = quantize(collab_x, IndexConfig(levels=2, codebook_size=32, collisions=collisions, kmeans_iters=10), seed=0)
+    lq = LearnedQuantizer(res.state, collab_x, hidden_dim=16, seed=0)
+    with torch.no_grad():  # an encoder that has moved: most entities would now prefer another code
+        torch.manual_seed(0)
+        lq.encoder.layers[-1].weight.normal_(0, 0.5)
+    index = SIDIndex(entity_ids=[str(i) for i in range(len(collab_x))], codes=res.codes, level_sizes=res.level_sizes)
+    n = len(collab_x)
+    new, stats = reassign(lq, index, max_churn=0.1, margin=0.05)
+    moved = np.nonzero((new.codes != index.codes).any(1))[0]
+    assert stats["eligible"] > 0.1  # more entities want to move than may
+    assert 0 < len(moved) <= int(np.floor(0.1 * n)) and stats["churn"] == len(moved) / n
+    if collisions == "extra_level":  # free slots under every code: the whole budget is used
+        assert len(moved) == int(np.floor(0.1 * n))
+    assert len({tuple(c) for c in new.codes.tolist()}) == n  # still unique
+    with torch.no_grad():
+        z = lq.encode()
+        err = lambda codes: ((z - lq.quantized(torch.from_numpy(codes))) ** 2).sum(1).numpy()  # noqa: E731
+        e_old, e_new = err(index.codes), err(new.codes)
+    assert (e_new[moved] < 0.95 * e_old[moved]).all()  # each move clears the margin
+    unmoved = np.setdiff1d(np.arange(n), moved)
+    assert (e_new[unmoved] == e_old[unmoved]).all()
+    # a larger budget moves at least as many (more where free codes allow), never beyond it
+    new2, stats2 = reassign(lq, index, max_churn=0.5, margin=0.05)
+    assert len(moved) <= stats2["churn"] * n <= np.floor(0.5 * n)
+    if collisions == "extra_level":
+        assert len(moved) < stats2["churn"] * n
+
+
+def test_phase_plan_alternates_and_ends_on_a_frozen_index():
+    plan = phase_plan(100, cycles=2, tokenizer_share=0.1, final_share=0.4)
+    assert [p.kind for p in plan] == ["rec", "tok", "rec", "tok", "final"]
+    assert plan[0].start == 0 and all(a.end == b.start for a, b in zip(plan, plan[1:]))
+    # the recommender phases train exactly the static budget; the tokenizer phases come on top
+    assert sum(p.end - p.start for p in plan if p.kind != "tok") == 100
+    assert sum(p.end - p.start for p in plan if p.kind == "tok") == 10 and plan[-1].end - plan[-1].start == 40
+    with pytest.raises(ValueError, match="too few"):
+        phase_plan(4, cycles=3, tokenizer_share=0.1, final_share=0.4)
+    with pytest.raises(Exception, match="final_share"):
+        parse_config({"index": {"mode": "dynamic", "dynamic": {"final_share": 1.0}}})
+
+
+def _pieces(cfg, ds):
+    """The dynamic stage's objects before training (as stages.dynamic_finetune builds them)."""
+    from sidrec.dynamic import DynamicIndexHooks, Family, LearnedIndexModel
+    from sidrec.stages import _static_index, build_model, index_inputs, instruct, render_instructions
+
+    feats = _features(ds)
+    static, user_state = _static_index(feats, cfg)
+    instr = instruct(ds, static, cfg)
+    model, tok, encoder = build_model(cfg, static, ds)
+    fams = [Family("items", LearnedQuantizer(static.state, index_inputs(feats, cfg)[0], 16, 0), static.items, 0),
+            Family("users", LearnedQuantizer(user_state, feats.user_embeddings, 16, 1), static.users, static.items.num_levels)]
+    table0 = model.sid_embeddings.detach().clone()
+    learned = LearnedIndexModel(model, fams, 0)
+    hooks = DynamicIndexHooks(learned, cfg.index.dynamic, 24, cfg.train.lr, 0,
+                              lambda ix: render_instructions(ds, ix["items"], ix.get("users"), cfg), instr.rows)
+    return learned, encoder, instr, hooks, table0
+
+
+def test_recommendation_gradient_reaches_codebooks_in_tokenizer_phases_only(ml):
+    from sidrec.train import collate, encode_rows, target_loss
+
+    cfg, ds = ml
+    learned, encoder, instr, hooks, table0 = _pieces(cfg, ds)
+    assert torch.equal(learned.sid_table(), table0)  # step 0: the static run's SID table
+    rows = instr.part("train").head(8)
+    e = encode_rows(encoder, rows)
+    lora = [p for n, p in learned.lm.named_parameters() if "lora" in n]
+
+    def backward(kind):
+        hooks._set_phase(learned, kind)
+        for p in [learned.sid_embeddings, *lora, *learned.quantizers.parameters(), *learned.proj.parameters()]:
+            p.grad = None
+        ids, mask, tgt = collate(e, np.arange(len(rows)), encoder.pad_id)
+        h, _ = learned.hidden(ids, attention_mask=mask)
+        loss, _ = target_loss(learned, h, ids, tgt)  # the recommendation loss only
+        loss.backward()
+
+    backward("tok")
+    for f, q in zip(learned.families, learned.quantizers):
+        for lv, cb in enumerate(q.codebooks):
+            assert cb.grad is not None and cb.grad.abs().sum() > 0, f"no recommendation gradient in {f.name} codebook {lv}"
+    assert learned.sid_embeddings.grad is None and all(p.grad is None for p in lora)  # the LLM is frozen
+    backward("rec")
+    assert all(cb.grad is None for q in learned.quantizers for cb in q.codebooks)  # the index is frozen
+    assert learned.sid_embeddings.grad.abs().sum() > 0 and any(p.grad is not None for p in lora)
+
+
+def _run(cfg, ds, out, log=None):
+    from sidrec.stages import dynamic_finetune
+
+    return dynamic_finetune(ds, _features(ds), cfg, out, log=log)
+
+
+def test_dynamic_finetune_refreshes_after_tokenizer_phases_and_targets_follow_the_index(ml, tmp_path):
+    cfg, ds = ml
+    cfg = _cfg(cfg.data.path, train={"eval_every": 4, "select_users": 10})
     logged = []
-    res = train_dynamic(ds, feats, cfg, lm, tok, log=lambda s, m: logged.append((s, m)), progress=False)
-    # refreshed at step 3; frozen at round(0.75 * 7) = 5, no refresh after that (step 6 trains on the final index)
-    assert [(e["step"], e["frozen"]) for e in res.log] == [(3, 0), (5, 1)]
-    assert res.summary["dynamic/frozen_at_step"] == 5
-    for e in res.log:
-        assert 0.0 <= e["churn/items"] <= 1.0 and "churn/users" in e
-    # final indices unique (items and users)
-    for idx in (res.items, res.users):
+    rec, bundle, instr = _run(cfg, ds, tmp_path / "m", log=lambda s, m: logged.append((s, m)))
+    dlog = rec.meta["dynamic_log"]
+    # 24 recommender steps + 6 tokenizer steps: codes recomputed at the end of each tokenizer phase
+    assert rec.meta["train"]["dynamic/phases"] == "rec:0-9 tok:9-12 rec:12-21 tok:21-24 final:24-30"
+    assert [(e["step"], e["frozen"]) for e in dlog] == [(12, 0), (24, 1)]
+    assert rec.meta["train"]["train/steps"] == 30 and rec.meta["train"]["dynamic/recommender_steps"] == 24
+    for e in dlog:
+        for fam in ("items", "users"):
+            assert 0.0 <= e[f"churn/{fam}"] <= 0.1 + 1e-9
+    assert sum(e["churn/items"] + e["churn/users"] for e in dlog) > 0  # the index did change
+    assert any("dynamic/churn/items" in m for _, m in logged)
+    assert any("train/token_align/items" in m and "train/recon/users" in m for _, m in logged)
+    # model selection only on the frozen index (the final phase)
+    assert rec.meta["select_curve"] and all(s > 24 for s, _ in rec.meta["select_curve"])
+    # final indices unique; training, valid and test rows rendered on them
+    for idx in (bundle.items, bundle.users):
         assert len({tuple(c) for c in idx.codes.tolist()}) == len(idx.codes)
-    # the final training rows (re-rendered after the last refresh) and eval rows use the final index
-    rows = res.rows
+    rows = instr.rows
     for r in rows[rows.task.isin(["seqrec", "text_to_sid"])].itertuples():
         if r.task == "seqrec" and r.split == "train":  # a window: the SIDs of items 2..n, the last one the target item's
-            assert r.target.endswith(res.items.sid_of(r.target_item))
-            toks, L = re.findall(r"<[a-z]_\d+>", r.target), res.items.num_levels
+            assert r.target.endswith(bundle.items.sid_of(r.target_item))
+            toks, L = re.findall(r"<[a-z]_\d+>", r.target), bundle.items.num_levels
             assert len(toks) % L == 0
-            assert all(res.items.parse("".join(toks[i:i + L])) is not None for i in range(0, len(toks), L))
+            assert all(bundle.items.parse("".join(toks[i:i + L])) is not None for i in range(0, len(toks), L))
         else:
-            assert r.target == res.items.sid_of(r.target_item)
+            assert r.target == bundle.items.sid_of(r.target_item)
     for r in rows[rows.split == "test"].itertuples():
-        assert r.prompt.startswith(res.users.sid_of(r.user_id))
-    # the frozen model's token table matches the final generator table shape and is saveable
-    assert res.model.sid_embeddings.shape[0] == len(res.model.vocab)
-    assert any("dynamic/churn/items" in m for _, m in logged)
-    assert np.isfinite(res.summary["train/final_loss"])
+        assert r.prompt.startswith(bundle.users.sid_of(r.user_id))
+    assert bundle.state.residual and np.isfinite(rec.meta["train"]["train/final_loss"])
 
 
-def test_assign_rebalances_a_collapsed_index_instead_of_failing():
-    """All entities on one code (a collapsed codebook) must still give a unique index within the cap."""
-    gen = IndexGenerator(8, 8, 4, 2, 4, 3, emb_std=0.02, seed=0)
-    gen.init_from(torch.randn(40, 8), 3, 0)
-    same = torch.zeros(12, 8) + torch.randn(1, 8)  # 12 identical entities, cap 3, 4 codes at the last level
-    index, rate = assign(gen, same, [f"e{i}" for i in range(12)], "")
-    assert rate == pytest.approx(11 / 12)
-    assert len({tuple(c) for c in index.codes.tolist()}) == 12
-    assert index.codes[:, -1].max() < 3 and len(set(index.codes[:, 1].tolist())) == 4
-    with pytest.raises(ValueError, match="extra_level_cap"):
-        assign(gen, torch.zeros(13, 8) + torch.randn(1, 8), [f"e{i}" for i in range(13)], "")
+def _model_tensors(path):
+    from safetensors.torch import load_file
+
+    out = {f"sid/{k}": v for k, v in load_file(str(path / "sid_embeddings.safetensors")).items()}
+    out.update({f"lora/{k}": v for k, v in load_file(str(path / "adapter" / "adapter_model.safetensors")).items()})
+    return out
 
 
-def test_freeze_after_one_refreshes_after_the_last_step(setup, ml100k_dir):
-    cfg, ds, lm, tok, feats = setup
-    cfg = _cfg(ml100k_dir, index={**cfg.index.model_dump(), "dynamic": {**cfg.index.dynamic.model_dump(), "freeze_after": 1.0}})
-    res = train_dynamic(ds, feats, cfg, lm, tok, progress=False)
-    assert [(e["step"], e["frozen"]) for e in res.log] == [(3, 0), (6, 0), (7, 1)]
+def test_a_crashed_dynamic_run_resumes_to_the_uninterrupted_result(ml, tmp_path):
+    cfg, ds = ml
 
+    class Crash(Exception):
+        pass
 
-def test_dead_code_restart_splits_a_crowded_code():
-    from sidrec.dynamic import restart_dead_codes
+    def crash_at_17(step, m):
+        if step == 17 and "train/loss" in m:
+            raise Crash
 
-    torch.manual_seed(0)
-    gen = IndexGenerator(8, 8, 4, 2, 8, 64, emb_std=0.02, seed=0)
-    gen.init_from(torch.randn(64, 8), 5, 0)
-    with torch.no_grad():  # collapse: every level-0 codeword far away except code 0
-        gen.codebooks[0][1:] = 100.0
-    x = torch.randn(64, 8)
-    before, rate_before = assign(gen, x, [f"e{i}" for i in range(64)], "")
-    assert set(before.codes[:, 0].tolist()) == {0}
-    moved = restart_dead_codes(gen, x, seed=0)
-    assert moved >= 7  # all 7 dead level-0 codes (+ any dead level-1 codes) were restarted
-    after, rate_after = assign(gen, x, [f"e{i}" for i in range(64)], "")
-    assert len(set(after.codes[:, 0].tolist())) == 8 and rate_after < rate_before
-    assert restart_dead_codes(IndexGenerator(8, 8, 4, 2, 8, 64, 0.02, 0, kind="lsh"), x, 0) == 0
+    ck = tmp_path / "ck"
+    resumable = _cfg(cfg.data.path, tmp=ck, train={"checkpoint_every": 4})
+    with pytest.raises(Crash):  # mid-way through the second recommender phase, after the refresh at step 12
+        _run(resumable, ds, tmp_path / "crashed", log=crash_at_17)
+    assert not (tmp_path / "crashed" / "meta.json").exists()
+    assert [p.name for p in ck.glob("*/ckpt-*")] == ["ckpt-0000016"]
+    resumed, rb, _ = _run(resumable, ds, tmp_path / "resumed")
+    assert resumed.meta["train"]["train/resumed_from_step"] == 16
+    fresh, fb, _ = _run(_cfg(cfg.data.path, tmp=tmp_path / "ck2", train={"checkpoint_every": 4}), ds, tmp_path / "fresh")
+    assert fresh.meta["train"]["train/resumed_from_step"] == 0
+    a, b = _model_tensors(tmp_path / "resumed"), _model_tensors(tmp_path / "fresh")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert np.array_equal(rb.items.codes, fb.items.codes) and np.array_equal(rb.users.codes, fb.users.codes)
+    assert resumed.meta["dynamic_log"] == fresh.meta["dynamic_log"]
+    assert resumed.meta["loss_curve"] == fresh.meta["loss_curve"]

@@ -142,3 +142,30 @@ def test_failed_validation_stops_before_training(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     err = [l for l in out.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "data validation failed" in err[0] and "item_id" in err[0]
+
+
+def test_dynamic_dual_pipeline_logs_its_refreshes(tmp_path, ml100k_dir):
+    """index.mode dynamic through ZenML: the dynamic_finetune step replaces quantization, instructions and
+    fine-tuning; the MLflow run has the final user and item SIDs, per-refresh metrics and the refresh plot."""
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    from pipelines.cli import run_training
+
+    cfg = _config(tmp_path, ml100k_dir, name="pipeline-dynamic",
+                  index={"mode": "dynamic", "entities": "items+users", "codebook_size": 8, "levels": 2, "kmeans_iters": 5,
+                         "dynamic": {"cycles": 1, "tokenizer_share": 0.25, "final_share": 0.25, "hidden_dim": 8}},
+                  tasks={"user_pred": 0.3, "text_to_user": 0.1})
+    cfg["train"]["steps"] = 8
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    m = run_training(str(tmp_path / "cfg.yaml"), None)
+    assert m["test/invalid_rate"] == 0.0 and m["index/collisions"] == 0 and m["index/users/collisions"] == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run = client.get_run(m["mlflow_run_id"])
+    assert run.data.tags["index_mode"] == "dynamic"
+    # one refresh, at the end of the tokenizer phase (8 recommender steps: rec 0-6, tok 6-8, final 8-10)
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "index/churn_items")] == [8]
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "index")}
+    assert {"index/refreshes.png", "index/user_sids.csv", "index/item_sids.csv"} <= files

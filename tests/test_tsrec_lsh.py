@@ -1,4 +1,4 @@
-"""TS-Rec keywords / SA-Init / TS-Align, and the LSH index (static S-LSH and dynamic D-LSH)."""
+"""TS-Rec keywords / SA-Init / TS-Align, and the static LSH index (S-LSH)."""
 from __future__ import annotations
 
 import re
@@ -86,16 +86,3 @@ def test_static_lsh_unique_deterministic_and_roundtrip(tmp_path):
     assert np.array_equal(QuantizerState.load(tmp_path / "q").assign(x), a.state.assign(x))
     with pytest.raises(ValueError, match="power of two"):
         quantize(x, IndexConfig(quantizer="lsh", levels=2, codebook_size=12), seed=0)
-
-
-def test_dynamic_lsh_generator_hashes_and_passes_gradient():
-    from sidrec.dynamic import IndexGenerator
-
-    gen = IndexGenerator(32, 48, 16, 2, 8, 32, emb_std=0.02, seed=0, kind="lsh")
-    x = torch.randn(200, 32)
-    gen.init_from(x, 5, 0)
-    codes, loss = gen.quantize(gen.encode(x))
-    assert codes.shape == (200, 2) and int(codes.max()) < 8 and loss.item() == 0.0
-    table = gen.token_table()
-    table.sum().backward()
-    assert gen.codebooks[0].grad is not None and gen.codebooks[0].grad.abs().sum() > 0

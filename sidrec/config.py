@@ -366,8 +366,8 @@ class RunConfig(_Strict):
                 raise ValueError("train.processes > 1 is not supported with index.mode 'dynamic' (the index refresh is "
                                  "not distributed); use processes: 1")
             if self.model.device == "cuda":
-                raise ValueError("model.device 'cuda' is not supported with index.mode 'dynamic' (it trains on the CPU); "
-                                 "use 'auto' or 'cpu'")
+                raise ValueError("model.device 'cuda' is not supported with index.mode 'dynamic' (the learned index trains "
+                                 "on the CPU; evaluation still uses the GPU); use 'auto' or 'cpu'")
         return self
 
     def flat(self) -> dict[str, object]:

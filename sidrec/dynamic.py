@@ -318,10 +318,16 @@ class LearnedIndexModel(SIDRecModel):
         return self.sid_embeddings + (self._frozen if self._frozen is not None else self.offsets())
 
     def folded(self) -> SIDRecModel:
+        """The plain model with the current table baked into its SID rows (this model's offsets are then
+        zero, so its own table stays the same and a second call changes nothing)."""
         base = self.base[0]
+        self.freeze_offsets(True)  # from the codebooks as they are now (e.g. after a best-weights restore)
         with torch.no_grad():
-            table = self.sid_table().detach().clone()
-            base.sid_embeddings.copy_(table)
+            base.sid_embeddings.copy_(self.sid_table())
+            for q in self.quantizers:  # the moved codewords are the new starting point: offsets are zero
+                for lv, cb in enumerate(q.codebooks):
+                    q.start(lv).copy_(cb)
+        self.freeze_offsets(True)
         return base
 
 

@@ -174,7 +174,7 @@ def render_instructions(ds, items, users, cfg: RunConfig):
 
 
 # 6. LoRA fine-tuning ------------------------------------------------------------------------
-def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None):
+def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
     from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
 
     lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
@@ -206,7 +206,7 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None):
         with torch.no_grad():
             model.sid_embeddings.copy_(table)
         model.sa_init_share = model.sid_init_share = share
-    return model.to(resolve_device(cfg)), tok, Encoder(tok, vocab)
+    return model.to(device or resolve_device(cfg)), tok, Encoder(tok, vocab)
 
 
 def calibrate(model, encoder, train_rows, cfg: RunConfig) -> None:
@@ -327,7 +327,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
     seed_everything(cfg.seed)
     static, user_state = _static_index(features, cfg)  # exactly what a static run trains on
     instr = instruct(ds, static, cfg)
-    model, tok, encoder = build_model(cfg, static, ds)
+    model, tok, encoder = build_model(cfg, static, ds, device="cpu")  # the learned index trains on the CPU (config refuses cuda)
     train_rows = instr.part("train")
     calibrate(model, encoder, train_rows, cfg)
     dcfg = cfg.index.dynamic
@@ -356,6 +356,11 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
 
     n_steps = train_steps(cfg.train, len(train_rows))  # the recommender's budget, as a static run's
     hooks = DynamicIndexHooks(learned, dcfg, n_steps, cfg.train.lr, cfg.seed, render, instr.rows, make_select, _log)
+    if cfg.train.sid_warmup_steps > hooks.phases[0].end:  # the warm-up holds every group but the SID rows still
+        from sidrec.errors import ConfigError
+
+        raise ConfigError(f"train.sid_warmup_steps ({cfg.train.sid_warmup_steps}) reaches into the dynamic index's first "
+                          f"tokenizer phase (step {hooks.phases[0].end}); use fewer warm-up steps or index.dynamic.cycles")
     tcfg = cfg.train.model_copy(update={"steps": hooks.total_steps, "epochs": None})  # + the tokenizer phases
     res = train(learned, encoder, train_rows, tcfg, cfg.seed, dtype, _log, progress_enabled(),
                 checkpoint_dir=checkpoint_dir(cfg), select=hooks.select if cfg.train.eval_every else None, hooks=hooks)

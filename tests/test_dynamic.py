@@ -160,6 +160,14 @@ def test_recommendation_gradient_reaches_codebooks_in_tokenizer_phases_only(ml):
     backward("rec")
     assert all(cb.grad is None for q in learned.quantizers for cb in q.codebooks)  # the index is frozen
     assert learned.sid_embeddings.grad.abs().sum() > 0 and any(p.grad is not None for p in lora)
+    # folding bakes a moved codebook's offset into the saved table, once
+    with torch.no_grad():
+        learned.quantizers[0].codebooks[0].add_(0.5)
+    learned.freeze_offsets(True)
+    live = learned.sid_table().detach().clone()
+    assert not torch.equal(live, table0)
+    assert torch.equal(learned.folded().sid_embeddings, live) and torch.equal(learned.sid_table(), live)
+    assert torch.equal(learned.folded().sid_embeddings, live)
 
 
 def _run(cfg, ds, out, log=None):

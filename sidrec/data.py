@@ -18,12 +18,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -31,300 +29,28 @@ from typing import Literal, Optional
 import numpy as np
 import pandas as pd
 
-from sidrec.config import REPO_ROOT, DataConfig
+from sidrec.config import DataConfig
 from sidrec.errors import DataError
+from sidrec.readers import (  # noqa: F401
+    check_ids,
+    clean_ids,
+    found_columns,
+    parse_timestamps,
+    read_any,
+    read_text_table,
+    require_column,
+    short_path,
+    sort_frame_by_id,
+    sort_ids,
+    strip_types,
+    text_frame,
+)
 
-log = logging.getLogger(__name__)
 
 # RecBole MovieLens column names -> canonical text column names
 _RECBOLE_RENAME = {"movie_title": "title", "release_year": "year", "class": "genres"}
 _MIN_SEQ = 3  # train prefix + valid target + test target
 _FORMAT_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-def _show(path: Path | str) -> str:
-    """A path as the user would type it: relative to the repo root when inside it."""
-    p = Path(path)
-    try:
-        return str(p.resolve().relative_to(REPO_ROOT))
-    except (ValueError, OSError):
-        return str(p)
-
-
-def _strip_types(columns) -> list[str]:
-    """RecBole headers carry `name:type`; keep the name."""
-    return [str(c).split(":", 1)[0].strip() for c in columns]
-
-
-def _found(df: pd.DataFrame) -> str:
-    return ", ".join(map(str, df.columns)) or "no columns"
-
-
-def _require(df: pd.DataFrame, path: Path, col: str, hint: str) -> None:
-    if col not in df.columns:
-        raise DataError(f"{_show(path)}: missing column '{col}' (found: {_found(df)}){_delimiter_hint(df)}; {hint}")
-
-
-def _read_text_table(path: Path, sep: str, quoting: int = csv.QUOTE_MINIMAL) -> pd.DataFrame:
-    """Read a delimited text file with every column as str ('' -> missing) or raise DataError."""
-    try:
-        df = pd.read_csv(
-            path,
-            sep=sep,
-            dtype=str,
-            keep_default_na=False,
-            na_values=[""],
-            quoting=quoting,
-            encoding="utf-8",
-            skipinitialspace=False,
-        )
-    except FileNotFoundError:
-        raise DataError(f"{_show(path)}: file not found; check data.path") from None
-    except IsADirectoryError:
-        raise DataError(f"{_show(path)}: is a folder, expected a file; check data.path") from None
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{_show(path)}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-            "re-save the file with UTF-8 encoding"
-        ) from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{_show(path)}: file is empty; it needs a header row and data rows") from None
-    except pd.errors.ParserError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "malformed rows"
-        raise DataError(f"{_show(path)}: cannot parse ({msg}); check the delimiter and quoting") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{_show(path)}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    _check_header(path, sep, quoting)
-    return df
-
-
-def _check_header(path: Path, sep: str, quoting: int) -> None:
-    """pandas silently renames a repeated header name to `name.1`: refuse it instead."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            header = next(csv.reader(f, delimiter=sep, quoting=quoting), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return
-    names = [str(h).split(":", 1)[0].strip() for h in header]
-    dups = sorted({n for n in names if n and names.count(n) > 1})
-    if dups:
-        raise DataError(
-            f"{_show(path)}: header row has duplicate column name(s) {', '.join(repr(d) for d in dups)}; "
-            "give every column a distinct name"
-        )
-
-
-def _delimiter_hint(df: pd.DataFrame) -> str:
-    """When the whole header landed in one column, the file uses another delimiter."""
-    if len(df.columns) != 1:
-        return ""
-    head = str(df.columns[0])
-    for d, name in ((",", "comma"), ("\t", "tab"), (";", "semicolon"), ("|", "pipe")):
-        if d in head:
-            return (f" (the header looks {name}-separated: .csv files must be comma-separated, "
-                    ".tsv/.txt and RecBole files tab-separated)")
-    return ""
-
-
-def _read_any(path: Path, what: str) -> pd.DataFrame:
-    """CSV / TSV / Parquet by suffix (table format)."""
-    if not path.exists():
-        raise DataError(f"{_show(path)}: {what} file not found; check the path in the config")
-    if path.is_dir():
-        raise DataError(f"{_show(path)}: is a folder, expected a {what} file (.csv, .tsv or .parquet)")
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        try:
-            df = pd.read_parquet(path)
-        except Exception as e:  # pyarrow raises many types
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"{_show(path)}: not a readable Parquet file ({first}); re-export it") from None
-        df.columns = [str(c).strip() for c in df.columns]
-        fractional = [c for c in df.columns if _has_fraction(df[c])]
-        for c in df.columns:
-            df[c] = _to_str_column(df[c])
-        df.attrs["fractional_columns"] = fractional
-        return df
-    if suffix in (".csv", ".tsv", ".txt"):
-        sep = "\t" if suffix in (".tsv", ".txt") else ","
-        return _read_text_table(path, sep)
-    raise DataError(f"{_show(path)}: unsupported file type '{suffix}'; use .csv, .tsv or .parquet")
-
-
-def _has_fraction(s: pd.Series) -> bool:
-    if not pd.api.types.is_float_dtype(s.dtype):
-        return False
-    vals = s.to_numpy(dtype="float64", na_value=np.nan)
-    vals = vals[np.isfinite(vals)]
-    return bool(len(vals)) and not bool(np.all(np.floor(vals) == vals))
-
-
-def _to_str_column(s: pd.Series) -> pd.Series:
-    """Any column as str with missing values kept missing; integral floats lose their '.0'."""
-    if pd.api.types.is_float_dtype(s.dtype):
-        vals = s.to_numpy(dtype="float64", na_value=np.nan)
-        finite = np.isfinite(vals)
-        if np.all(np.floor(vals[finite]) == vals[finite]):
-            s = s.astype("Int64")
-    if pd.api.types.is_datetime64_any_dtype(s.dtype):
-        return s  # timestamps are converted later
-    out = s.astype(object).where(s.notna(), None)
-    return out.map(lambda v: v if v is None or isinstance(v, str) else str(v)).astype("str")
-
-
-# spellings of "missing" that pandas/Excel/SQL exports write into id columns
-_MISSING_ID_TOKENS = frozenset({"nan", "none", "null", "na", "n/a", "<na>", "nat"})
-
-
-def _clean_ids(s: pd.Series) -> pd.Series:
-    """Ids as stripped str; '' and NaN-like spellings -> missing; a column of float-exported integers
-    ('12.0', written by pandas when the column had a NaN) loses the '.0', as the Parquet reader does."""
-    s = s.astype("str").str.strip()
-    s = s.where((s != "") & ~s.str.lower().isin(_MISSING_ID_TOKENS), None)
-    present = s.dropna()
-    if len(present) and present.str.fullmatch(r"-?\d{1,18}\.0+").all():
-        s = s.where(s.isna(), s.str.replace(r"\.0+$", "", regex=True))
-    return s
-
-
-def _check_ids(ids: pd.Series, raw: pd.Series, path: Path, col: str, fractional: bool) -> None:
-    """Every interaction needs a user and an item id: name the first bad row."""
-    bad = ids.isna().to_numpy()
-    if bad.any():
-        pos = int(np.flatnonzero(bad)[0])
-        val = raw.iloc[pos]
-        shown = "empty" if val is None or str(val).strip() in ("", "None") else f"{str(val).strip()!r}"
-        raise DataError(
-            f"{_show(path)}: row {int(raw.index[pos]) + 2}, column '{col}': missing id ({shown}; {int(bad.sum())} row(s)); "
-            "fill in the id or delete the row"
-        )
-    if fractional:
-        frac = ids.str.fullmatch(r"-?\d+\.\d*[1-9]\d*")
-        pos = int(np.flatnonzero(frac.to_numpy())[0]) if frac.any() else 0
-        raise DataError(
-            f"{_show(path)}: row {int(raw.index[pos]) + 2}, column '{col}': non-integer numeric id {ids.iloc[pos]!r} "
-            "(a float column); store ids as integers or strings"
-        )
-
-
-def _parse_timestamps(raw: pd.Series, path: Path, col: str) -> pd.Series:
-    """Numeric (seconds, or ms/us/ns) or datetime strings -> int64; raises DataError naming the row.
-
-    Negative numbers and times later than tomorrow are refused: they are usually sentinels for
-    "unknown" (-1, 9999-12-31, 2**31-1) and would silently move an event to the start or the end of a
-    user's sequence, i.e. change the leave-one-out valid/test targets. A column whose values are all
-    equal is accepted with a warning (events are then ordered by file row).
-    """
-    ts, numeric = _parse_timestamps_raw(raw, path, col)
-    vals = ts.to_numpy()
-    if len(vals):
-        neg = vals < 0
-        if numeric and neg.any():
-            _bad_range(raw, neg, path, col, "negative timestamp", "use Unix seconds >= 0 (is -1 a placeholder for 'unknown'?)")
-        scale = 1
-        if numeric:
-            med = float(np.median(np.abs(vals)))
-            scale = 1_000_000_000 if med >= 1e17 else 1_000_000 if med >= 1e14 else 1_000 if med >= 1e11 else 1
-        limit = (int(time.time()) + 86_400) * scale
-        future = vals > limit
-        if future.any():
-            _bad_range(raw, future, path, col, "timestamp in the future",
-                       "fix the clock/unit or drop the row (is it a placeholder for 'unknown'?)")
-        if len(vals) > 1 and (vals == vals[0]).all():
-            log.warning("%s: all %d values of column '%s' are equal; events are ordered by file row",
-                        _show(path), len(vals), col)
-    return ts
-
-
-def _bad_range(raw: pd.Series, bad, path: Path, col: str, what: str, fix: str):
-    bad = np.asarray(bad)
-    pos = int(np.flatnonzero(bad)[0])
-    raise DataError(
-        f"{_show(path)}: row {int(raw.index[pos]) + 2}, column '{col}': {what} {str(raw.iloc[pos]).strip()!r} "
-        f"({int(bad.sum())} row(s)); {fix}"
-    )
-
-
-def _parse_timestamps_raw(raw: pd.Series, path: Path, col: str) -> tuple[pd.Series, bool]:
-    if pd.api.types.is_datetime64_any_dtype(raw.dtype):
-        dt = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw.dt.tz_convert("UTC")
-        bad = dt.isna()
-        if bad.any():
-            _bad_ts(raw, bad, path, col)
-        return ((dt - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)).astype("int64"), False
-    if pd.api.types.is_numeric_dtype(raw.dtype):
-        num = pd.to_numeric(raw, errors="coerce")
-    else:
-        s = raw.astype("str").str.strip()
-        num = pd.to_numeric(s, errors="coerce")
-    if num.notna().sum() * 2 >= len(num):  # a numeric column (maybe with a few bad values)
-        vals = num.to_numpy(dtype="float64", na_value=np.nan)
-        if not np.isfinite(vals).all():
-            _bad_ts(raw, ~np.isfinite(vals), path, col)
-        return pd.Series(np.floor(vals).astype("int64"), index=raw.index), True
-    s = raw.astype("str").str.strip()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dt = pd.to_datetime(s, utc=True, errors="coerce")
-        if dt.isna().any():
-            try:
-                dt = pd.to_datetime(s, utc=True, errors="coerce", format="mixed")
-            except (ValueError, TypeError):
-                pass
-    bad = dt.isna()
-    if bad.any():
-        _bad_ts(raw, bad, path, col)
-    return ((dt - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)).astype("int64"), False
-
-
-def _bad_ts(raw: pd.Series, bad, path: Path, col: str):
-    bad = np.asarray(bad)
-    pos = int(np.flatnonzero(bad)[0])
-    n = int(bad.sum())
-    val = raw.iloc[pos]
-    line = int(raw.index[pos]) + 2  # header row + 1-based
-    val_s = "empty" if val is None or (isinstance(val, float) and np.isnan(val)) or pd.isna(val) else repr(str(val))
-    raise DataError(
-        f"{_show(path)}: row {line}, column '{col}': cannot parse timestamp {val_s} ({n} bad value(s)); "
-        "use Unix seconds or ISO dates like 2020-01-31 12:00:00"
-    )
-
-
-def _natural_key(ids: pd.Series) -> pd.Series | None:
-    """Numeric sort key when every id is a plain integer (so '2' sorts before '10')."""
-    if len(ids) and ids.str.fullmatch(r"\d{1,18}").all():
-        return ids.astype("int64")
-    return None
-
-
-def _sort_ids(ids) -> list[str]:
-    s = pd.Series(pd.unique(pd.Series(ids, dtype="str")), dtype="str")
-    key = _natural_key(s)
-    if key is None:
-        return sorted(s.tolist())
-    return s.iloc[np.lexsort((s.to_numpy(), key.to_numpy()))].tolist()
-
-
-def _sort_frame_by_id(df: pd.DataFrame, col: str, extra: list[str] | None = None) -> pd.DataFrame:
-    """Sort by id (natural order) then `extra` columns, stably."""
-    if df.empty:
-        return df.reset_index(drop=True)
-    order = _sort_ids(df[col])
-    rank = pd.Series(np.arange(len(order)), index=pd.Index(order, dtype="str"))
-    tmp = df.assign(_idrank=df[col].map(rank).to_numpy())
-    tmp = tmp.sort_values(["_idrank"] + (extra or []), kind="stable")
-    return tmp.drop(columns="_idrank").reset_index(drop=True)
-
-
-def _text_frame(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    out = df.copy()
-    for c in cols:
-        out[c] = out[c].fillna("").astype("str").str.strip()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +154,7 @@ class Dataset:
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
-            raise DataError(f"{_show(directory)}: not a saved dataset (no meta.json); run the data step again")
+            raise DataError(f"{short_path(directory)}: not a saved dataset (no meta.json); run the data step again")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             inter = pd.read_parquet(directory / "interactions.parquet")
@@ -436,7 +162,7 @@ class Dataset:
             users = pd.read_parquet(directory / "users.parquet") if (directory / "users.parquet").is_file() else None
             seqs = pd.read_parquet(directory / "sequences.parquet")
         except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{_show(directory)}: saved dataset is damaged ({type(e).__name__}); run the data step again") from None
+            raise DataError(f"{short_path(directory)}: saved dataset is damaged ({type(e).__name__}); run the data step again") from None
         inter = pd.DataFrame(
             {
                 "user_id": inter["user_id"].astype("str"),
@@ -520,29 +246,29 @@ def _process(
     """Raw interactions (str columns) -> canonical, filtered, sorted interactions."""
     ucol, icol, tcol = cols
     if len(inter) == 0:
-        raise DataError(f"{_show(inter_path)}: no interaction rows (only a header); add data rows")
+        raise DataError(f"{short_path(inter_path)}: no interaction rows (only a header); add data rows")
     df = pd.DataFrame(
         {
-            "user_id": _clean_ids(inter[ucol]),
-            "item_id": _clean_ids(inter[icol]),
+            "user_id": clean_ids(inter[ucol]),
+            "item_id": clean_ids(inter[icol]),
         },
         index=inter.index,
     )
     fractional = set(inter.attrs.get("fractional_columns", ()))
     for col, canon_col in ((ucol, "user_id"), (icol, "item_id")):
-        _check_ids(df[canon_col], inter[col], inter_path, col, col in fractional)
+        check_ids(df[canon_col], inter[col], inter_path, col, col in fractional)
     if tcol is None:
         df["timestamp"] = np.arange(len(df), dtype="int64")
     else:
-        df["timestamp"] = _parse_timestamps(inter[tcol], inter_path, tcol).to_numpy()
+        df["timestamp"] = parse_timestamps(inter[tcol], inter_path, tcol).to_numpy()
     df["_order"] = np.arange(len(df), dtype="int64")
     df = df[df["user_id"].notna() & df["item_id"].notna()]
     if df.empty:
-        raise DataError(f"{_show(inter_path)}: every row has an empty '{ucol}' or '{icol}'; fill in the ids")
+        raise DataError(f"{short_path(inter_path)}: every row has an empty '{ucol}' or '{icol}'; fill in the ids")
     df = df.astype({"user_id": "str", "item_id": "str"})
     df = df.drop_duplicates(["user_id", "item_id", "timestamp"], keep="first")
     if cfg.max_users is not None:
-        keep_users = set(_sort_ids(df["user_id"])[: cfg.max_users])
+        keep_users = set(sort_ids(df["user_id"])[: cfg.max_users])
         df = df[df["user_id"].isin(keep_users)]
     n_before = df["user_id"].nunique()
     df = _kcore(df, cfg.kcore)
@@ -551,10 +277,10 @@ def _process(
         df = df[(counts >= _MIN_SEQ).to_numpy()]
     if df.empty:
         raise DataError(
-            f"{_show(inter_path)}: 0 users left after {cfg.kcore}-core filtering (of {n_before}; each user needs "
+            f"{short_path(inter_path)}: 0 users left after {cfg.kcore}-core filtering (of {n_before}; each user needs "
             f">= {max(cfg.kcore, _MIN_SEQ)} interactions); lower data.kcore or add data"
         )
-    df = _sort_frame_by_id(df, "user_id", ["timestamp", "_order"])
+    df = sort_frame_by_id(df, "user_id", ["timestamp", "_order"])
     return df[["user_id", "item_id", "timestamp"]].reset_index(drop=True)
 
 
@@ -570,29 +296,29 @@ def _items_table(
 ) -> tuple[pd.DataFrame, list[str]]:
     """Validate the raw items table and return (catalog of kept items, text_fields)."""
     if key not in items_raw.columns:
-        raise DataError(f"{_show(path)}: items table has no id column '{key}' (found: {_found(items_raw)}); {key_hint}")
-    ids = _clean_ids(items_raw[key])
+        raise DataError(f"{short_path(path)}: items table has no id column '{key}' (found: {found_columns(items_raw)}); {key_hint}")
+    ids = clean_ids(items_raw[key])
     if ids.isna().any():
         row = int(np.flatnonzero(ids.isna().to_numpy())[0]) + 2
-        raise DataError(f"{_show(path)}: row {row}, column '{key}': empty item id; fill it in or delete the row")
+        raise DataError(f"{short_path(path)}: row {row}, column '{key}': empty item id; fill it in or delete the row")
     dup = ids[ids.duplicated()]
     if len(dup):
         raise DataError(
-            f"{_show(path)}: duplicate item id '{dup.iloc[0]}' in column '{key}' ({len(dup)} duplicate row(s)); "
+            f"{short_path(path)}: duplicate item id '{dup.iloc[0]}' in column '{key}' ({len(dup)} duplicate row(s)); "
             "keep one row per item"
         )
     others = [c for c in items_raw.columns if c != key]
     if text_cols is not None:
         for c in text_cols:
             if c not in items_raw.columns:
-                raise DataError(f"{_show(path)}: missing item text column '{c}' (found: {_found(items_raw)}); fix data.columns.text")
+                raise DataError(f"{short_path(path)}: missing item text column '{c}' (found: {found_columns(items_raw)}); fix data.columns.text")
         others = list(text_cols)
     if title_col is not None and title_col not in items_raw.columns:
-        raise DataError(f"{_show(path)}: missing title column '{title_col}' (found: {_found(items_raw)}); fix data.columns.title")
+        raise DataError(f"{short_path(path)}: missing title column '{title_col}' (found: {found_columns(items_raw)}); fix data.columns.title")
     out = pd.DataFrame({"item_id": ids.astype("str")})
     for c in others:
         out[c] = items_raw[c].astype("str") if c in items_raw.columns else ""
-    out = _text_frame(out, others)
+    out = text_frame(out, others)
     names = {c: rename.get(c, c) for c in others}
     # title: explicit column, a `title`-like column, or the first text column
     if title_col is None:
@@ -606,7 +332,7 @@ def _items_table(
     else:
         title_src = title_col
     if title_src is not None and title_src not in others:
-        out[title_src] = _text_frame(items_raw[[title_src]], [title_src])[title_src].to_numpy()
+        out[title_src] = text_frame(items_raw[[title_src]], [title_src])[title_src].to_numpy()
         others = [title_src] + others
     if title_src is not None:
         names[title_src] = "title"
@@ -619,30 +345,30 @@ def _items_table(
         out["title"] = ""
     if len(set(out.columns)) != len(out.columns):
         dups = sorted({c for c in out.columns if list(out.columns).count(c) > 1})
-        raise DataError(f"{_show(path)}: columns collide after renaming ({', '.join(dups)}); rename them in the file")
+        raise DataError(f"{short_path(path)}: columns collide after renaming ({', '.join(dups)}); rename them in the file")
     out = out[out["item_id"].isin(set(keep_ids))]
-    out = _sort_frame_by_id(out, "item_id")
+    out = sort_frame_by_id(out, "item_id")
     cols = ["item_id", "title"] + [c for c in out.columns if c not in ("item_id", "title")]
     return out[cols].reset_index(drop=True), text_fields
 
 
 def _users_table(users_raw: pd.DataFrame, path: Path, key: str, key_hint: str, keep_ids: pd.Series) -> pd.DataFrame:
     if key not in users_raw.columns:
-        raise DataError(f"{_show(path)}: users table has no id column '{key}' (found: {_found(users_raw)}); {key_hint}")
-    ids = _clean_ids(users_raw[key])
+        raise DataError(f"{short_path(path)}: users table has no id column '{key}' (found: {found_columns(users_raw)}); {key_hint}")
+    ids = clean_ids(users_raw[key])
     ok = ids.notna()
     dup = ids[ok & ids.duplicated()]
     if len(dup):
-        raise DataError(f"{_show(path)}: duplicate user id '{dup.iloc[0]}' in column '{key}'; keep one row per user")
+        raise DataError(f"{short_path(path)}: duplicate user id '{dup.iloc[0]}' in column '{key}'; keep one row per user")
     others = [c for c in users_raw.columns if c != key]
     out = pd.DataFrame({"user_id": ids})
     for c in others:
         out[c] = users_raw[c].astype("str")
     out = out[ok.to_numpy()].astype({"user_id": "str"})
-    out = _text_frame(out, others)
+    out = text_frame(out, others)
     out = out.rename(columns={c: ("profile_user_id" if c == "user_id" else c) for c in others})
     out = out[out["user_id"].isin(set(keep_ids))]
-    return _sort_frame_by_id(out, "user_id")
+    return sort_frame_by_id(out, "user_id")
 
 
 def _finish(name, inter, items, users, text_fields, presplit) -> Dataset:
@@ -664,9 +390,9 @@ def _finish(name, inter, items, users, text_fields, presplit) -> Dataset:
 def _folder(cfg: DataConfig) -> Path:
     folder = cfg.resolve(cfg.path)
     if not folder.exists():
-        raise DataError(f"{_show(folder)}: dataset folder not found; check data.path (or run `make fetch`)")
+        raise DataError(f"{short_path(folder)}: dataset folder not found; check data.path (or run `make fetch`)")
     if not folder.is_dir():
-        raise DataError(f"{_show(folder)}: expected a folder for data.format '{cfg.format}'; check data.path and data.format")
+        raise DataError(f"{short_path(folder)}: expected a folder for data.format '{cfg.format}'; check data.path and data.format")
     return folder
 
 
@@ -681,8 +407,8 @@ def _prefix(cfg: DataConfig, folder: Path, suffix: str, exclude: tuple[str, ...]
     if len(cands) == 1:
         return cands[0]
     if cands:
-        raise DataError(f"{_show(folder / (name + suffix))}: file not found; several candidates ({', '.join(cands)}): set data.name")
-    raise DataError(f"{_show(folder / (name + suffix))}: file not found; check data.path and data.name")
+        raise DataError(f"{short_path(folder / (name + suffix))}: file not found; several candidates ({', '.join(cands)}): set data.name")
+    raise DataError(f"{short_path(folder / (name + suffix))}: file not found; check data.path and data.name")
 
 
 def _load_recbole(cfg: DataConfig) -> Dataset:
@@ -692,26 +418,26 @@ def _load_recbole(cfg: DataConfig) -> Dataset:
     item_path = folder / f"{name}.item"
     user_path = folder / f"{name}.user"
     if not inter_path.is_file():
-        raise DataError(f"{_show(inter_path)}: file not found; check data.path and data.name")
+        raise DataError(f"{short_path(inter_path)}: file not found; check data.path and data.name")
     if not item_path.is_file():
-        raise DataError(f"{_show(item_path)}: item file not found; RecBole sources need <name>.item with item text")
-    inter = _read_text_table(inter_path, "\t", csv.QUOTE_NONE)
-    inter.columns = _strip_types(inter.columns)
+        raise DataError(f"{short_path(item_path)}: item file not found; RecBole sources need <name>.item with item text")
+    inter = read_text_table(inter_path, "\t", csv.QUOTE_NONE)
+    inter.columns = strip_types(inter.columns)
     c = cfg.columns
-    _require(inter, inter_path, c.user, "set data.columns.user")
-    _require(inter, inter_path, c.item, "set data.columns.item")
+    require_column(inter, inter_path, c.user, "set data.columns.user")
+    require_column(inter, inter_path, c.item, "set data.columns.item")
     tcol = c.timestamp if c.timestamp in inter.columns else None
     canon = _process(inter, inter_path, (c.user, c.item, tcol), cfg)
 
-    items_raw = _read_text_table(item_path, "\t", csv.QUOTE_NONE)
-    items_raw.columns = _strip_types(items_raw.columns)
+    items_raw = read_text_table(item_path, "\t", csv.QUOTE_NONE)
+    items_raw.columns = strip_types(items_raw.columns)
     items, text_fields = _items_table(
         items_raw, item_path, c.item_key, "set data.columns.item_key", c.title, c.text, _RECBOLE_RENAME, canon["item_id"]
     )
     users = None
     if user_path.is_file():
-        users_raw = _read_text_table(user_path, "\t", csv.QUOTE_NONE)
-        users_raw.columns = _strip_types(users_raw.columns)
+        users_raw = read_text_table(user_path, "\t", csv.QUOTE_NONE)
+        users_raw.columns = strip_types(users_raw.columns)
         users = _users_table(users_raw, user_path, c.user_key, "set data.columns.user_key", canon["user_id"])
     return _finish(name, canon, items, users, text_fields, presplit=False)
 
@@ -719,24 +445,24 @@ def _load_recbole(cfg: DataConfig) -> Dataset:
 def _load_table(cfg: DataConfig) -> Dataset:
     inter_path = cfg.resolve(cfg.path)
     if cfg.items_path is None:
-        raise DataError(f"{_show(inter_path)}: data.items_path is required for data.format 'table' (a CSV/Parquet file of item texts)")
+        raise DataError(f"{short_path(inter_path)}: data.items_path is required for data.format 'table' (a CSV/Parquet file of item texts)")
     items_path = cfg.resolve(cfg.items_path)
     users_path = cfg.resolve(cfg.users_path)
     c = cfg.columns
-    inter = _read_any(inter_path, "interactions")
-    _require(inter, inter_path, c.user, "set data.columns.user")
-    _require(inter, inter_path, c.item, "set data.columns.item")
-    _require(inter, inter_path, c.timestamp, "set data.columns.timestamp")
+    inter = read_any(inter_path, "interactions")
+    require_column(inter, inter_path, c.user, "set data.columns.user")
+    require_column(inter, inter_path, c.item, "set data.columns.item")
+    require_column(inter, inter_path, c.timestamp, "set data.columns.timestamp")
     canon = _process(inter, inter_path, (c.user, c.item, c.timestamp), cfg)
-    items_raw = _read_any(items_path, "items")
+    items_raw = read_any(items_path, "items")
     if len(items_raw) == 0:
-        raise DataError(f"{_show(items_path)}: items table has no rows; add one row per item")
+        raise DataError(f"{short_path(items_path)}: items table has no rows; add one row per item")
     items, text_fields = _items_table(
         items_raw, items_path, c.item_key, "set data.columns.item_key", c.title, c.text, {}, canon["item_id"]
     )
     users = None
     if users_path is not None:
-        users_raw = _read_any(users_path, "users")
+        users_raw = read_any(users_path, "users")
         users = _users_table(users_raw, users_path, c.user_key, "set data.columns.user_key", canon["user_id"])
     name = cfg.name or inter_path.stem
     return _finish(name, canon, items, users, text_fields, presplit=False)
@@ -748,18 +474,18 @@ def _split_lists(s: pd.Series) -> list[list[str]]:
 
 def _read_unisrec_split(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise DataError(f"{_show(path)}: file not found; a UniSRec folder needs <name>.train/.valid/.test.inter")
-    df = _read_text_table(path, "\t", csv.QUOTE_NONE)
-    df.columns = _strip_types(df.columns)
+        raise DataError(f"{short_path(path)}: file not found; a UniSRec folder needs <name>.train/.valid/.test.inter")
+    df = read_text_table(path, "\t", csv.QUOTE_NONE)
+    df.columns = strip_types(df.columns)
     for col in ("user_id", "item_id_list", "item_id"):
-        _require(df, path, col, "expected UniSRec columns user_id, item_id_list, item_id")
+        require_column(df, path, col, "expected UniSRec columns user_id, item_id_list, item_id")
     if len(df) == 0:
-        raise DataError(f"{_show(path)}: no rows (only a header); the split file is empty")
+        raise DataError(f"{short_path(path)}: no rows (only a header); the split file is empty")
     for col in ("user_id", "item_id"):
         bad = df[col].isna()
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0]) + 2
-            raise DataError(f"{_show(path)}: row {row}, column '{col}': empty value; fix or delete the row")
+            raise DataError(f"{short_path(path)}: row {row}, column '{col}': empty value; fix or delete the row")
     df["user_id"] = df["user_id"].astype("str").str.strip()
     df["item_id"] = df["item_id"].astype("str").str.strip()
     return df
@@ -776,7 +502,7 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
     for part, df in (("valid", va), ("test", te)):
         dup = df["user_id"][df["user_id"].duplicated()]
         if len(dup):
-            raise DataError(f"{_show(paths[part])}: user '{dup.iloc[0]}' has more than one row; a leave-one-out split has one row per user")
+            raise DataError(f"{short_path(paths[part])}: user '{dup.iloc[0]}' has more than one row; a leave-one-out split has one row per user")
 
     valid_by_user = dict(zip(va["user_id"], zip(_split_lists(va["item_id_list"]), va["item_id"])))
     # training part per user: shortest-history row gives the first items; then targets in time order.
@@ -793,11 +519,11 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
     for row, (u, hist_s, target) in enumerate(zip(te["user_id"], te["item_id_list"], te["item_id"])):
         hist = str(hist_s).split() if isinstance(hist_s, str) else []
         if u not in valid_by_user:
-            raise DataError(f"{_show(paths['valid'])}: user '{u}' of the test split has no valid row; the split files do not match")
+            raise DataError(f"{short_path(paths['valid'])}: user '{u}' of the test split has no valid row; the split files do not match")
         v_hist, v_target = valid_by_user[u]
         if not hist or hist[-1] != v_target:
             raise DataError(
-                f"{_show(paths['valid'])}: user '{u}': valid target '{v_target}' is not the second-to-last item of the "
+                f"{short_path(paths['valid'])}: user '{u}': valid target '{v_target}' is not the second-to-last item of the "
                 f"test sequence (row {row + 2} of {paths['test'].name}); the split files do not match"
             )
         seq = hist + [target]
@@ -806,7 +532,7 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
             full = tp + [v_target, target]
             if full[:-1][-len(hist):] != hist or (v_hist and full[:-2][-len(v_hist):] != v_hist):
                 raise DataError(
-                    f"{_show(paths['train'])}: user '{u}': training rows do not lead up to the valid/test histories; "
+                    f"{short_path(paths['train'])}: user '{u}': training rows do not lead up to the valid/test histories; "
                     "the split files do not match"
                 )
             seq = full
@@ -815,10 +541,10 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
         seq_users.append(u)
         seq_items.append(seq)
     if not seq_users:
-        raise DataError(f"{_show(paths['test'])}: no user has >= {_MIN_SEQ} items; nothing to split")
+        raise DataError(f"{short_path(paths['test'])}: no user has >= {_MIN_SEQ} items; nothing to split")
 
     seqs = pd.DataFrame({"user_id": pd.Series(seq_users, dtype="str"), "item_ids": pd.Series(seq_items, dtype=object)})
-    seqs = _sort_frame_by_id(seqs, "user_id")
+    seqs = sort_frame_by_id(seqs, "user_id")
     lens = seqs["item_ids"].map(len).to_numpy()
     inter = pd.DataFrame(
         {
@@ -829,17 +555,17 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
     )
 
     # item texts: ids in <name>.text may be original ids (ASIN) mapped by <name>.item2index
-    text_raw = _read_text_table(text_path, "\t", csv.QUOTE_NONE)
-    text_raw.columns = _strip_types(text_raw.columns)
-    _require(text_raw, text_path, "item_id", "expected UniSRec columns item_id, text")
-    _require(text_raw, text_path, "text", "expected UniSRec columns item_id, text")
-    ids = _clean_ids(text_raw["item_id"])
+    text_raw = read_text_table(text_path, "\t", csv.QUOTE_NONE)
+    text_raw.columns = strip_types(text_raw.columns)
+    require_column(text_raw, text_path, "item_id", "expected UniSRec columns item_id, text")
+    require_column(text_raw, text_path, "text", "expected UniSRec columns item_id, text")
+    ids = clean_ids(text_raw["item_id"])
     if ids.isna().any():
         row = int(np.flatnonzero(ids.isna().to_numpy())[0]) + 2
-        raise DataError(f"{_show(text_path)}: row {row}, column 'item_id': empty item id; fill it in or delete the row")
+        raise DataError(f"{short_path(text_path)}: row {row}, column 'item_id': empty item id; fill it in or delete the row")
     dup = ids[ids.duplicated()]
     if len(dup):
-        raise DataError(f"{_show(text_path)}: duplicate item id '{dup.iloc[0]}' in column 'item_id'; keep one row per item")
+        raise DataError(f"{short_path(text_path)}: duplicate item id '{dup.iloc[0]}' in column 'item_id'; keep one row per item")
     inter_items = set(inter["item_id"].unique())
     map_path = folder / f"{name}.item2index"
     orig = ids.astype("str")
@@ -848,12 +574,12 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
             m = pd.read_csv(map_path, sep="\t", header=None, names=["orig", "index"], dtype=str,
                             keep_default_na=False, quoting=csv.QUOTE_NONE, encoding="utf-8")
         except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError):
-            raise DataError(f"{_show(map_path)}: cannot read the id mapping (expected 'original_id<TAB>index' rows)") from None
+            raise DataError(f"{short_path(map_path)}: cannot read the id mapping (expected 'original_id<TAB>index' rows)") from None
         mapping = dict(zip(m["orig"].str.strip(), m["index"].str.strip()))
         mapped = orig.map(mapping)
         if mapped.isna().any():
             bad = orig[mapped.isna()].iloc[0]
-            raise DataError(f"{_show(map_path)}: item '{bad}' of {text_path.name} has no index; the mapping is incomplete")
+            raise DataError(f"{short_path(map_path)}: item '{bad}' of {text_path.name} has no index; the mapping is incomplete")
         items = pd.DataFrame({"item_id": mapped.astype("str"), "orig_id": orig})
     else:
         items = pd.DataFrame({"item_id": orig})
@@ -863,7 +589,7 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
     items.insert(2, "text", text.to_numpy())
     items = items.astype("str")
     items = items[items["item_id"].isin(inter_items)]
-    items = _sort_frame_by_id(items, "item_id")
+    items = sort_frame_by_id(items, "item_id")
     return Dataset(
         name=name,
         interactions=inter,
@@ -886,7 +612,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raise
     except (KeyError, ValueError, TypeError, OSError, pd.errors.ParserError) as e:  # last-resort: one line, no traceback
         first = str(e).splitlines()[0] if str(e) else ""
-        raise DataError(f"{_show(cfg.resolve(cfg.path))}: cannot load {cfg.format} data ({type(e).__name__}: {first})") from None
+        raise DataError(f"{short_path(cfg.resolve(cfg.path))}: cannot load {cfg.format} data ({type(e).__name__}: {first})") from None
 
 
 def source_files(cfg: DataConfig) -> list[Path]:

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from sidrec.collisions import nearest_free_last
 from sidrec.index import SIDIndex
 from sidrec.model import SIDRecModel
 from sidrec.quantize import MLP, QuantizerState, code_stats, mlp_state, raw_collision_rate
@@ -162,13 +163,7 @@ def _free_code(key: tuple, taken: dict, extra_size: int, residual: torch.Tensor,
             if key + (slot,) not in taken:
                 return key + (slot,)
         return None
-    if key not in taken:
-        return key
-    for c in torch.cdist(residual[None], last_book)[0].argsort().tolist():
-        cand = key[:-1] + (int(c),)
-        if cand not in taken:
-            return cand
-    return None
+    return key if key not in taken else nearest_free_last(key, residual[None], last_book, taken)
 
 
 def reassign(q: LearnedQuantizer, index: SIDIndex, max_churn: float, margin: float) -> tuple[SIDIndex, dict]:

@@ -1,4 +1,7 @@
-"""Semantic-ID quantizers: residual k-means (RQ-KMeans) and RQ-VAE.
+"""Semantic-ID quantizers: residual k-means (RQ-KMeans), RQ-VAE and LSH, their saved state, and the
+one entry point :func:`quantize` (fit, assign, make unique). K-means and chunked nearest-codeword search
+live in :mod:`sidrec.kmeans`, collision handling and code statistics in :mod:`sidrec.collisions`; both
+are re-exported here.
 
 Both turn an embedding matrix ``x [n, d]`` into ``M`` code levels of ``N`` codes
 each. Identical raw code tuples are made unique by appending one extra level
@@ -25,15 +28,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from sidrec.collisions import (  # noqa: F401 -- re-exported: sidrec.quantize is where callers find them
+    append_disambiguated,
+    code_stats,
+    count_duplicates,
+    nearest_free_last,
+    raw_collision_rate,
+    resolve_collisions,
+    spread_collisions,
+)
 from sidrec.config import IndexConfig, RQVAEConfig
-from sidrec.errors import IndexCapacityError
+from sidrec.kmeans import (  # noqa: F401
+    _CHUNK,
+    MAX_POINTS_PER_CENTROID,  # read here by fit_rq_kmeans (module global, so a test can lower it)
+    _as_matrix,
+    _nearest,
+    _sq_dists,
+    _subtract_nearest_,
+    kmeans,
+)
 
 STATE_FILE = "quantizer.safetensors"
 META_FILE = "quantizer.json"
 FORMAT_VERSION = 1
-_CHUNK = 16384  # rows per distance computation chunk
 _ASSIGN_BLOCK = 65536  # rows standardised / encoded at a time by QuantizerState.assign
-MAX_POINTS_PER_CENTROID = 256  # k-means fits on at most this many rows per centroid (faiss's default)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -58,121 +76,6 @@ def auto_codebook_size(n: int, levels: int) -> int:
     while size < target:
         size *= 2
     return int(min(max(size, 4), 256))
-
-
-def _as_matrix(x, name: str = "x") -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [n, d], got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).any(axis=1).sum())
-        raise ValueError(f"{name} has {bad} rows with NaN/inf values")
-    return arr
-
-
-def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest row of ``c`` for every row of ``x`` (first on ties)."""
-    out = torch.empty(x.shape[0], dtype=torch.long)
-    c_sq = (c * c).sum(1)
-    for s in range(0, x.shape[0], _CHUNK):
-        xb = x[s : s + _CHUNK]
-        d = c_sq[None, :] - 2.0 * (xb @ c.T)  # ||x||^2 is constant per row
-        out[s : s + _CHUNK] = d.argmin(1)
-    return out
-
-
-def _subtract_nearest_(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """In place, chunk by chunk: ``r[i] -= c[nearest(r[i])]``; returns the nearest indices.
-
-    Chunking keeps the gathered codewords to ``_CHUNK`` rows (a full ``c[idx]`` is as big as ``r``)."""
-    out = torch.empty(r.shape[0], dtype=torch.long)
-    for s in range(0, r.shape[0], _CHUNK):
-        rb = r[s : s + _CHUNK]
-        idx = _nearest(rb, c)
-        rb.sub_(c[idx])
-        out[s : s + _CHUNK] = idx
-    return out
-
-
-def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]
-    return d.clamp_min_(0.0)
-
-
-def kmeans(
-    x: torch.Tensor,
-    k: int,
-    iters: int,
-    generator: torch.Generator,
-    max_points_per_centroid: Optional[int] = MAX_POINTS_PER_CENTROID,
-) -> torch.Tensor:
-    """Lloyd k-means with k-means++ init; returns ``[k, d]`` centroids.
-
-    If ``x`` has more than ``k * max_points_per_centroid`` rows, the centroids are
-    fitted on a random sample of that many rows (as faiss does; 256 per centroid
-    is its default): the fit cost stops growing with the catalog, and only the
-    final assignment (done by the caller) sees every row. ``None`` fits on all rows.
-
-    If ``x`` has fewer than ``k`` distinct rows, only that many centroids are
-    fitted and the remaining slots repeat the first centroid (``argmin`` picks
-    the first of equal distances, so the repeats are never assigned).
-    Empty clusters are re-seeded with the points farthest from their centroid.
-    """
-    x = x.float()
-    if max_points_per_centroid and x.shape[0] > k * max_points_per_centroid:
-        x = x[torch.randperm(x.shape[0], generator=generator)[: k * max_points_per_centroid]]
-    n, d = x.shape
-    n_distinct = int(torch.unique(x, dim=0).shape[0])
-    k_eff = max(1, min(k, n_distinct))
-
-    # k-means++ init
-    x_sq = (x * x).sum(1)
-
-    def d2_to(i: int) -> torch.Tensor:
-        d = x_sq - 2.0 * (x @ x[i]) + x_sq[i]
-        d[i] = 0.0
-        return d.clamp_min_(0.0)
-
-    first = int(torch.randint(n, (1,), generator=generator))
-    idx = [first]
-    chosen = torch.zeros(n, dtype=torch.bool)
-    chosen[first] = True
-    d2 = d2_to(first)
-    for _ in range(1, k_eff):
-        d2 = d2.masked_fill(chosen, 0.0)
-        total = d2.sum()
-        if float(total) <= 0:
-            break
-        nxt = int(torch.multinomial(d2 / total, 1, generator=generator))
-        idx.append(nxt)
-        chosen[nxt] = True
-        d2 = torch.minimum(d2, d2_to(nxt))
-    c = x[idx].clone()
-    k_eff = c.shape[0]
-
-    assign = None
-    for _ in range(iters):
-        new_assign = _nearest(x, c)
-        if assign is not None and torch.equal(new_assign, assign):
-            break
-        assign = new_assign
-        sums = torch.zeros(k_eff, d, dtype=x.dtype).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k_eff)
-        empty = (counts == 0).nonzero().flatten()
-        nonempty = counts > 0
-        c[nonempty] = sums[nonempty] / counts[nonempty, None].float()
-        if empty.numel():
-            # re-seed empty clusters with the worst-fitted points
-            err = ((x - c[assign]) ** 2).sum(1)
-            far = torch.argsort(err, descending=True, stable=True)[: empty.numel()]
-            c[empty] = x[far]
-            assign = None  # force another pass
-    if k_eff < k:
-        c = torch.cat([c, c[:1].expand(k - k_eff, -1)], 0)
-    return c
 
 
 class _MLP(nn.Module):
@@ -265,7 +168,7 @@ class QuantizerState:
             raise ValueError(f"x has dimension {x.shape[1]} but the quantizer was fitted on {self.input_dim}")
         return _scaled(x, self.mean, self.scale)
 
-    def _latent(self, x: np.ndarray, encoder: Optional[nn.Module] = None) -> torch.Tensor:
+    def latent(self, x: np.ndarray, encoder: Optional[nn.Module] = None) -> torch.Tensor:
         """Standardised input (a fresh tensor), through the encoder for rq_vae."""
         x = _as_matrix(x)
         if x.shape[1] != self.input_dim:
@@ -277,7 +180,7 @@ class QuantizerState:
                 z = z + e if self.residual else e
         return z
 
-    def _residual_assign(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def residual_assign(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Greedy residual assignment: codes ``[n, M]`` and the residual entering each level."""
         r = z.clone()
         codes, residuals = [], []
@@ -292,7 +195,7 @@ class QuantizerState:
     def assign(self, x: np.ndarray) -> np.ndarray:
         """Raw ``[n, M]`` int64 codes (before collision resolution)."""
         if self.kind == "lsh":
-            z = self._latent(x).numpy()
+            z = self.latent(x).numpy()
             return np.stack([lsh_codes(z, self.encoder[f"level_{l}"]) for l in range(self.levels)], 1)
         x = _as_matrix(x)
         books = [torch.from_numpy(cb) for cb in self.codebooks]
@@ -300,7 +203,7 @@ class QuantizerState:
         out = np.empty((x.shape[0], self.levels), dtype=np.int64)
         # block by block, one residual buffer updated in place: the extra memory is one block, not the catalog
         for s in range(0, x.shape[0], _ASSIGN_BLOCK):
-            r = self._latent(x[s : s + _ASSIGN_BLOCK], encoder)
+            r = self.latent(x[s : s + _ASSIGN_BLOCK], encoder)
             for level, c in enumerate(books):
                 out[s : s + _ASSIGN_BLOCK, level] = _subtract_nearest_(r, c).numpy()
         return out
@@ -535,144 +438,6 @@ def fit_rq_vae(
     )
 
 
-# --------------------------------------------------------------------------- collisions & stats
-
-
-def _group_ids(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Group id of every row (identical rows share one) and the group sizes."""
-    if rows.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    _, inv, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
-    return inv.reshape(-1).astype(np.int64), counts.astype(np.int64)
-
-
-def _rank_in_group(inv: np.ndarray, n_groups: int) -> np.ndarray:
-    """Position of every row inside its group, in row order."""
-    order = np.argsort(inv, kind="stable")
-    counts = np.bincount(inv, minlength=n_groups)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty_like(inv)
-    rank[order] = np.arange(inv.shape[0]) - starts[inv[order]]
-    return rank
-
-
-def resolve_collisions(raw_codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Make code rows unique by appending one level when needed.
-
-    Returns ``(codes, extra_level_sizes)``: if every raw row is already unique the
-    codes come back unchanged and ``extra_level_sizes == []``; otherwise one column
-    is appended holding each item's index within its group of identical raw
-    codes (row order), and ``extra_level_sizes == [max group size]``.
-    """
-    raw = np.asarray(raw_codes, dtype=np.int64)
-    if raw.ndim != 2:
-        raise ValueError(f"raw_codes must be 2-D [n, M], got shape {raw.shape}")
-    inv, counts = _group_ids(raw)
-    if counts.size == 0 or counts.max() <= 1:
-        return raw.copy(), []
-    rank = _rank_in_group(inv, counts.size)
-    return np.concatenate([raw, rank[:, None]], 1), [int(counts.max())]
-
-
-def _nearest_free_last(key: tuple, residual: torch.Tensor, last_book: torch.Tensor, taken: set) -> Optional[tuple]:
-    """``key`` with its last code moved to the nearest last-level codeword (to ``residual`` [1, d], the
-    residual entering the last level) whose full tuple is not in ``taken``; None when all are taken."""
-    dist = _sq_dists(residual, last_book)[0]
-    for c in torch.argsort(dist, stable=True).tolist():
-        cand = key[:-1] + (int(c),)
-        if cand not in taken:
-            return cand
-    return None
-
-
-def spread_collisions(state: "QuantizerState", x: np.ndarray, raw_codes: np.ndarray) -> np.ndarray:
-    """Unique ``M``-level codes without an extra level (``index.collisions: nearest_free``).
-
-    In each group of items with the same raw codes, the item nearest its codeword keeps the code;
-    every other one (nearest first) moves to the free full code that reconstructs it best among
-    (a) the last level's codewords under its prefix and, when all of those are taken, (b) every
-    (second-to-last, last) codeword pair under its first ``M - 2`` codes. Only colliding items are
-    re-encoded. Raises ValueError when even (b) is full (a codebook too small for the catalog)."""
-    raw = np.asarray(raw_codes, dtype=np.int64)
-    capacity = int(np.prod([int(cb.shape[0]) for cb in state.codebooks], dtype=np.float64))
-    if raw.shape[0] > capacity:
-        raise IndexCapacityError(f"index.collisions nearest_free: {raw.shape[0]} items but only {capacity} distinct codes "
-                         f"({' x '.join(str(cb.shape[0]) for cb in state.codebooks)}); use a larger codebook_size, more levels "
-                         "or collisions: extra_level")
-    inv, counts = _group_ids(raw)
-    if counts.size == 0 or counts.max() <= 1:
-        return raw.copy()
-    rows = np.nonzero(counts[inv] > 1)[0]
-    z = state._latent(np.asarray(x)[rows])
-    _, residuals = state._residual_assign(z)
-    books = [torch.from_numpy(cb) for cb in state.codebooks]
-    m = len(books)
-    err = (residuals[-1] - books[-1][torch.from_numpy(raw[rows, -1])]).pow(2).sum(1).numpy()
-    order = np.lexsort((err, inv[rows]))  # by group, nearest first
-    codes = raw.copy()
-    taken = {tuple(r) for r in raw.tolist()}
-    last_group = -1
-    for j in order:
-        i = int(rows[j])
-        if inv[i] != last_group:  # the nearest member of each group keeps its code
-            last_group = inv[i]
-            continue
-        key = tuple(raw[i].tolist())
-        choice = _nearest_free_last(key, residuals[-1][j : j + 1], books[-1], taken)
-        if choice is None and m >= 2:
-            r2 = residuals[-2][j : j + 1] - books[-2]  # [N2, d]: residual after each second-to-last codeword
-            pair = _sq_dists(r2, books[-1])  # [N2, N]
-            n_last = books[-1].shape[0]
-            for flat in torch.argsort(pair.view(-1), stable=True).tolist():
-                cand = key[:-2] + (flat // n_last, flat % n_last)
-                if cand not in taken:
-                    choice = cand
-                    break
-        if choice is None:
-            raise IndexCapacityError(f"index.collisions nearest_free: every code near item {i}'s prefix {key[:-2]} is taken; "
-                             "use a larger codebook_size or collisions: extra_level")
-        codes[i] = choice
-        taken.add(choice)
-    return codes
-
-
-def count_duplicates(codes: np.ndarray) -> int:
-    """Number of rows that repeat an earlier row."""
-    codes = np.asarray(codes)
-    if codes.shape[0] == 0:
-        return 0
-    return int(codes.shape[0] - np.unique(codes, axis=0).shape[0])
-
-
-def raw_collision_rate(raw_codes: np.ndarray) -> float:
-    """1 - (#distinct rows) / n."""
-    raw = np.asarray(raw_codes)
-    n = raw.shape[0]
-    return 0.0 if n == 0 else float(count_duplicates(raw) / n)
-
-
-def code_stats(codes: np.ndarray, level_sizes: list[int], raw_levels: Optional[int] = None) -> dict[str, float]:
-    """Usage statistics per level.
-
-    ``utilization_level_i``: share of the level's codes used by at least one row;
-    ``perplexity_level_i``: exp(entropy) of the code usage distribution;
-    ``max_group_size``: largest group of rows sharing the first ``raw_levels``
-    columns (default: all columns, i.e. 1 for unique codes).
-    """
-    codes = np.asarray(codes, dtype=np.int64)
-    n = codes.shape[0]
-    out: dict[str, float] = {"num_entities": float(n), "num_levels": float(codes.shape[1])}
-    for i, size in enumerate(level_sizes):
-        counts = np.bincount(codes[:, i], minlength=size).astype(np.float64) if n else np.zeros(size)
-        out[f"utilization_level_{i}"] = float((counts > 0).sum() / max(size, 1))
-        p = counts[counts > 0] / max(n, 1)
-        out[f"perplexity_level_{i}"] = float(np.exp(-(p * np.log(p)).sum())) if n else 0.0
-    k = codes.shape[1] if raw_levels is None else raw_levels
-    _, counts = _group_ids(codes[:, :k])
-    out["max_group_size"] = float(counts.max()) if counts.size else 0.0
-    return out
-
-
 # --------------------------------------------------------------------------- top level
 
 
@@ -776,8 +541,8 @@ def assign_new(
         raise ValueError(f"existing codes have {L} levels but the quantizer has {m} (expected {m} or {m + 1})")
     if sizes[:m] != state.codebook_sizes:
         raise ValueError(f"level sizes {sizes[:m]} do not match the quantizer's codebook sizes {state.codebook_sizes}")
-    z = state._latent(x_new)
-    raw_t, residuals = state._residual_assign(z)
+    z = state.latent(x_new)
+    raw_t, residuals = state.residual_assign(z)
     raw = raw_t.numpy().astype(np.int64)
     n_new = raw.shape[0]
 
@@ -793,7 +558,7 @@ def assign_new(
         if key not in taken:
             taken.add(key)
             continue
-        choice = _nearest_free_last(key, residuals[-1][i : i + 1], last_cb, taken)
+        choice = nearest_free_last(key, residuals[-1][i : i + 1], last_cb, taken)
         if choice is not None:
             codes[i] = choice
             taken.add(choice)
@@ -802,29 +567,6 @@ def assign_new(
                 f"new item {i}: every last-level code under prefix {key[:-1]} is taken; "
                 "re-index with a disambiguation level (or a larger codebook)"
             )
-    return codes, sizes
-
-
-def append_disambiguated(existing_codes: np.ndarray, level_sizes: list[int], raw: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Full codes for new entities whose first ``M`` codes are ``raw``, given an index with a
-    disambiguation level (``M + 1`` levels): each new entity takes the next free extra index in its raw
-    group (``max existing + 1 + its rank among the new ones``); the last level grows when needed.
-    Existing codes never change. Returns ``(codes [m, M + 1], new_level_sizes)``."""
-    sizes = [int(s) for s in level_sizes]
-    m = len(sizes) - 1
-    existing = np.asarray(existing_codes, dtype=np.int64).reshape(-1, len(sizes))
-    raw = np.asarray(raw, dtype=np.int64).reshape(-1, m)
-    next_free: dict[tuple, int] = {}
-    for row in existing:
-        key = tuple(row[:m].tolist())
-        next_free[key] = max(next_free.get(key, 0), int(row[m]) + 1)
-    inv, counts = _group_ids(raw)
-    rank = _rank_in_group(inv, counts.size)
-    base = np.array([next_free.get(tuple(r.tolist()), 0) for r in raw], dtype=np.int64)
-    extra = base + rank
-    codes = np.concatenate([raw, extra[:, None]], 1)
-    if len(raw):
-        sizes[m] = max(sizes[m], int(extra.max()) + 1)
     return codes, sizes
 
 

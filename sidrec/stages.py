@@ -231,6 +231,19 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     return state_home() / "checkpoints" / "finetune"
 
 
+def _recording(log: Optional[Callable[[int, dict], None]]):
+    """(losses, log): a training-log callback that also keeps the ``(step, train/loss)`` curve."""
+    losses: list[tuple[int, float]] = []
+
+    def _log(step: int, m: dict) -> None:
+        if "train/loss" in m:
+            losses.append((step, m["train/loss"]))
+        if log is not None:
+            log(step, m)
+
+    return losses, _log
+
+
 def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
              log: Optional[Callable[[int, dict], None]] = None, ds=None) -> TrainedRecommender:
     from sidrec.model import save_recommender
@@ -244,13 +257,7 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
     seed_everything(cfg.seed)
     model, tok, encoder = build_model(cfg, bundle, ds)
     calibrate(model, encoder, instructions.part("train"), cfg)
-    losses: list[tuple[int, float]] = []
-
-    def _log(step: int, m: dict) -> None:
-        if "train/loss" in m:
-            losses.append((step, m["train/loss"]))
-        if log is not None:
-            log(step, m)
+    losses, _log = _recording(log)
 
     select = None
     if cfg.train.eval_every:  # model selection on a fixed sample of valid users (never test)
@@ -346,13 +353,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
         return valid_selector(encoder, items, valid_rows, cfg.train.select_users, cfg.train.select_beams,
                               cfg.eval.batch_size, cfg.seed, dtype)
 
-    losses: list[tuple[int, float]] = []
-
-    def _log(step: int, m: dict) -> None:
-        if "train/loss" in m:
-            losses.append((step, m["train/loss"]))
-        if log is not None:
-            log(step, m)
+    losses, _log = _recording(log)
 
     n_steps = train_steps(cfg.train, len(train_rows))  # the recommender's budget, as a static run's
     hooks = DynamicIndexHooks(learned, dcfg, n_steps, cfg.train.lr, cfg.seed, render, instr.rows, make_select, _log)

@@ -12,12 +12,14 @@ from zenml.config.cache_policy import CachePolicy
 import sidrec.artifacts
 import sidrec.baselines
 import sidrec.collab
+import sidrec.collisions
 import sidrec.data
 import sidrec.decode
 import sidrec.dynamic
 import sidrec.evaluate
 import sidrec.index
 import sidrec.keywords
+import sidrec.kmeans
 import sidrec.metrics
 import sidrec.model
 import sidrec.quantize
@@ -93,7 +95,7 @@ def text_features(dataset: Dataset, quality_passed: bool, config: dict) -> Annot
     return sidrec.stages.featurize(dataset, _cfg(config))
 
 
-@step(output_materializers=IndexBundleMaterializer, cache_policy=_deps(sidrec.quantize, sidrec.index, sidrec.collab))
+@step(output_materializers=IndexBundleMaterializer, cache_policy=_deps(sidrec.quantize, sidrec.kmeans, sidrec.collisions, sidrec.index, sidrec.collab))
 def sid_quantization(features: EntityFeatures, config: dict) -> Annotated[IndexBundle, "sid_index"]:
     bundle = sidrec.stages.build_index(features, _cfg(config))
     _meta(**{"index": {k.replace("/", "_"): v for k, v in bundle.report.items()}})
@@ -117,7 +119,8 @@ def finetune(dataset: Dataset, instructions: InstructionSet, sid_index: IndexBun
 
 @step(output_materializers={"recommender": TrainedRecommenderMaterializer, "sid_index": IndexBundleMaterializer,
                             "instructions": InstructionSetMaterializer},
-      cache_policy=_deps(sidrec.dynamic, sidrec.train, sidrec.model, sidrec.tasks, sidrec.quantize, sidrec.collab,
+      cache_policy=_deps(sidrec.dynamic, sidrec.train, sidrec.model, sidrec.tasks, sidrec.quantize, sidrec.kmeans,
+                         sidrec.collisions, sidrec.collab,
                          sidrec.keywords, sidrec.sid_init, sidrec.evaluate, sidrec.decode))
 def dynamic_finetune(dataset: Dataset, features: EntityFeatures, config: dict) -> Tuple[
         Annotated[TrainedRecommender, "recommender"], Annotated[IndexBundle, "sid_index"],

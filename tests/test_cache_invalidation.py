@@ -4,8 +4,9 @@ and only that step's.
 Honest version of the check: the project is copied to a temp folder (data and models linked), a
 three-step pipeline (`ingest` -> random features -> `sid_quantization`, the real steps) runs there in
 a subprocess twice (second run: everything cached), then a function body in the copy's
-`sidrec/quantize.py` is edited and a *new* process runs it again: `sid_quantization` re-runs
-(its CachePolicy lists sidrec.quantize as a source dependency) while `ingest` stays cached.
+`sidrec/collisions.py` (split out of quantize.py; the quantizer's collision handling) is edited and a *new*
+process runs it again: `sid_quantization` re-runs (its CachePolicy lists every module of the quantizer:
+sidrec.quantize, sidrec.kmeans, sidrec.collisions) while `ingest` stays cached.
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def test_editing_a_helper_reruns_only_the_steps_that_depend_on_it(tmp_path, ml10
     # unchanged source and data: ingest re-reads (never cached), everything after it is cached
     assert second == {"ingest": "completed", "random_features": "cached", "sid_quantization": "cached"}, second
 
-    q = copy / "sidrec" / "quantize.py"
+    q = copy / "sidrec" / "collisions.py"
     src = q.read_text()
     marker = "def count_duplicates(codes: np.ndarray) -> int:\n"
     assert marker in src
@@ -117,7 +118,7 @@ def test_editing_a_helper_reruns_only_the_steps_that_depend_on_it(tmp_path, ml10
     q.write_text(src.replace(marker, marker + "    codes = np.asarray(codes)  # edited by test_cache_invalidation\n", 1))
     (third,) = _run(copy, env, config, 1)
     assert third["sid_quantization"] == "completed", third
-    assert third["random_features"] == "cached", third  # the step that does not depend on quantize.py
+    assert third["random_features"] == "cached", third  # the step that does not depend on collisions.py
 
 
 def test_a_built_pipeline_run_again_sees_new_data(tmp_path, ml100k_dir):

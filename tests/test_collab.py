@@ -62,7 +62,7 @@ def test_the_collaborative_part_gets_its_share_of_the_quantizer_input(share):
     text, collab = _text(200, 30), _text(200, 6, seed=1) * 40.0  # raw scales must not matter
     x, w = hybrid_inputs(text, collab, share)
     state = fit_rq_kmeans(x, 1, 4, seed=0, iters=2, column_weights=w)
-    z = state._latent(x).numpy()  # what the quantizer sees
+    z = state.latent(x).numpy()  # what the quantizer sees
     var = z.var(0)
     assert var[30:].sum() / var.sum() == pytest.approx(share, rel=1e-3)
 

@@ -291,7 +291,7 @@ def test_assign_in_place_matches_reference_residual_assignment(blobs, kmeans_res
     x, _ = blobs
     for res in (kmeans_result, vae_result):
         state = res.state
-        ref, _ = state._residual_assign(state._latent(x))
+        ref, _ = state.residual_assign(state.latent(x))
         assert np.array_equal(state.assign(x), ref.numpy())
 
 

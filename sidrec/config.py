@@ -194,6 +194,8 @@ class TasksConfig(_Strict):
     sid_to_text: float = Field(0.1, ge=0, description="SID -> item title (STORE reconstruction)")
     titles_to_sid: float = Field(0.2, ge=0, description="history titles -> next SID")
     user_pred: float = Field(0.0, ge=0, description="ED2 (dual index): an item + users who liked it -> another such user")
+    user_sid_in_prompt: bool = Field(True, description="dual index: every recommendation prompt starts with the user's SID "
+                                     "(false: user SIDs appear only in the user tasks)")
     user_to_text: float = Field(0.0, ge=0, description="ED2 (dual index): user SID -> preference text")
     text_to_user: float = Field(0.0, ge=0, description="ED2 (dual index): preference text -> user SID")
     ts_align: float = Field(0.0, ge=0, description="TS-Rec TS-Align: SID prefix -> keywords of the items under it")

@@ -298,6 +298,6 @@ def build_instructions(ds, index, cfg, n_train: Optional[int], max_history: int,
     utexts = dict(zip(*user_texts(ds))) if dual else None
     fmt = PromptFormat.from_config(cfg, max_history)
     renderer = Renderer(ds, index, user_index, item_texts=item_texts(ds), user_texts=utexts, keywords=keywords,
-                        user_in_prompt=dual, prompt_format=fmt)
+                        user_in_prompt=dual and getattr(cfg, "user_sid_in_prompt", True), prompt_format=fmt)
     parts = [renderer.render(specs)] + [renderer.render(eval_specs(ds, p, max_history, fmt.history)) for p in ("valid", "test")]
     return pd.concat(parts, ignore_index=True)

@@ -246,3 +246,19 @@ def test_a_crashed_dynamic_run_resumes_to_the_uninterrupted_result(ml, tmp_path)
     assert np.array_equal(rb.items.codes, fb.items.codes) and np.array_equal(rb.users.codes, fb.users.codes)
     assert resumed.meta["dynamic_log"] == fresh.meta["dynamic_log"]
     assert resumed.meta["loss_curve"] == fresh.meta["loss_curve"]
+
+
+def test_user_sids_can_stay_out_of_the_prompt(ml):
+    """tasks.user_sid_in_prompt false: a dual index keeps user SIDs in the user tasks only."""
+    from sidrec.stages import _static_index, render_instructions
+
+    cfg, ds = ml
+    static, _ = _static_index(_features(ds), cfg)
+    on = render_instructions(ds, static.items, static.users, cfg)
+    off = render_instructions(ds, static.items, static.users,
+                              _cfg(cfg.data.path, tasks={"user_sid_in_prompt": False}))
+    rec = lambda rows: rows[rows.task == "seqrec"]  # noqa: E731
+    assert rec(on).prompt.str.contains("<u_").all() and not rec(off).prompt.str.contains("<u_").any()
+    users = off[off.task == "user_pred"]
+    assert len(users) and users.target.str.contains("<u_").all()
+    assert len(on) == len(off)

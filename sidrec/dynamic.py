@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from sidrec.artifacts import InstructionSet
 from sidrec.collisions import nearest_free_last
 from sidrec.index import SIDIndex
 from sidrec.model import SIDRecModel
@@ -225,10 +226,6 @@ def _family_key(stat: str, family: str) -> str:
     return f"{head}/{family}/{rest}" if rest else f"{head}/{family}"
 
 
-def churn(old: SIDIndex, new: SIDIndex) -> float:
-    return float((old.codes != new.codes).any(1).mean())
-
-
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     a = nn.functional.normalize(a.float(), dim=-1)
     b = nn.functional.normalize(b.float(), dim=-1)
@@ -286,15 +283,14 @@ class LearnedIndexModel(SIDRecModel):
                 levels.append(lin)
             self.proj.append(levels)
         self._frozen: Optional[torch.Tensor] = None
+        # vocab level -> (family, quantizer level); other vocab levels (a disambiguation level) get no offset
+        self._owner = {f.first_level + lv: (fi, lv) for fi, f in enumerate(families) for lv in range(f.quantizer.levels)}
 
     def offsets(self) -> torch.Tensor:
-        pieces, owner = [], {}
-        for fi, f in enumerate(self.families):
-            for lv in range(f.quantizer.levels):
-                owner[f.first_level + lv] = (fi, lv)
+        pieces = []
         for v, size in enumerate(self.vocab.level_sizes):
-            if v in owner:
-                fi, lv = owner[v]
+            if v in self._owner:
+                fi, lv = self._owner[v]
                 q = self.quantizers[fi]
                 pieces.append(self.proj[fi][lv](q.codebooks[lv] - q.start(lv)))
             else:
@@ -335,13 +331,10 @@ class DynamicIndexHooks(TrainHooks):
     selection score on the final index (optional). ``n_steps`` is the recommender's budget; the loop
     runs :attr:`total_steps` (the tokenizer phases on top, :func:`phase_plan`)."""
 
-    resumable = True
-    sid_warmup = True
-
     def __init__(self, model: LearnedIndexModel, dcfg, n_steps: int, lr: float, seed: int,
                  render: Callable[[dict], pd.DataFrame], rows_all: pd.DataFrame, make_select: Optional[Callable] = None,
                  log: Optional[Callable[[int, dict], None]] = None):
-        self.model, self.dcfg, self.seed, self.render, self.make_select, self.log = model, dcfg, seed, render, make_select, log
+        self.dcfg, self.seed, self.render, self.make_select, self.log = dcfg, seed, render, make_select, log
         self.families = model.families
         self._static = trainable_parameters(model)  # taken now: it filters on requires_grad, which phases toggle
         self.phases = phase_plan(n_steps, dcfg.cycles, dcfg.tokenizer_share, dcfg.final_share)
@@ -356,7 +349,7 @@ class DynamicIndexHooks(TrainHooks):
                 self.heads[f"seq_{f.name}"] = nn.Linear(hidden, d)
                 self.heads[f"idx_{f.name}"] = nn.Linear(d, hidden)
         self.refresh_log: list[dict] = []
-        self.rows_all = rows_all  # the instruction set on the current index (at first: the static run's)
+        self.instructions = InstructionSet(rows=rows_all)  # on the current index (at first: the static run's)
         self._kind: Optional[str] = None
         self._restored = False
         self._selector = None
@@ -402,7 +395,7 @@ class DynamicIndexHooks(TrainHooks):
     def before_step(self, step, model):
         rows = None
         if self._restored:
-            rows, self._restored = self._train_rows(), False
+            rows, self._restored = self.instructions.part("train"), False
         if step > 0 and self.phase_at(step - 1).kind == "tok" and self.phase_at(step).kind != "tok":
             self._set_phase(model, "rec")  # offsets frozen at the tokenizer phase's end state
             rows = self.refresh(step)
@@ -415,8 +408,7 @@ class DynamicIndexHooks(TrainHooks):
     def select(self, model) -> float:
         """Model selection on the frozen index (the final phase): the score built by ``make_select``."""
         if self._selector is None:
-            rows = self.rows_all
-            self._selector = self.make_select(self.families[0].index, rows[rows["split"] == "valid"])
+            self._selector = self.make_select(self.families[0].index, self.instructions.part("valid"))
         return self._selector(model)
 
     def after_training(self, model, steps):
@@ -500,10 +492,6 @@ class DynamicIndexHooks(TrainHooks):
     def _indices(self) -> dict:
         return {f.name: f.index for f in self.families}
 
-    def _train_rows(self) -> pd.DataFrame:
-        rows = self.rows_all
-        return rows[rows["split"] == "train"].reset_index(drop=True)
-
     def refresh(self, step: int) -> pd.DataFrame:
         """Churn-bounded re-assignment of every family; returns the training rows on the new index."""
         entry: dict = {"step": step, "frozen": int(step >= self.final_start)}
@@ -511,12 +499,12 @@ class DynamicIndexHooks(TrainHooks):
             new, stats = reassign(f.quantizer, f.index, self.dcfg.max_churn, self.dcfg.churn_margin)
             f.set_index(new)
             entry.update({_family_key(k, f.name): v for k, v in stats.items()})
-        self.rows_all = self.render(self._indices())  # targets follow the current index
+        self.instructions = InstructionSet(rows=self.render(self._indices()))  # targets follow the current index
         self._selector = None
         self.refresh_log.append(entry)
         if self.log is not None:
             self.log(step, {f"dynamic/{k}": v for k, v in entry.items() if k != "step"})
-        return self._train_rows()
+        return self.instructions.part("train")
 
     # -- checkpoints
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -528,5 +516,5 @@ class DynamicIndexHooks(TrainHooks):
             f.set_index(SIDIndex(entity_ids=f.index.entity_ids, codes=tensors[f"codes/{f.name}"].numpy(),
                                  level_sizes=f.index.level_sizes, prefix=f.index.prefix))
         self.refresh_log = list(meta.get("refresh_log", []))
-        self.rows_all = self.render(self._indices())
+        self.instructions = InstructionSet(rows=self.render(self._indices()))
         self._restored, self._kind, self._selector = True, None, None

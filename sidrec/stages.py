@@ -394,6 +394,6 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
         usage = png.read_bytes()
     bundle = IndexBundle(items=items, state=families[0].quantizer.state(), report=report, users=users, usage_png=usage,
                          collab=static.collab)
-    rows = hooks.rows_all
+    rows = hooks.instructions.rows
     out_instr = InstructionSet(rows=rows, meta={"n_train": int((rows["split"] == "train").sum()), "dynamic": True})
     return TrainedRecommender(path=out_dir, meta=meta), bundle, out_instr

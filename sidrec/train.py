@@ -1,7 +1,7 @@
 """LoRA fine-tuning of the backbone on instruction rows: the one training loop (:func:`train`).
 
-A static-index model trains its SID table and LoRA; the dynamic index plugs its generators, index
-refreshes and regulator losses in through :class:`TrainHooks` (``sidrec.dynamic``).
+A static-index model trains its SID table and LoRA; the dynamic index plugs its phases, learned
+quantizers, index refreshes and regulator losses in through :class:`TrainHooks` (``sidrec.dynamic``).
 
 The loss covers the target span only. At a position whose target is a SID token of level ``t``
 the logits are computed over level ``t``'s SID rows only (the same distribution decoding uses);
@@ -166,18 +166,15 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------
 class TrainHooks:
     """What a kind of model changes in :func:`train`, the one training loop. The defaults train a
-    static-index model (SID table + LoRA); ``sidrec.dynamic.DynamicIndexHooks`` overrides them to train
-    the index generators too, refresh the index between steps and add ED2's regulator losses."""
-
-    resumable = True  # checkpoints can restore everything the run depends on
-    sid_warmup = True  # the SID-only warm-up applies (param group 0 is the SID table)
+    static-index model (SID table + LoRA); ``sidrec.dynamic.DynamicIndexHooks`` overrides them to alternate
+    recommender and tokenizer phases, refresh the index between phases and add ED2's regulator losses."""
 
     def parameters(self, model) -> list[tuple[str, torch.nn.Parameter]]:
         """Named trainable tensors: the optimizer's, the checkpoints' and the data-parallel averaging's."""
         return trainable_parameters(model)
 
     def param_groups(self, model, cfg) -> list[dict]:
-        """AdamW groups; group 0 is the SID table when ``sid_warmup``."""
+        """AdamW groups; group 0 is the SID table (the SID-only warm-up trains only it)."""
         params = [p for _, p in self.parameters(model)]
         groups = [{"params": params[:1], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
         if params[1:]:
@@ -371,7 +368,7 @@ def train(
     base_lrs = [g["lr"] for g in groups]
     lora_params = [p for g in groups[1:] for p in g["params"]]  # what the SID-only warm-up holds still
 
-    sid_warm = min(int(getattr(cfg, "sid_warmup_steps", 0) or 0), n_steps) if hooks.sid_warmup else 0
+    sid_warm = min(int(getattr(cfg, "sid_warmup_steps", 0) or 0), n_steps)
 
     def lr_factor(step: int) -> float:
         step -= sid_warm  # the schedule starts after the SID-only warm-up
@@ -410,9 +407,7 @@ def train(
     every = getattr(cfg, "checkpoint_every", None)
     run_dir = None
     start = 0
-    if checkpoint_dir is not None and every and not hooks.resumable:
-        log_.info("fine-tune: %s runs are not checkpointed (train.checkpoint_every does not apply)", type(hooks).__name__)
-    if checkpoint_dir is not None and every and hooks.resumable:
+    if checkpoint_dir is not None and every:
         key = run_key(model, rows, cfg, seed, dtype, named)
         run_dir = Path(checkpoint_dir) / key
         meta = load_checkpoint(run_dir, model, opt, key, named)

@@ -11,7 +11,6 @@ warm-starting from the champion's adapter.
 """
 from __future__ import annotations
 
-import html as _html
 import json
 import tempfile
 from pathlib import Path
@@ -105,12 +104,10 @@ def compare(old: Optional[dict], new: dict, top_k: int = 20) -> dict:
 
 
 def report_html(summary: dict) -> str:
-    rows = "".join(f"<tr><th>{_html.escape(str(k))}</th><td>{_html.escape(str(v if not isinstance(v, float) else round(v, 4)))}</td></tr>"
-                   for k, v in summary.items())
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>sidrec drift report</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-            "table{border-collapse:collapse}</style></head><body><h1>Data drift: newest data vs the champion's training data</h1>"
-            f"<table>{rows}</table></body></html>")
+    """The drift report page (``sidrec.reports.drift_html``)."""
+    from sidrec.reports import drift_html
+
+    return drift_html(summary)
 
 
 def log_report(cfg: RunConfig, html: str, summary: dict) -> str:

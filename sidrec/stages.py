@@ -25,11 +25,19 @@ def ingest(cfg: RunConfig):
 
 
 # 2. validation ------------------------------------------------------------------------------
-def validate(ds, cfg: RunConfig, docs_dir: Optional[Path] = None):
+def validate(ds, cfg: RunConfig, docs_dir: Optional[Path] = None, history=None):
+    """Great Expectations suites + the data's profile, compared with the previous run's profile of the
+    same dataset (``history``: a :class:`sidrec.profile.ProfileHistory`, default the state folder's)."""
+    from sidrec.profile import ProfileHistory, profile_dataset
     from sidrec.validation import validate_dataset
 
     docs_dir = docs_dir or Path(tempfile.mkdtemp(prefix="sidrec-gx-docs-"))
-    return validate_dataset(ds, cfg.validation, docs_dir)
+    report = validate_dataset(ds, cfg.validation, docs_dir)
+    history = history or ProfileHistory()
+    report.profile = profile_dataset(ds)
+    report.previous = history.latest(ds.name)
+    history.append(report.profile)
+    return report
 
 
 # 3. text features ---------------------------------------------------------------------------

@@ -31,6 +31,10 @@ class QualityReport:
     success: bool
     results: list[dict] = field(default_factory=list)
     docs_dir: Optional[str] = None
+    # the data's profile (sidrec.profile.profile_dataset) and the previous run's profile of the same
+    # dataset, for the report's charts and its "what changed" table
+    profile: Optional[dict] = None
+    previous: Optional[dict] = None
 
     def failures(self) -> list[dict]:
         return [r for r in self.results if r["critical"] and not r["success"]]
@@ -43,11 +47,13 @@ class QualityReport:
         return "data validation failed: " + "; ".join(parts)
 
     def to_json(self) -> dict:
-        return {"success": bool(self.success), "results": [dict(r) for r in self.results], "docs_dir": self.docs_dir}
+        return {"success": bool(self.success), "results": [dict(r) for r in self.results], "docs_dir": self.docs_dir,
+                "profile": self.profile, "previous": self.previous}
 
     @classmethod
     def from_json(cls, data: dict) -> "QualityReport":
-        return cls(success=bool(data["success"]), results=[dict(r) for r in data.get("results", [])], docs_dir=data.get("docs_dir"))
+        return cls(success=bool(data["success"]), results=[dict(r) for r in data.get("results", [])], docs_dir=data.get("docs_dir"),
+                   profile=data.get("profile"), previous=data.get("previous"))
 
 
 def raise_on_failure(report: QualityReport) -> None:

@@ -22,6 +22,7 @@ import sidrec.keywords
 import sidrec.kmeans
 import sidrec.metrics
 import sidrec.model
+import sidrec.profile
 import sidrec.quantize
 import sidrec.runtime
 import sidrec.sid_init
@@ -73,7 +74,7 @@ def ingest(config: dict) -> Annotated[Dataset, "dataset"]:
     return ds
 
 
-@step(output_materializers=QualityReportMaterializer, cache_policy=_deps(sidrec.validation))
+@step(output_materializers=QualityReportMaterializer, cache_policy=_deps(sidrec.validation, sidrec.profile))
 def validate_data(dataset: Dataset, config: dict) -> Annotated[QualityReport, "quality_report"]:
     docs = Path(tempfile.mkdtemp(prefix="sidrec-gx-"))
     report = sidrec.stages.validate(dataset, _cfg(config), docs)

@@ -31,7 +31,8 @@ SECTIONS = {
     "text_features": ("features", "model", "index", "train.threads", "seed"),
     "sid_quantization": ("index", "seed"),
     "instruction_dataset": ("tasks", "train", "data", "index", "seed"),
-    "finetune": ("model", "train", "index", "eval.batch_size", "seed"),  # eval.batch_size: model selection
+    # eval.batch_size: model selection; tasks + data.max_history: the prompt format saved with the model
+    "finetune": ("model", "train", "index", "tasks", "data.max_history", "eval.batch_size", "seed"),
     "dynamic_finetune": ("index", "tasks", "model", "train", "data", "features", "eval.batch_size", "seed"),
     "evaluate": ("model", "eval", "train", "seed"),
     "baselines": ("baselines", "eval", "data", "train.threads", "seed"),

@@ -212,7 +212,7 @@ def _print_summary(cfg, metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from sidrec.reports import metrics_table
+    from sidrec.reports import baseline_notes, metrics_table
 
     con = Console()
     t = Table(title=f"sidrec {cfg.name}: test metrics ({metrics.get('test/users', '?')} users, beams {cfg.eval.beams})")
@@ -221,6 +221,8 @@ def _print_summary(cfg, metrics: dict) -> None:
     for row in metrics_table(metrics, "test", cfg.eval.ks):
         t.add_row(*row)
     con.print(t)
+    for note in baseline_notes(metrics):
+        con.print(f"[bold yellow]{note}[/]")
     extra = {k: metrics.get(k) for k in ("test/invalid_rate", "test/coverage_at_10", "valid/recall_at_10", "valid/ndcg_at_10",
                                           "index/collision_rate_raw", "index/collisions", "train/steps", "train/seconds",
                                           "wall_seconds", "mlflow_run_id")}

@@ -110,6 +110,8 @@ def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool 
         out["baseline/sasrec/best_epoch"] = info.get("best_epoch", -1)
         out["baseline/sasrec/train_seconds"] = info.get("train_seconds", float("nan"))
         out["baseline/sasrec/epochs_run"] = info.get("epochs_run", -1)
+        # converged: stopped by its patience on valid NDCG@10; a time cap or max_epochs reached first is not
+        out["baseline/sasrec/converged"] = float(info.get("stopped") == "early_stopping")
     return out
 
 

@@ -204,6 +204,16 @@ def drift_html(summary: dict) -> str:
     return page("sidrec data drift", sub, body)
 
 
+def baseline_notes(metrics: dict) -> list[str]:
+    """What a reader must know before comparing with a baseline (e.g. SASRec stopped before converging)."""
+    notes = []
+    if metrics.get("baseline/sasrec/converged") == 0.0:
+        notes.append(f"SASRec baseline not converged: stopped after {int(metrics.get('baseline/sasrec/epochs_run', -1))} epochs "
+                     "by baselines.sasrec.max_minutes or max_epochs before its early stopping (patience) on valid; "
+                     "its numbers understate it, so the LLM's lift over it is overstated")
+    return notes
+
+
 def metrics_table(metrics: dict, split: str = "test", ks=(1, 5, 10, 20)) -> list[list[str]]:
     """Rows of a console table: metric, LLM, SASRec, popularity, LLM lift over SASRec."""
     out = []

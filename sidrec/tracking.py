@@ -183,6 +183,12 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
         "config_name": cfg.name,
         "data_validation": "passed" if getattr(quality, "success", False) else "failed",  # read by the promotion gate
     }
+    if "baseline/sasrec/converged" in metrics:
+        tags["baseline_sasrec"] = "converged" if metrics["baseline/sasrec/converged"] else "not converged"
+    from sidrec.reports import baseline_notes
+
+    if baseline_notes(metrics):
+        tags["mlflow.note.content"] = "\n".join(baseline_notes(metrics))  # the run page's description
     with mlflow.start_run(experiment_id=exp_id, run_name=zenml_run_name or cfg.name, tags=tags) as run:
         params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})

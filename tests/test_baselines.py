@@ -154,3 +154,23 @@ def test_sasrec_beats_popularity_on_ml100k(ml100k_dir):
     pop = ranking_metrics(popularity_ranked(train, len(items), len(seqs), 10), test_tgt, ks=(10,))
     assert pop["ndcg_at_10"] == pytest.approx(0.0224, abs=2e-3)
     assert sas["ndcg_at_10"] > 1.2 * pop["ndcg_at_10"], (sas, pop, info)
+
+
+def test_same_run_baseline_says_whether_it_converged(ml100k_dir):
+    """A SASRec stopped by its time cap before its patience ran out is reported as not converged, in the
+    metrics, the run's tags/notes and the console (issue 14: a capped baseline flatters the LLM)."""
+    from sidrec.config import BaselinesConfig, DataConfig
+    from sidrec.data import load_dataset
+    from sidrec.evaluate import evaluate_baselines
+    from sidrec.reports import baseline_notes
+
+    ds = load_dataset(DataConfig(format="recbole", path=str(ml100k_dir), max_users=60, kcore=3))
+    small = {"hidden": 16, "layers": 1, "heads": 1, "max_len": 20, "batch_size": 64}
+    capped = BaselinesConfig(popularity=False, sasrec={**small, "max_epochs": 50, "max_minutes": 1e-6})
+    m = evaluate_baselines(ds, capped, [10], seed=0, max_history=20, progress=False)
+    assert m["baseline/sasrec/epochs_run"] == 1 and m["baseline/sasrec/converged"] == 0.0
+    assert "not converged" in " ".join(baseline_notes(m))
+    patient = BaselinesConfig(popularity=False, sasrec={**small, "max_epochs": 200, "patience": 1})
+    m = evaluate_baselines(ds, patient, [10], seed=0, max_history=20, progress=False)
+    assert m["baseline/sasrec/converged"] == 1.0 and m["baseline/sasrec/epochs_run"] < 200
+    assert baseline_notes(m) == []

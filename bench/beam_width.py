@@ -37,8 +37,8 @@ def main(argv=None) -> int:
 
     from sidrec import stages
     from sidrec.config import load_config
-    from sidrec.evaluate import evaluate_llm
-    from sidrec.model import Encoder, load_recommender
+    from sidrec.evaluation.evaluate import evaluate_llm
+    from sidrec.model.sid_model import Encoder, load_recommender
 
     cfg = load_config(args.config)
     stages.set_threads(cfg)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     bundle = stages.build_index(features, cfg)
     sids = Path(args.sids) if args.sids else Path(args.model).parent / "index" / "item_sids.csv"
     if sids.exists():  # the run's own SIDs (a rebuild need not give the same codes: see BENCHMARKS.md)
-        from sidrec.index import SIDIndex
+        from sidrec.index.sid_index import SIDIndex
 
         saved = pd.read_csv(sids, dtype={"entity_id": str})
         levels = [c for c in saved.columns if c.startswith("c") and c[1:].isdigit()]

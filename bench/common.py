@@ -146,7 +146,7 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 
 def ml100k():
     from sidrec.config import load_config
-    from sidrec.data import load_dataset
+    from sidrec.data.dataset import load_dataset
 
     cfg = load_config(QUICKSTART)
     return load_dataset(cfg.data), cfg
@@ -155,9 +155,9 @@ def ml100k():
 def ml100k_index(ds, levels: int = 3, codebook="auto", seed: int = 42):
     """SIDIndex over MovieLens-100k items: MiniLM item-text embeddings -> RQ-KMeans (cached)."""
     from sidrec.config import IndexConfig
-    from sidrec.index import SIDIndex
-    from sidrec.quantize import quantize
-    from sidrec.text import item_texts, minilm_embeddings
+    from sidrec.index.sid_index import SIDIndex
+    from sidrec.index.quantize import quantize
+    from sidrec.data.text import item_texts, minilm_embeddings
 
     d = CACHE / f"ml100k-minilm-rqkmeans-M{levels}-{codebook}-s{seed}"
     if (d / "index.json").is_file():
@@ -183,7 +183,7 @@ def ml100k_index(ds, levels: int = 3, codebook="auto", seed: int = 42):
 
 def sid_model(index, backbone: str = "smollm2", seed: int = 42, lora=None):
     """``(SIDRecModel, tokenizer, Encoder)``; SID embeddings initialised as in the pipeline."""
-    from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
+    from sidrec.model.sid_model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
 
     lm, tok = load_backbone(backbone)
     for p in lm.parameters():
@@ -197,7 +197,7 @@ def sid_model(index, backbone: str = "smollm2", seed: int = 42, lora=None):
 
 def seqrec_prompts(ds, index, encoder, n: int, part: str = "test", max_history: int = 20, prompt_history: int = 10) -> list[list[int]]:
     """Encoded evaluation prompts (``History: <sids> Next:``) of the first ``n`` users."""
-    from sidrec.tasks import eval_rows
+    from sidrec.data.tasks import eval_rows
 
     rows = eval_rows(ds, index, part, max_history, prompt_history).head(n)
     return [encoder.encode(p) for p in rows["prompt"]]

@@ -10,7 +10,7 @@ M=3, codebook 'auto' = 32, plus the collision level), ``batch`` test-user prompt
 (``History: <10 SIDs> Next:``), bfloat16 autocast as in the pipeline.
 
 Variants, all timed in one process with interleaved repeats (order rotated each repeat):
-- ``constrained``: ``sidrec.decode.beam_search_batch`` with the dense-table ``PrefixTrie``;
+- ``constrained``: ``sidrec.model.decode.beam_search_batch`` with the dense-table ``PrefixTrie``;
 - ``unconstrained``: the same function with ``trie=None`` (identical search, no mask);
 - ``dict_trie`` (reference): the same batched search and model forwards, but the mask is built
   the usual ``prefix_allowed_tokens_fn`` way: for every hypothesis at every step walk a nested
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from sidrec.decode import NEG_INF, _left_pad, beam_search_batch  # noqa: E402
+from sidrec.model.decode import NEG_INF, _left_pad, beam_search_batch  # noqa: E402
 
 
 # --------------------------------------------------------------------------- reference
@@ -159,7 +159,7 @@ def constraint_ops_seconds(trie, B: int, beams: int, level_sizes: list[int], rep
     """Seconds per search spent in the constraint-only statements of ``beam_search_batch``.
 
     Replays, for the real shapes (``B`` prompts x ``beams``, every level), exactly the statements
-    that the ``trie is not None`` branches of ``sidrec.decode.beam_search_batch`` execute (mask
+    that the ``trie is not None`` branches of ``sidrec.model.decode.beam_search_batch`` execute (mask
     build + ``masked_fill``, parent gather + ``advance`` + ``where``), timing only those; the
     log-probs are random and the top-k between them is not timed. Median over ``repeats``.
     """

@@ -6,17 +6,17 @@ Usage:
 
 Same model in every variant: SmolLM2-135M-Instruct + LoRA (quickstart settings), SID embeddings
 initialised as in ``SIDRecModel``, SID index over MovieLens-100k (see ``common.ml100k_index``),
-bfloat16 autocast, instruction batches from ``sidrec.tasks`` (quickstart task mix), length-bucketed.
+bfloat16 autocast, instruction batches from ``sidrec.data.tasks`` (quickstart task mix), length-bucketed.
 
 Training (forward + backward, loss over the target span; no optimizer step):
-- ``sid_head``: ``sidrec.train.target_loss``: SID targets against their level's rows only (text
+- ``sid_head``: ``sidrec.training.loop.target_loss``: SID targets against their level's rows only (text
   targets of SID->title rows against the vocabulary, as in the pipeline);
 - ``full_vocab_target_span``: every target position against the full 49k vocabulary + all SID
   rows (the "append SID tokens to the vocabulary" design, loss still on the target span);
 - ``full_vocab_all_positions``: full logits at every position, loss masked to the target span
   (what a stock causal-LM loss with ``labels=-100`` outside the target computes).
 
-Decoding (constrained beam search, ``sidrec.decode.beam_search_batch``):
+Decoding (constrained beam search, ``sidrec.model.decode.beam_search_batch``):
 - ``sid_head``: logits over the current level's SID rows;
 - ``full_vocab``: full vocabulary + all SID rows computed at every step, then the level's
   columns taken (same result, cost of the appended-vocabulary head).
@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from sidrec.decode import beam_search_batch  # noqa: E402
-from sidrec.train import collate, bucketed_batches, encode_rows, target_loss  # noqa: E402
+from sidrec.model.decode import beam_search_batch  # noqa: E402
+from sidrec.training.loop import collate, bucketed_batches, encode_rows, target_loss  # noqa: E402
 
 
 def full_logits(model, h: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from sidrec.config import LoraConfig
-    from sidrec.tasks import build_instructions
+    from sidrec.data.tasks import build_instructions
 
     threads = common.set_threads(args.threads)
     env = common.env_info()

@@ -12,7 +12,7 @@ Catalogs:
   mixture of 512 Gaussians (so the k-means has structure to find).
 
 Per catalog: M=3 levels, codebook 256 (the production setting for catalogs of this size).
-RQ-KMeans: ``sidrec.quantize.fit_rq_kmeans`` with ``--kmeans-iters`` Lloyd iterations per level
+RQ-KMeans: ``sidrec.index.quantize.fit_rq_kmeans`` with ``--kmeans-iters`` Lloyd iterations per level
 (the pipeline default is 50; Lloyd stops early on convergence); each level's centroids are fitted
 on at most 256 rows per centroid (65,536 rows for N=256, as faiss's k-means), then every row is
 assigned. RQ-VAE: ``fit_rq_vae`` with
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from sidrec.config import RQVAEConfig  # noqa: E402
-from sidrec.quantize import MAX_POINTS_PER_CENTROID, fit_rq_kmeans, fit_rq_vae, raw_collision_rate  # noqa: E402
+from sidrec.index.quantize import MAX_POINTS_PER_CENTROID, fit_rq_kmeans, fit_rq_vae, raw_collision_rate  # noqa: E402
 
 SCI_TEXT = Path("/work/shared/data/amazon-scientific/Scientific.text")
 
@@ -81,7 +81,7 @@ def scientific_embeddings() -> np.ndarray:
     f = common.CACHE / "scientific-minilm.npy"
     if f.is_file():
         return np.load(f)
-    from sidrec.text import minilm_embeddings
+    from sidrec.data.text import minilm_embeddings
 
     texts = []
     with SCI_TEXT.open(encoding="utf-8") as fh:

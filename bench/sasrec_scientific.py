@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidrec.baselines import popularity_ranked, sasrec_topk, train_sasrec  # noqa: E402
+from sidrec.evaluation.baselines import popularity_ranked, sasrec_topk, train_sasrec  # noqa: E402
 from sidrec.config import SASRecConfig  # noqa: E402
-from sidrec.metrics import ranking_metrics  # noqa: E402
+from sidrec.evaluation.metrics import ranking_metrics  # noqa: E402
 
 REFERENCE = {
     "sasrec": {"recall_at_5": 0.0732, "recall_at_10": 0.0980, "ndcg_at_5": 0.0481, "ndcg_at_10": 0.0561},

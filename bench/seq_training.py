@@ -50,7 +50,7 @@ VARIANTS: dict[str, dict] = {
     "window-hybrid-0.95": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.95}}},
     "window-hybrid-0.2": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.2}}},
     "window-no-aux": {"tasks": {"seqrec_mode": "window", "text_to_sid": 0.0, "sid_to_text": 0.0, "titles_to_sid": 0.0}},
-    # issue 13: the base config as it is (static), and the dynamic index (sidrec.dynamic) on top of it
+    # issue 13: the base config as it is (static), and the dynamic index (sidrec.index.dynamic) on top of it
     "static": {},
     "dynamic-items": {"index": {"mode": "dynamic"}},
     "dynamic-dual": {"index": {"mode": "dynamic", "entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},

@@ -8,7 +8,7 @@ Model: SmolLM2-135M-Instruct + LoRA (quickstart: r=8, alpha=32, dropout 0.05) + 
 SID index over MovieLens-100k (``common.ml100k_index``), instruction rows from the quickstart
 task mix, bfloat16 autocast.
 
-- ``sidrec_loop``: ``sidrec.train.train`` as the pipeline calls it (encoding of the rows,
+- ``sidrec_loop``: ``sidrec.training.loop.train`` as the pipeline calls it (encoding of the rows,
   length-bucketed batches, collation, target-span loss, AdamW over LoRA + SID embeddings, LR
   schedule, grad clipping, loss bookkeeping), ``--steps`` steps;
 - ``bare_fwd_bwd``: the same batches (same bucketing seed), collated beforehand; per batch only
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from sidrec.train import collate, bucketed_batches, encode_rows, target_loss, train  # noqa: E402
+from sidrec.training.loop import collate, bucketed_batches, encode_rows, target_loss, train  # noqa: E402
 
 
 def padding_share(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
                     help="torch threads (default 1: on a shared 2-core machine 2 threads stall under contention)")
     args = ap.parse_args(argv)
 
-    from sidrec.tasks import build_instructions
+    from sidrec.data.tasks import build_instructions
 
     threads = common.set_threads(args.threads)
     env = common.env_info()

@@ -34,7 +34,7 @@ def _select_curve(run_id: str) -> list[tuple[int, float]]:
         from mlflow.tracking import MlflowClient
 
         from sidrec.config import RunConfig
-        from sidrec.tracking import tracking_uri
+        from sidrec.ops.tracking import tracking_uri
 
         client = MlflowClient(tracking_uri(RunConfig()))
         return sorted((int(m.step), float(m.value)) for m in client.get_metric_history(run_id, "valid/select_recall_at_10"))

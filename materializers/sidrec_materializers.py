@@ -20,9 +20,9 @@ from zenml.materializers.base_materializer import BaseMaterializer
 from zenml.utils import io_utils
 
 from sidrec.artifacts import EntityFeatures, EvalReport, IndexBundle, InstructionSet, TrainedRecommender
-from sidrec.data import Dataset
-from sidrec.reports import quality_html
-from sidrec.validation import QualityReport
+from sidrec.data.dataset import Dataset
+from sidrec.ops.reports import quality_html
+from sidrec.data.validation import QualityReport
 
 
 def _is_local(uri: str) -> bool:

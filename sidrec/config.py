@@ -74,7 +74,7 @@ class FeaturesConfig(_Strict):
     max_text_tokens: int = Field(64, ge=4)
     user_history_titles: int = Field(10, ge=0, description="titles of the last N training items in a user's text")
     cache: bool = Field(True, description="reuse text embeddings across runs and datasets, keyed by the text and the "
-                        "embedder's identity ($SIDREC_HOME/cache/embeddings; sidrec/embedding_cache.py)")
+                        "embedder's identity ($SIDREC_HOME/cache/embeddings; sidrec/data/embedding_cache.py)")
 
 
 class RQVAEConfig(_Strict):
@@ -87,7 +87,7 @@ class RQVAEConfig(_Strict):
 
 
 class DynamicConfig(_Strict):
-    """The dynamic index (:mod:`sidrec.dynamic`): it starts as the static RQ-KMeans index and is then learned
+    """The dynamic index (:mod:`sidrec.index.dynamic`): it starts as the static RQ-KMeans index and is then learned
     in alternating phases -- recommender phases (index frozen; LoRA + SID rows train) and tokenizer phases
     (LLM frozen; the quantizer's encoder and codebooks train on the recommendation loss, the regulator and
     the alignment with the LLM's hidden states) -- with codes recomputed, churn-bounded, only at the end of
@@ -130,7 +130,7 @@ class DynamicConfig(_Strict):
 
 class HybridConfig(_Strict):
     """``index.embedding: hybrid``: collaborative item vectors (PPMI-SVD of training-split co-occurrence,
-    :mod:`sidrec.collab`) quantized together with the text embedding."""
+    :mod:`sidrec.index.collab`) quantized together with the text embedding."""
 
     dim: int = Field(64, ge=2, description="collaborative vector dimension (truncated SVD rank)")
     window: int = Field(5, ge=1, description="items at most this many positions apart in a training sequence co-occur")

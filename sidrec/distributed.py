@@ -3,7 +3,7 @@
 The fine-tuning stage writes its inputs (config, training rows, SID index, dataset for SA-Init) to a
 job folder and launches ``python -m torch.distributed.run --standalone --nproc_per_node N -m
 sidrec.distributed JOB``. Every process builds the same model (same seed; rank 0's trainable tensors
-are broadcast to be sure), takes its own batches (``sidrec.train`` splits a ``steps x N`` batch list
+are broadcast to be sure), takes its own batches (``sidrec.training.loop`` splits a ``steps x N`` batch list
 by rank), and averages gradients with ``all_reduce`` after each backward pass, so all replicas stay
 identical -- the global batch is ``N x train.batch_size``. Backend: NCCL with one GPU per process when
 CUDA is visible, gloo on CPU (what the tests run). Rank 0 saves the recommender and the loss curve;
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-# the primitives and the launcher live in sidrec.parallel (a leaf); importable from here as before
-from sidrec.parallel import average_gradients, broadcast_parameters, checksum, finetune_distributed, launch, world_info  # noqa: F401
+# the primitives and the launcher live in sidrec.training.parallel (a leaf); importable from here as before
+from sidrec.training.parallel import average_gradients, broadcast_parameters, checksum, finetune_distributed, launch, world_info  # noqa: F401
 
 
 def _worker(job: Path) -> None:
@@ -28,11 +28,11 @@ def _worker(job: Path) -> None:
 
     from sidrec.artifacts import IndexBundle
     from sidrec.config import RunConfig
-    from sidrec.data import Dataset
-    from sidrec.model import save_recommender
+    from sidrec.data.dataset import Dataset
+    from sidrec.model.sid_model import save_recommender
     from sidrec.runtime import compute_dtype, progress_enabled, seed_everything
     from sidrec.stages import build_model, calibrate, checkpoint_dir, recommender_meta
-    from sidrec.train import train
+    from sidrec.training.loop import train
 
     import pandas as pd
 
@@ -55,7 +55,7 @@ def _worker(job: Path) -> None:
         res = train(model, encoder, rows, cfg.train, cfg.seed, compute_dtype(cfg),
                     lambda s, m: losses.append((s, m["train/loss"])), progress_enabled() and rank == 0,
                     checkpoint_dir=checkpoint_dir(cfg))
-        from sidrec.train import trainable_parameters
+        from sidrec.training.loop import trainable_parameters
 
         (job / f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "checksum": checksum(p for _, p in trainable_parameters(model))}))
         dist.barrier()

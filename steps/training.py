@@ -10,27 +10,27 @@ from zenml import get_step_context, log_metadata, step
 from zenml.config.cache_policy import CachePolicy
 
 import sidrec.artifacts
-import sidrec.baselines
-import sidrec.collab
-import sidrec.collisions
-import sidrec.data
-import sidrec.decode
-import sidrec.dynamic
-import sidrec.evaluate
-import sidrec.index
-import sidrec.keywords
-import sidrec.kmeans
-import sidrec.metrics
-import sidrec.model
-import sidrec.profile
-import sidrec.quantize
+import sidrec.data.dataset
+import sidrec.data.profile
+import sidrec.data.tasks
+import sidrec.data.text
+import sidrec.data.validation
+import sidrec.evaluation.baselines
+import sidrec.evaluation.evaluate
+import sidrec.evaluation.metrics
+import sidrec.index.collab
+import sidrec.index.collisions
+import sidrec.index.dynamic
+import sidrec.index.keywords
+import sidrec.index.kmeans
+import sidrec.index.quantize
+import sidrec.index.sid_index
+import sidrec.model.decode
+import sidrec.model.sid_init
+import sidrec.model.sid_model
 import sidrec.runtime
-import sidrec.sid_init
 import sidrec.stages
-import sidrec.tasks
-import sidrec.text
-import sidrec.train
-import sidrec.validation
+import sidrec.training.loop
 from materializers import (
     DatasetMaterializer,
     EntityFeaturesMaterializer,
@@ -42,8 +42,8 @@ from materializers import (
 )
 from sidrec.artifacts import EntityFeatures, EvalReport, IndexBundle, InstructionSet, TrainedRecommender
 from sidrec.config import RunConfig
-from sidrec.data import Dataset
-from sidrec.validation import QualityReport
+from sidrec.data.dataset import Dataset
+from sidrec.data.validation import QualityReport
 
 
 def _meta(**metadata) -> None:
@@ -70,11 +70,11 @@ def ingest(config: dict) -> Annotated[Dataset, "dataset"]:
     take the dataset's content hash (``DatasetMaterializer.compute_content_hash``, the fingerprint)."""
     cfg = _cfg(config)
     ds = sidrec.stages.ingest(cfg)
-    _meta(**{"dataset": ds.stats(), "source_digest": sidrec.data.source_digest(cfg.data), "fingerprint": ds.fingerprint()})
+    _meta(**{"dataset": ds.stats(), "source_digest": sidrec.data.dataset.source_digest(cfg.data), "fingerprint": ds.fingerprint()})
     return ds
 
 
-@step(output_materializers=QualityReportMaterializer, cache_policy=_deps(sidrec.validation, sidrec.profile))
+@step(output_materializers=QualityReportMaterializer, cache_policy=_deps(sidrec.data.validation, sidrec.data.profile))
 def validate_data(dataset: Dataset, config: dict) -> Annotated[QualityReport, "quality_report"]:
     docs = Path(tempfile.mkdtemp(prefix="sidrec-gx-"))
     report = sidrec.stages.validate(dataset, _cfg(config), docs)
@@ -82,34 +82,34 @@ def validate_data(dataset: Dataset, config: dict) -> Annotated[QualityReport, "q
     return report
 
 
-@step(cache_policy=_deps(sidrec.validation))
+@step(cache_policy=_deps(sidrec.data.validation))
 def quality_gate(report: QualityReport) -> Annotated[bool, "quality_passed"]:
     """Stops the run before any training when a critical expectation failed."""
-    from sidrec.validation import raise_on_failure
+    from sidrec.data.validation import raise_on_failure
 
     raise_on_failure(report)
     return True
 
 
-@step(output_materializers=EntityFeaturesMaterializer, cache_policy=_deps(sidrec.text, sidrec.model, sidrec.collab))
+@step(output_materializers=EntityFeaturesMaterializer, cache_policy=_deps(sidrec.data.text, sidrec.model.sid_model, sidrec.index.collab))
 def text_features(dataset: Dataset, quality_passed: bool, config: dict) -> Annotated[EntityFeatures, "features"]:
     return sidrec.stages.featurize(dataset, _cfg(config))
 
 
-@step(output_materializers=IndexBundleMaterializer, cache_policy=_deps(sidrec.quantize, sidrec.kmeans, sidrec.collisions, sidrec.index, sidrec.collab))
+@step(output_materializers=IndexBundleMaterializer, cache_policy=_deps(sidrec.index.quantize, sidrec.index.kmeans, sidrec.index.collisions, sidrec.index.sid_index, sidrec.index.collab))
 def sid_quantization(features: EntityFeatures, config: dict) -> Annotated[IndexBundle, "sid_index"]:
     bundle = sidrec.stages.build_index(features, _cfg(config))
     _meta(**{"index": {k.replace("/", "_"): v for k, v in bundle.report.items()}})
     return bundle
 
 
-@step(output_materializers=InstructionSetMaterializer, cache_policy=_deps(sidrec.tasks, sidrec.text))
+@step(output_materializers=InstructionSetMaterializer, cache_policy=_deps(sidrec.data.tasks, sidrec.data.text))
 def instruction_dataset(dataset: Dataset, sid_index: IndexBundle, config: dict) -> Annotated[InstructionSet, "instructions"]:
     return sidrec.stages.instruct(dataset, sid_index, _cfg(config))
 
 
 @step(output_materializers=TrainedRecommenderMaterializer,
-      cache_policy=_deps(sidrec.train, sidrec.model, sidrec.keywords, sidrec.sid_init, sidrec.evaluate, sidrec.decode))
+      cache_policy=_deps(sidrec.training.loop, sidrec.model.sid_model, sidrec.index.keywords, sidrec.model.sid_init, sidrec.evaluation.evaluate, sidrec.model.decode))
 def finetune(dataset: Dataset, instructions: InstructionSet, sid_index: IndexBundle,
              config: dict) -> Annotated[TrainedRecommender, "recommender"]:
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
@@ -120,9 +120,9 @@ def finetune(dataset: Dataset, instructions: InstructionSet, sid_index: IndexBun
 
 @step(output_materializers={"recommender": TrainedRecommenderMaterializer, "sid_index": IndexBundleMaterializer,
                             "instructions": InstructionSetMaterializer},
-      cache_policy=_deps(sidrec.dynamic, sidrec.train, sidrec.model, sidrec.tasks, sidrec.quantize, sidrec.kmeans,
-                         sidrec.collisions, sidrec.collab,
-                         sidrec.keywords, sidrec.sid_init, sidrec.evaluate, sidrec.decode))
+      cache_policy=_deps(sidrec.index.dynamic, sidrec.training.loop, sidrec.model.sid_model, sidrec.data.tasks, sidrec.index.quantize, sidrec.index.kmeans,
+                         sidrec.index.collisions, sidrec.index.collab,
+                         sidrec.index.keywords, sidrec.model.sid_init, sidrec.evaluation.evaluate, sidrec.model.decode))
 def dynamic_finetune(dataset: Dataset, features: EntityFeatures, config: dict) -> Tuple[
         Annotated[TrainedRecommender, "recommender"], Annotated[IndexBundle, "sid_index"],
         Annotated[InstructionSet, "instructions"]]:
@@ -135,13 +135,13 @@ def dynamic_finetune(dataset: Dataset, features: EntityFeatures, config: dict) -
 
 
 @step(output_materializers=EvalReportMaterializer,
-      cache_policy=_deps(sidrec.evaluate, sidrec.decode, sidrec.metrics, sidrec.model))
+      cache_policy=_deps(sidrec.evaluation.evaluate, sidrec.model.decode, sidrec.evaluation.metrics, sidrec.model.sid_model))
 def evaluate(recommender: TrainedRecommender, instructions: InstructionSet, sid_index: IndexBundle,
              config: dict) -> Annotated[EvalReport, "eval_report"]:
     return sidrec.stages.evaluate(recommender, instructions, sid_index, _cfg(config))
 
 
-@step(cache_policy=_deps(sidrec.evaluate, sidrec.baselines, sidrec.metrics))
+@step(cache_policy=_deps(sidrec.evaluation.evaluate, sidrec.evaluation.baselines, sidrec.evaluation.metrics))
 def baselines(dataset: Dataset, config: dict) -> Annotated[dict, "baseline_metrics"]:
     return sidrec.stages.baselines(dataset, _cfg(config))
 
@@ -151,7 +151,7 @@ def log_to_mlflow(dataset: Dataset, quality: QualityReport, sid_index: IndexBund
                   recommender: TrainedRecommender, eval_report: EvalReport, baseline_metrics: dict,
                   config: dict) -> Annotated[dict, "metrics"]:
     """One MLflow run per pipeline run (never cached, so cached re-runs are still fully logged)."""
-    from sidrec.tracking import log_training_run
+    from sidrec.ops.tracking import log_training_run
 
     ctx = get_step_context()
     run_id, metrics = log_training_run(

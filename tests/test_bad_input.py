@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from sidrec.config import DataConfig
-from sidrec.data import load_dataset
+from sidrec.data.dataset import load_dataset
 
 N_USERS, N_ITEMS, T0 = 8, 6, 1_600_000_000
 
@@ -323,7 +323,7 @@ def test_huge_and_float_exported_ids(tmp_path):
 def test_all_equal_timestamps_warn_and_keep_file_order(tmp_path, caplog):
     c = Case(tmp_path)
     c.rows(lambda r: [(u, i, T0) for u, i, _ in r])
-    with caplog.at_level(logging.WARNING, logger="sidrec.data"):
+    with caplog.at_level(logging.WARNING, logger="sidrec.data.dataset"):
         ds = load_dataset(_cfg(c))
     assert any("are equal" in r.getMessage() for r in caplog.records)
     assert ds.sequences.set_index("user_id").loc["u1", "item_ids"] == [f"i{(1 + k) % N_ITEMS}" for k in range(N_ITEMS)]
@@ -371,11 +371,11 @@ def test_catalog_smaller_than_one_codebook_gets_unique_sids(tmp_path):
 
 
 def test_recommend_with_unknown_history_ids_names_them():
-    """The check behind `run.py recommend` (sidrec.serving.Recommender.recommend) runs before any
+    """The check behind `run.py recommend` (sidrec.ops.serving.Recommender.recommend) runs before any
     decoding: unknown ids -> UnknownItemsError (a DataError: exit 2) naming every unknown id."""
     from sidrec.errors import DataError
-    from sidrec.index import SIDIndex
-    from sidrec.serving import Recommender, UnknownItemsError
+    from sidrec.index.sid_index import SIDIndex
+    from sidrec.ops.serving import Recommender, UnknownItemsError
 
     rec = Recommender.__new__(Recommender)  # no model needed for the id check
     rec.index = SIDIndex(entity_ids=["i0", "i1", "i2"], codes=np.array([[0, 0], [0, 1], [1, 0]]), level_sizes=[2, 2])

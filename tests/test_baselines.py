@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sidrec.baselines import (
+from sidrec.evaluation.baselines import (
     SASRec,
     load_sasrec,
     popularity_ranked,
@@ -17,7 +17,7 @@ from sidrec.baselines import (
     train_sasrec,
 )
 from sidrec.config import SASRecConfig
-from sidrec.metrics import ranking_metrics
+from sidrec.evaluation.metrics import ranking_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -160,9 +160,9 @@ def test_same_run_baseline_says_whether_it_converged(ml100k_dir):
     """A SASRec stopped by its time cap before its patience ran out is reported as not converged, in the
     metrics, the run's tags/notes and the console (issue 14: a capped baseline flatters the LLM)."""
     from sidrec.config import BaselinesConfig, DataConfig
-    from sidrec.data import load_dataset
-    from sidrec.evaluate import evaluate_baselines
-    from sidrec.reports import baseline_notes
+    from sidrec.data.dataset import load_dataset
+    from sidrec.evaluation.evaluate import evaluate_baselines
+    from sidrec.ops.reports import baseline_notes
 
     ds = load_dataset(DataConfig(format="recbole", path=str(ml100k_dir), max_users=60, kcore=3))
     small = {"hidden": 16, "layers": 1, "heads": 1, "max_len": 20, "batch_size": 64}

@@ -4,9 +4,9 @@ and only that step's.
 Honest version of the check: the project is copied to a temp folder (data and models linked), a
 three-step pipeline (`ingest` -> random features -> `sid_quantization`, the real steps) runs there in
 a subprocess twice (second run: everything cached), then a function body in the copy's
-`sidrec/collisions.py` (split out of quantize.py; the quantizer's collision handling) is edited and a *new*
+`sidrec/index/collisions.py` (split out of quantize.py; the quantizer's collision handling) is edited and a *new*
 process runs it again: `sid_quantization` re-runs (its CachePolicy lists every module of the quantizer:
-sidrec.quantize, sidrec.kmeans, sidrec.collisions) while `ingest` stays cached.
+sidrec.index.quantize, sidrec.index.kmeans, sidrec.index.collisions) while `ingest` stays cached.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from zenml import pipeline, step
 
 from materializers import EntityFeaturesMaterializer
 from sidrec.artifacts import EntityFeatures
-from sidrec.data import Dataset
+from sidrec.data.dataset import Dataset
 from steps import ingest, sid_quantization
 
 
@@ -110,7 +110,7 @@ def test_editing_a_helper_reruns_only_the_steps_that_depend_on_it(tmp_path, ml10
     # unchanged source and data: ingest re-reads (never cached), everything after it is cached
     assert second == {"ingest": "completed", "random_features": "cached", "sid_quantization": "cached"}, second
 
-    q = copy / "sidrec" / "collisions.py"
+    q = copy / "sidrec" / "index" / "collisions.py"
     src = q.read_text()
     marker = "def count_duplicates(codes: np.ndarray) -> int:\n"
     assert marker in src

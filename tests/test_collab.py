@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from sidrec.collab import align, cooccurrence_matrix, cooccurrence_vectors, hybrid_inputs
+from sidrec.index.collab import align, cooccurrence_matrix, cooccurrence_vectors, hybrid_inputs
 from sidrec.config import parse_config
 
 from test_tasks_text import ml  # noqa: F401  (the real MovieLens-100k slice, 120 users)
@@ -57,7 +57,7 @@ def test_items_taken_together_get_close_vectors():
 
 @pytest.mark.parametrize("share", [0.2, 0.5, 0.8])
 def test_the_collaborative_part_gets_its_share_of_the_quantizer_input(share):
-    from sidrec.quantize import fit_rq_kmeans
+    from sidrec.index.quantize import fit_rq_kmeans
 
     text, collab = _text(200, 30), _text(200, 6, seed=1) * 40.0  # raw scales must not matter
     x, w = hybrid_inputs(text, collab, share)
@@ -68,7 +68,7 @@ def test_the_collaborative_part_gets_its_share_of_the_quantizer_input(share):
 
 
 def test_a_heavy_collaborative_share_makes_the_first_level_follow_the_audiences():
-    from sidrec.quantize import quantize
+    from sidrec.index.quantize import quantize
 
     n = 160
     rng = np.random.default_rng(0)
@@ -126,10 +126,10 @@ def test_hybrid_index_end_to_end_and_its_artifact(ml, tmp_path):
 
 
 def test_retrain_places_new_items_in_the_hybrid_champions_basis(ml, tmp_path, monkeypatch):
-    import sidrec.drift as drift
+    import sidrec.ops.drift as drift
     from sidrec import stages
     from sidrec.artifacts import EntityFeatures
-    from sidrec.quantize import assign_new
+    from sidrec.index.quantize import assign_new
 
     cfg = parse_config({**HYBRID, "retrain": {"reuse_index": True}})
     ids = ml.items["item_id"].tolist()

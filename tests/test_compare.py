@@ -20,7 +20,7 @@ def store(tmp_path):
 
 
 def test_compare_writes_report_and_logs_it(store):
-    from sidrec.compare import compare
+    from sidrec.ops.compare import compare
 
     uri, tmp = store
     paths = compare("sidrec-toy", tmp / "out", uri)
@@ -39,7 +39,7 @@ def test_compare_plots_runs_over_time_with_the_champion_history(store):
     """Every run by date per index mode, and the registry's promotions/rollbacks (its decision log,
     written by the registry's own logger) marked on the plot and listed in the report."""
     from sidrec import registry
-    from sidrec.compare import compare, decision_events
+    from sidrec.ops.compare import compare, decision_events
     from sidrec.config import parse_config
 
     uri, tmp = store

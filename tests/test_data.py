@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from sidrec.config import ColumnMap, DataConfig
-from sidrec.data import Dataset, load_dataset
+from sidrec.data.dataset import Dataset, load_dataset
 from sidrec.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -327,7 +327,7 @@ def test_fingerprint_stable_across_processes(ml100k, ml100k_dir, tmp_path):
     fp = ml100k.fingerprint()
     assert len(fp) == 16 and int(fp, 16) >= 0
     code = (
-        "from sidrec.config import DataConfig; from sidrec.data import load_dataset; "
+        "from sidrec.config import DataConfig; from sidrec.data.dataset import load_dataset; "
         f"print(load_dataset(DataConfig(format='recbole', path={str(ml100k_dir)!r})).fingerprint())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
@@ -433,7 +433,7 @@ def test_source_digest_changes_when_rows_are_appended(tmp_path, ml100k_dir):
     import shutil
 
     from sidrec.config import DataConfig
-    from sidrec.data import source_digest, source_files
+    from sidrec.data.dataset import source_digest, source_files
 
     d = tmp_path / "ml-100k"
     shutil.copytree(ml100k_dir, d)

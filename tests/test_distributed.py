@@ -35,7 +35,7 @@ def test_two_process_finetune_keeps_replicas_in_sync(ml100k_dir, tmp_path, monke
     import torch
 
     from sidrec.distributed import checksum
-    from sidrec.model import load_recommender
+    from sidrec.model.sid_model import load_recommender
     from sidrec.stages import build_model, finetune
 
     monkeypatch.setenv("SIDREC_PROGRESS", "0")

@@ -1,4 +1,4 @@
-"""The dynamic index (sidrec.dynamic): it starts as the static index, learns in alternating phases with
+"""The dynamic index (sidrec.index.dynamic): it starts as the static index, learns in alternating phases with
 churn-bounded refreshes, the recommendation loss reaches the codebooks only in tokenizer phases, training
 targets follow the current index, and a crashed dynamic run resumes to exactly the uninterrupted result."""
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from sidrec.artifacts import EntityFeatures
-from sidrec.collab import cooccurrence_vectors
+from sidrec.index.collab import cooccurrence_vectors
 from sidrec.config import IndexConfig, parse_config
-from sidrec.data import load_dataset
-from sidrec.dynamic import LearnedQuantizer, phase_plan, reassign
-from sidrec.index import SIDIndex
-from sidrec.quantize import QuantizerState, quantize
+from sidrec.data.dataset import load_dataset
+from sidrec.index.dynamic import LearnedQuantizer, phase_plan, reassign
+from sidrec.index.sid_index import SIDIndex
+from sidrec.index.quantize import QuantizerState, quantize
 
 
 def _cfg(ml100k_dir, tmp=None, **over):
@@ -117,7 +117,7 @@ def test_phase_plan_alternates_and_ends_on_a_frozen_index():
 
 def _pieces(cfg, ds):
     """The dynamic stage's objects before training (as stages.dynamic_finetune builds them)."""
-    from sidrec.dynamic import DynamicIndexHooks, Family, LearnedIndexModel
+    from sidrec.index.dynamic import DynamicIndexHooks, Family, LearnedIndexModel
     from sidrec.stages import _static_index, build_model, index_inputs, instruct, render_instructions
 
     feats = _features(ds)
@@ -134,7 +134,7 @@ def _pieces(cfg, ds):
 
 
 def test_recommendation_gradient_reaches_codebooks_in_tokenizer_phases_only(ml):
-    from sidrec.train import collate, encode_rows, target_loss
+    from sidrec.training.loop import collate, encode_rows, target_loss
 
     cfg, ds = ml
     learned, encoder, instr, hooks, table0 = _pieces(cfg, ds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sidrec.embedding_cache import EmbeddingCache, identity
+from sidrec.data.embedding_cache import EmbeddingCache, identity
 
 
 def _embedder(calls):

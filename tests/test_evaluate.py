@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from sidrec.config import DataConfig
-from sidrec.data import load_dataset
-from sidrec.evaluate import _sample, lift_table
-from sidrec.index import SIDIndex
-from sidrec.tasks import eval_rows
+from sidrec.data.dataset import load_dataset
+from sidrec.evaluation.evaluate import _sample, lift_table
+from sidrec.index.sid_index import SIDIndex
+from sidrec.data.tasks import eval_rows
 
 
 def test_sampled_users_match_between_llm_rows_and_baseline_split(ml100k_dir):

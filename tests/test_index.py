@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidrec.index import LEVEL_LETTERS, PrefixTrie, SIDIndex
+from sidrec.index.sid_index import LEVEL_LETTERS, PrefixTrie, SIDIndex
 
 
 def random_unique_codes(rng: np.random.Generator, level_sizes: list[int], n: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sidrec.metrics import coverage, invalid_rate, per_user_hits, ranking_metrics, target_ranks
+from sidrec.evaluation.metrics import coverage, invalid_rate, per_user_hits, ranking_metrics, target_ranks
 
 # Three users, top-4 lists (best first), -1 = empty slot.
 #   user 0: target 3 at rank 0 -> gain 1/log2(2) = 1

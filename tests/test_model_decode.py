@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sidrec.config import LoraConfig, TrainConfig
-from sidrec.decode import beam_search_batch, recommend
-from sidrec.index import SIDIndex
-from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
-from sidrec.train import encode_rows, target_loss, train
+from sidrec.model.decode import beam_search_batch, recommend
+from sidrec.index.sid_index import SIDIndex
+from sidrec.model.sid_model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
+from sidrec.training.loop import encode_rows, target_loss, train
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def test_the_model_is_saved_with_the_prompt_format_it_was_trained_on():
     run's model once said `history: 20` (the default) while it trained and was tested on 50-item prompts."""
     from pipelines.training import pick
     from sidrec.config import RunConfig
-    from sidrec.tasks import PromptFormat
+    from sidrec.data.tasks import PromptFormat
 
     base = _cfg()
     base["data"]["max_history"] = 50

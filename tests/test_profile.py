@@ -7,10 +7,10 @@ import re
 import pytest
 
 from sidrec.config import DataConfig, ValidationConfig
-from sidrec.data import load_dataset
-from sidrec.profile import ProfileHistory, change, distribution, profile_dataset
-from sidrec.reports import drift_html, quality_html
-from sidrec.validation import QualityReport
+from sidrec.data.dataset import load_dataset
+from sidrec.data.profile import ProfileHistory, change, distribution, profile_dataset
+from sidrec.ops.reports import drift_html, quality_html
+from sidrec.data.validation import QualityReport
 from test_validation import GOOD, make_ds
 
 
@@ -102,7 +102,7 @@ def test_validate_stage_compares_with_the_previous_run(ml_slice, tmp_path):
 
 
 def test_quality_page_is_styled_offline_and_says_what_a_reader_checks(ml_slice, tmp_path):
-    from sidrec.validation import validate_dataset
+    from sidrec.data.validation import validate_dataset
 
     report = validate_dataset(ml_slice, ValidationConfig(), None)
     report.profile = profile_dataset(ml_slice)
@@ -125,7 +125,7 @@ def test_quality_page_is_styled_offline_and_says_what_a_reader_checks(ml_slice, 
 
 
 def test_drift_page_is_styled_offline():
-    from sidrec.drift import compare, report_html
+    from sidrec.ops.drift import compare, report_html
 
     def prof(users, items, counts, fp):
         return {"fingerprint": fp, "stats": {"n_interactions": sum(counts.values()), "n_users": len(users)},

@@ -7,7 +7,7 @@ trie walk under arbitrary logits always ends on a catalog entity):
   codes, 'auto' codebooks -- always yields unique SIDs inside the level sizes;
 - the trie built from that index accepts exactly the catalog: enumerating every allowed path gives
   back the set of SIDs (no invalid SID can be emitted, no item is unreachable);
-- the promotion gate `sidrec.registry.decide` is safe (invalid SIDs / failed validation never
+- the promotion gate `sidrec.ops.registry.decide` is safe (invalid SIDs / failed validation never
   promote), exact (vs a champion: promote iff every gate metric is within tolerance) and monotone.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sidrec.config import IndexConfig
-from sidrec.index import SIDIndex
-from sidrec.quantize import count_duplicates, quantize, resolve_collisions
+from sidrec.index.sid_index import SIDIndex
+from sidrec.index.quantize import count_duplicates, quantize, resolve_collisions
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

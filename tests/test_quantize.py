@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sidrec.config import IndexConfig, RQVAEConfig
-from sidrec.quantize import (
+from sidrec.index.quantize import (
     QuantizerState,
     assign_new,
     auto_codebook_size,
@@ -266,7 +266,7 @@ def test_plot_code_usage(tmp_path, kmeans_result):
 
 def test_kmeans_fits_on_a_sample_of_a_large_input():
     """Above k * max_points_per_centroid rows the centroids come from a sample; they still find the clusters."""
-    from sidrec.quantize import _nearest, kmeans
+    from sidrec.index.quantize import _nearest, kmeans
 
     rng = np.random.default_rng(3)
     centers = rng.normal(scale=10.0, size=(8, 16)).astype(np.float32)
@@ -285,7 +285,7 @@ def test_kmeans_fits_on_a_sample_of_a_large_input():
 def test_assign_in_place_matches_reference_residual_assignment(blobs, kmeans_result, vae_result, monkeypatch, block):
     """assign() works block by block on one residual buffer updated in place; it must equal the plain
     residual loop over the whole input (400 rows: 7 blocks of 64, or one block)."""
-    import sidrec.quantize as q
+    import sidrec.index.quantize as q
 
     monkeypatch.setattr(q, "_ASSIGN_BLOCK", block)
     x, _ = blobs
@@ -298,7 +298,7 @@ def test_assign_in_place_matches_reference_residual_assignment(blobs, kmeans_res
 def test_rq_kmeans_on_a_large_catalog_fits_on_a_sample(monkeypatch):
     """Above codebook_size * MAX_POINTS_PER_CENTROID rows the levels are fitted on a sample (here 128 of
     3,000 rows); standardisation still uses every row and the codes still separate the clusters."""
-    import sidrec.quantize as q
+    import sidrec.index.quantize as q
 
     monkeypatch.setattr(q, "MAX_POINTS_PER_CENTROID", 16)
     rng = np.random.default_rng(1)

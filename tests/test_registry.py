@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidrec.config import PromotionConfig, parse_config
-from sidrec.registry import decide
+from sidrec.ops.registry import decide
 
 
 # ------------------------------------------------------------------------------ decide() (pure)
@@ -59,7 +59,7 @@ def _fake_registry(tmp: Path, monkeypatch, n_versions: int):
     import mlflow
     from mlflow import MlflowClient
 
-    import sidrec.registry as reg
+    import sidrec.ops.registry as reg
 
     cfg = parse_config({"data": {"name": "lock-test"}, "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}})
     client = reg.client_for(cfg)
@@ -84,7 +84,7 @@ def _fake_registry(tmp: Path, monkeypatch, n_versions: int):
 
 
 def test_concurrent_promotions_leave_one_champion_and_rollback(tmp_path, monkeypatch):
-    import sidrec.registry as reg
+    import sidrec.ops.registry as reg
 
     cfg, client, name, ds = _fake_registry(tmp_path, monkeypatch, 3)
     assert reg.promote(cfg, version="1", dataset=ds)["promoted"]
@@ -175,7 +175,7 @@ def _zenml_stage(zenml_run_id: str):
 
 
 def _last_decision(cfg) -> dict:
-    import sidrec.registry as reg
+    import sidrec.ops.registry as reg
 
     return [r for r in reg.read_log(cfg) if r["action"] == "promote"][-1]
 
@@ -188,7 +188,7 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     from pipelines.cli import _maybe_register, run_retrain, run_training
     from sidrec.config import load_config
     from sidrec.stages import ingest
-    import sidrec.registry as reg
+    import sidrec.ops.registry as reg
     from steps.ops import training_run_artifacts, zenml_production_stage as hook
 
     data = tmp_path / "data" / "ml-100k"
@@ -256,7 +256,7 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     # 4. a forced worse challenger: the champion's model with a broken catalog (its SID index lost every item
     #    that is a test target, as a botched re-index would) -> every test user is a miss -> must NOT be promoted
     from sidrec.artifacts import IndexBundle
-    from sidrec.index import SIDIndex
+    from sidrec.index.sid_index import SIDIndex
 
     arts = arts2 if champion == "2" else training_run_artifacts(m1["zenml_run_id"])
     items, targets = arts["bundle"].items, set(new_ds.split("test", 20)["target"])
@@ -290,7 +290,7 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
 
 def test_artifact_root_is_local_only_for_local_stores(tmp_path):
     from sidrec.runtime import state_home
-    from sidrec.tracking import local_artifact_location
+    from sidrec.ops.tracking import local_artifact_location
 
     for uri in (f"sqlite:///{tmp_path / 'm.db'}", f"file://{tmp_path / 'mlruns'}", str(tmp_path / "mlruns"),
                 "postgresql://u@db/mlflow", "mysql+pymysql://u@db/mlflow"):  # this process writes the artifacts

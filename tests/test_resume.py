@@ -117,7 +117,7 @@ def test_damaged_checkpoint_falls_back_and_other_config_does_not_resume(tmp_path
     import torch
 
     from sidrec.stages import build_model, compute_dtype
-    from sidrec.train import load_checkpoint, run_key, save_checkpoint, train
+    from sidrec.training.loop import load_checkpoint, run_key, save_checkpoint, train
 
     instructions, bundle, cfg = setup(tmp_path / "ck", steps=6, checkpoint_every=2)
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def test_damaged_checkpoint_falls_back_and_other_config_does_not_resume(tmp_path
                           cfg.seed, compute_dtype(cfg))
 
     opt = torch.optim.AdamW([model.sid_embeddings])
-    from sidrec.train import TrainResult
+    from sidrec.training.loop import TrainResult
 
     run_dir = tmp_path / "manual" / key
     save_checkpoint(run_dir, 2, model, opt, TrainResult(losses=[1.0, 2.0]), key)

@@ -17,7 +17,7 @@ def _profile(users, items, counts, cov=1.0, fp="x"):
 
 
 def test_drift_compare_and_html():
-    from sidrec.drift import compare, report_html
+    from sidrec.ops.drift import compare, report_html
 
     old = _profile(["u1", "u2"], ["a", "b", "c"], {"a": 5, "b": 3, "c": 1}, fp="old")
     new = _profile(["u2", "u3", "u4"], ["a", "b", "d"], {"a": 1, "b": 3, "d": 8}, cov=0.5, fp="new")
@@ -35,8 +35,8 @@ def test_drift_compare_and_html():
 
 def test_data_profile_on_real_slice(ml100k_dir):
     from sidrec.config import DataConfig
-    from sidrec.data import load_dataset
-    from sidrec.registry import data_profile
+    from sidrec.data.dataset import load_dataset
+    from sidrec.ops.registry import data_profile
 
     ds = load_dataset(DataConfig(path=str(ml100k_dir), max_users=30, kcore=3))
     p = data_profile(ds)
@@ -57,7 +57,7 @@ def _bundle(n=60, d=8, seed=0):
 
 
 def test_extend_index_keeps_existing_sids_and_adds_new_items():
-    from sidrec.drift import extend_index
+    from sidrec.ops.drift import extend_index
 
     bundle, x = _bundle()
     old_sids = dict(zip(bundle.items.entity_ids, bundle.items.sids()))
@@ -79,8 +79,8 @@ def test_extend_index_keeps_existing_sids_and_adds_new_items():
 def test_warm_start_copies_adapter_and_sid_rows(tmp_path):
     import torch
 
-    from sidrec.drift import extend_index, warm_start_model
-    from sidrec.model import save_recommender
+    from sidrec.ops.drift import extend_index, warm_start_model
+    from sidrec.model.sid_model import save_recommender
     from sidrec.stages import build_model
 
     cfg = parse_config({"model": {"backbone": "tiny", "dtype": "float32"}})
@@ -106,7 +106,7 @@ def test_warm_start_copies_adapter_and_sid_rows(tmp_path):
 
 def test_schedule_cron_line_and_merge(tmp_path):
     from sidrec.errors import ConfigError
-    from sidrec.schedule import MARKER, cron_line, merge_crontab
+    from sidrec.ops.schedule import MARKER, cron_line, merge_crontab
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: x\n")
@@ -127,7 +127,7 @@ def test_zenml_schedule_cron_per_orchestrator(tmp_path):
     import sys
 
     from sidrec.errors import ConfigError
-    from sidrec.schedule import orchestrator_cron
+    from sidrec.ops.schedule import orchestrator_cron
 
     assert orchestrator_cron("0 3 * * 1", "kubeflow") == "0 0 3 * * 1"  # KFP recurring runs: seconds first
     assert orchestrator_cron("0 3 * * 1", "kubernetes") == "0 3 * * 1"  # a Kubernetes CronJob: crontab form
@@ -149,10 +149,10 @@ def test_store_new_item_sids_generated_by_the_llm():
     beam over the raw levels, then the next free disambiguation index); existing SIDs never change."""
     import torch
 
-    from sidrec.decode import beam_search_batch
-    from sidrec.drift import extend_index_by_generation
+    from sidrec.model.decode import beam_search_batch
+    from sidrec.ops.drift import extend_index_by_generation
     from sidrec.stages import build_model
-    from sidrec.tasks import TEMPLATES
+    from sidrec.data.tasks import TEMPLATES
 
     cfg = parse_config({"model": {"backbone": "tiny", "dtype": "float32"}})
     bundle, x = _bundle()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sidrec.config import IndexConfig, LoraConfig, TasksConfig, TrainConfig
-from sidrec.tasks import PromptFormat, build_instructions, train_windows
+from sidrec.data.tasks import PromptFormat, build_instructions, train_windows
 
 H = 6  # data.max_history of these tests: windows of 7 items
 
@@ -51,11 +51,11 @@ def test_no_valid_or_test_item_in_any_training_window(ml, rows):
 
 
 def test_loss_covers_exactly_the_sids_of_items_2_to_n(ml, index, rows):
-    from sidrec.model import Encoder, SIDVocab
-    from sidrec.train import collate, encode_rows
+    from sidrec.model.sid_model import Encoder, SIDVocab
+    from sidrec.training.loop import collate, encode_rows
     from transformers import AutoTokenizer
 
-    from sidrec.model import SMOLLM2_DIR
+    from sidrec.model.sid_model import SMOLLM2_DIR
 
     tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
     vocab = SIDVocab.from_index(index, len(tok))
@@ -108,7 +108,7 @@ def test_prefix_mode_still_samples_one_target_prompts(ml, index):
 
 
 def test_epochs_set_the_number_of_steps():
-    from sidrec.train import train_steps
+    from sidrec.training.loop import train_steps
 
     assert train_steps(TrainConfig(steps=7, batch_size=4), 100) == 7
     assert train_steps(TrainConfig(steps=7, batch_size=4, epochs=2), 101) == 51
@@ -117,7 +117,7 @@ def test_epochs_set_the_number_of_steps():
 # ---------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def tiny(index):
-    from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
+    from sidrec.model.sid_model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
 
     def make():
         lm, tok = load_backbone("tiny")
@@ -131,8 +131,8 @@ def tiny(index):
 
 
 def test_selection_uses_valid_users_only_and_keeps_the_best_step(rows, index, tiny):
-    from sidrec.evaluate import valid_selector
-    from sidrec.train import trainable_parameters, train
+    from sidrec.evaluation.evaluate import valid_selector
+    from sidrec.training.loop import trainable_parameters, train
 
     model, enc = tiny()
     with pytest.raises(ValueError, match="only see valid users"):
@@ -160,7 +160,7 @@ def test_selection_uses_valid_users_only_and_keeps_the_best_step(rows, index, ti
 
 
 def test_sid_warmup_trains_only_the_sid_rows(rows, tiny):
-    from sidrec.train import trainable_parameters, train
+    from sidrec.training.loop import trainable_parameters, train
 
     model, enc = tiny()
     before = {n: p.detach().clone() for n, p in trainable_parameters(model)}
@@ -173,8 +173,8 @@ def test_sid_warmup_trains_only_the_sid_rows(rows, tiny):
 
 
 def test_text_init_gives_distinct_rows_at_the_vocabulary_spread(ml, index, tiny):
-    from sidrec.sid_init import item_text_vectors, text_init
-    from sidrec.text import item_texts
+    from sidrec.model.sid_init import item_text_vectors, text_init
+    from sidrec.data.text import item_texts
 
     model, enc = tiny()
     base = model.base_embeddings().weight.detach()
@@ -194,7 +194,7 @@ def test_text_init_gives_distinct_rows_at_the_vocabulary_spread(ml, index, tiny)
 
 def test_backbone_cut_to_its_first_layers():
     from sidrec.errors import ModelError
-    from sidrec.model import inner_model, load_backbone
+    from sidrec.model.sid_model import inner_model, load_backbone
 
     lm, tok = load_backbone("tiny", 1)
     assert len(inner_model(lm).layers) == 1 and lm.config.num_hidden_layers == 1
@@ -206,7 +206,7 @@ def test_backbone_cut_to_its_first_layers():
 
 # ---------------------------------------------------------------------------------- M tokens per item
 def test_nearest_free_collisions_keep_m_levels_and_unique_codes():
-    from sidrec.quantize import quantize
+    from sidrec.index.quantize import quantize
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(12, 16))
@@ -225,7 +225,7 @@ def test_nearest_free_collisions_keep_m_levels_and_unique_codes():
 
 
 def test_nearest_free_refuses_a_catalog_larger_than_the_codes():
-    from sidrec.quantize import quantize
+    from sidrec.index.quantize import quantize
 
     x = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="nearest_free"):
@@ -234,8 +234,8 @@ def test_nearest_free_refuses_a_catalog_larger_than_the_codes():
 
 def test_model_selection_does_not_change_what_is_trained(rows, index, tiny):
     """Scoring valid users mid-training (a real constrained decode) leaves the trained weights bit-identical."""
-    from sidrec.evaluate import valid_selector
-    from sidrec.train import trainable_parameters, train
+    from sidrec.evaluation.evaluate import valid_selector
+    from sidrec.training.loop import trainable_parameters, train
 
     finals = []
     for every in (2, 6):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from sidrec.config import parse_config
-from sidrec.serving import parse_history
+from sidrec.ops.serving import parse_history
 
 
 def test_parse_history():
@@ -29,8 +29,8 @@ def registered(tmp_path_factory, ml100k_dir):
 
     from sidrec import registry, stages
     from sidrec.artifacts import EntityFeatures
-    from sidrec.model import save_recommender
-    from sidrec.tracking import setup_mlflow
+    from sidrec.model.sid_model import save_recommender
+    from sidrec.ops.tracking import setup_mlflow
 
     tmp = tmp_path_factory.mktemp("serving")
     raw = {"name": "serving-test", "seed": 0,
@@ -79,7 +79,7 @@ def test_pyfunc_predict(registered):
     import mlflow
 
     from sidrec import registry
-    from sidrec.serving import UnknownItemsError
+    from sidrec.ops.serving import UnknownItemsError
 
     cfg, _, ds, version = registered
     pf = mlflow.pyfunc.load_model(f"models:/{registry.model_name(cfg)}@champion")
@@ -130,7 +130,7 @@ def test_mlflow_models_serve_honours_k(registered, tmp_path):
     import urllib.request
 
     from sidrec import registry
-    from sidrec.tracking import tracking_uri
+    from sidrec.ops.tracking import tracking_uri
 
     cfg, _, ds, _ = registered
     with socket.socket() as s:

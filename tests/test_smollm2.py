@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sidrec.config import LoraConfig, TrainConfig
-from sidrec.decode import recommend
-from sidrec.index import SIDIndex
-from sidrec.model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
-from sidrec.train import train
+from sidrec.model.decode import recommend
+from sidrec.index.sid_index import SIDIndex
+from sidrec.model.sid_model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
+from sidrec.training.loop import train
 
 pytestmark = pytest.mark.slow
 

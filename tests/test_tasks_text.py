@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from sidrec.config import DataConfig, TasksConfig
-from sidrec.data import load_dataset
-from sidrec.index import SIDIndex
-from sidrec.tasks import COLUMNS, TEMPLATES, build_instructions, seqrec_prompt
-from sidrec.text import item_text, item_texts, user_texts
+from sidrec.data.dataset import load_dataset
+from sidrec.index.sid_index import SIDIndex
+from sidrec.data.tasks import COLUMNS, TEMPLATES, build_instructions, seqrec_prompt
+from sidrec.data.text import item_text, item_texts, user_texts
 
 SID_RE = re.compile(r"<[a-z]_\d+>")
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from sidrec.config import DataConfig, IndexConfig, TasksConfig
-from sidrec.data import load_dataset
-from sidrec.index import SIDIndex
-from sidrec.keywords import prefix_keywords, sa_init, token_keywords
-from sidrec.quantize import QuantizerState, quantize
-from sidrec.text import item_texts
+from sidrec.data.dataset import load_dataset
+from sidrec.index.sid_index import SIDIndex
+from sidrec.index.keywords import prefix_keywords, sa_init, token_keywords
+from sidrec.index.quantize import QuantizerState, quantize
+from sidrec.data.text import item_texts
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_keywords_follow_the_items_under_a_token(ml, genre_index):
 
 
 def test_sa_init_is_mean_of_keyword_embeddings(genre_index, ml):
-    from sidrec.model import SIDVocab, load_backbone
+    from sidrec.model.sid_model import SIDVocab, load_backbone
 
     index, _ = genre_index
     lm, tok = load_backbone("tiny")
@@ -61,7 +61,7 @@ def test_sa_init_is_mean_of_keyword_embeddings(genre_index, ml):
 
 
 def test_ts_align_rows(ml, genre_index):
-    from sidrec.tasks import build_instructions
+    from sidrec.data.tasks import build_instructions
 
     index, _ = genre_index
     kws = prefix_keywords(index, item_texts(ml), top_k=3)

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from sidrec.config import DataConfig, ValidationConfig
-from sidrec.data import Dataset, _sequences_from, load_dataset
+from sidrec.data.dataset import Dataset, _sequences_from, load_dataset
 from sidrec.errors import DataError, ValidationFailed
-from sidrec.validation import QualityReport, raise_on_failure, validate_dataset
+from sidrec.data.validation import QualityReport, raise_on_failure, validate_dataset
 
 
 def make_ds(rows, items=None, text_fields=("title",)) -> Dataset:

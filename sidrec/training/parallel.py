@@ -1,11 +1,11 @@
-"""Data-parallel primitives and the launcher (a leaf: imports nothing from sidrec but errors/artifacts).
+"""Data-parallel primitives and the launcher (a leaf: imports nothing from sidrec but errors).
 
 ``train.processes > 1``: :func:`finetune_distributed` writes the fine-tuning inputs (config, training
 rows, SID index, dataset for SA-Init) to a job folder and :func:`launch` runs ``python -m
 torch.distributed.run --standalone --nproc_per_node N -m sidrec.distributed JOB``; the worker side
-(``sidrec.distributed``) builds the model through ``sidrec.stages`` and trains it with ``sidrec.train``,
+(``sidrec.distributed``) builds the model through ``sidrec.stages`` and trains it with ``sidrec.training.loop``,
 which uses :func:`world_info`, :func:`broadcast_parameters` and :func:`average_gradients` from here.
-So the imports point one way: ``sidrec.distributed`` (worker) -> stages / train -> ``sidrec.parallel``.
+So the imports point one way: ``sidrec.distributed`` (worker) -> stages / train -> ``sidrec.training.parallel``.
 """
 from __future__ import annotations
 
@@ -70,11 +70,10 @@ def launch(job: Path, processes: int, timeout: float | None = None) -> None:
 
 
 def finetune_distributed(instructions, bundle, cfg, out_dir: Path, ds=None, log=None):
-    """``sidrec.stages.finetune`` over ``cfg.train.processes`` processes; returns a TrainedRecommender."""
+    """``sidrec.stages.finetune`` over ``cfg.train.processes`` processes; returns ``(folder, meta)`` of
+    the trained recommender (``stages.finetune`` wraps them in a TrainedRecommender)."""
     import shutil
     import tempfile
-
-    from sidrec.artifacts import TrainedRecommender
 
     job = Path(tempfile.mkdtemp(prefix="sidrec-ddp-"))
     try:
@@ -92,7 +91,7 @@ def finetune_distributed(instructions, bundle, cfg, out_dir: Path, ds=None, log=
         if out_dir.exists():
             shutil.rmtree(out_dir)
         shutil.copytree(job / "recommender", out_dir)
-        return TrainedRecommender(path=out_dir, meta=meta)
+        return out_dir, meta
     finally:
         shutil.rmtree(job, ignore_errors=True)
 

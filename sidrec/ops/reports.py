@@ -120,7 +120,7 @@ def _profile_sections(p: dict) -> str:
 
 
 def _change_section(previous: Optional[dict], current: Optional[dict]) -> str:
-    from sidrec.profile import change
+    from sidrec.data.profile import change
 
     if not current:
         return ""

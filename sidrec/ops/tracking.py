@@ -185,7 +185,7 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
     }
     if "baseline/sasrec/converged" in metrics:
         tags["baseline_sasrec"] = "converged" if metrics["baseline/sasrec/converged"] else "not converged"
-    from sidrec.reports import baseline_notes
+    from sidrec.ops.reports import baseline_notes
 
     if baseline_notes(metrics):
         tags["mlflow.note.content"] = "\n".join(baseline_notes(metrics))  # the run page's description
@@ -203,7 +203,7 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             # data quality: our summary page + the Great Expectations Data Docs site
-            from sidrec.reports import quality_html
+            from sidrec.ops.reports import quality_html
 
             (tmp / "data_quality.html").write_text(quality_html(quality))
             mlflow.log_artifact(str(tmp / "data_quality.html"), "data_quality")

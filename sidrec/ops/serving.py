@@ -1,6 +1,6 @@
 """Serving: the recommender as an MLflow pyfunc model, logged as *code* (no pickle).
 
-This file is both a normal module (``sidrec.serving``) and the MLflow "models from code" file:
+This file is both a normal module (``sidrec.ops.serving``) and the MLflow "models from code" file:
 ``mlflow.pyfunc.log_model(python_model=<this file>)`` copies it into the model and, at load time,
 MLflow executes it under a generated module name, where the last lines call
 ``mlflow.models.set_model(SIDRecPyfunc())``. No Python object is pickled: the model is this source
@@ -11,7 +11,7 @@ file + its artifacts, all in safe formats:
 - ``items``: ``items.csv`` with ``item_id,title``
 - ``data_profile`` (optional): ``data_profile.json``, the training data summary used by the drift report
 
-``model_config`` carries ``backbone`` (a spec for :func:`sidrec.model.load_backbone`: the backbone
+``model_config`` carries ``backbone`` (a spec for :func:`sidrec.model.sid_model.load_backbone`: the backbone
 weights are referenced, not copied), ``beams``, ``prompt_history``, ``dtype`` and ``k``.
 
 predict input: a DataFrame with a ``history`` column (a list of item ids or a comma-separated
@@ -57,7 +57,7 @@ class Recommender:
         import torch
 
         from sidrec.artifacts import IndexBundle
-        from sidrec.model import Encoder, load_recommender
+        from sidrec.model.sid_model import Encoder, load_recommender
 
         cfg = dict(config or {})
         self.config = cfg
@@ -72,7 +72,7 @@ class Recommender:
         self.beams = int(cfg.get("beams", 20))
         self.default_k = int(cfg.get("k", 10))
         self.prompt_history = int(cfg.get("prompt_history", 10))
-        from sidrec.tasks import PromptFormat
+        from sidrec.data.tasks import PromptFormat
 
         # the training format (saved with the model); models saved before formats existed used the prefix template
         self.prompt_format = PromptFormat.from_json(cfg.get("prompt_format") or self.meta.get("prompt_format"), self.prompt_history)
@@ -86,7 +86,7 @@ class Recommender:
 
     def recommend(self, histories: list[list[str]], k: int | None = None) -> list[pd.DataFrame]:
         """Top-``k`` items per history (trie-constrained beam search, best first)."""
-        from sidrec.decode import recommend
+        from sidrec.model.decode import recommend
 
         k = int(k or self.default_k)
         if k < 1:
@@ -150,10 +150,10 @@ class SIDRecPyfunc(_pyfunc_base()):
         return pd.concat(frames, ignore_index=True)[["request", "rank", "item_id", "title", "score"]]
 
 
-if __name__ not in ("sidrec.serving", "__main__"):  # executed by MLflow as a models-from-code file
-    # use the installed module's classes so errors and types are the same as `sidrec.serving`'s
+if __name__ not in ("sidrec.ops.serving", "__main__"):  # executed by MLflow as a models-from-code file
+    # use the installed module's classes so errors and types are the same as `sidrec.ops.serving`'s
     import mlflow.models
 
-    from sidrec.serving import SIDRecPyfunc as _InstalledPyfunc
+    from sidrec.ops.serving import SIDRecPyfunc as _InstalledPyfunc
 
     mlflow.models.set_model(_InstalledPyfunc())

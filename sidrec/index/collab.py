@@ -3,7 +3,7 @@
 A text embedding puts two items close when their descriptions are alike; a sequential recommender
 also needs items close when the *same users* take them one after the other. This module computes
 that second view from the **training split only** (every user's sequence without its valid and test
-items, :meth:`sidrec.data.Dataset.train_sequences`), so no evaluation item leaks into the index:
+items, :meth:`sidrec.data.dataset.Dataset.train_sequences`), so no evaluation item leaks into the index:
 
 1. co-occurrence counts of item pairs at most ``window`` positions apart in a training sequence;
 2. positive PMI of those counts (with context-distribution smoothing, Levy & Goldberg 2015);

@@ -26,7 +26,7 @@ from torch import nn
 
 from sidrec.config import SASRecConfig
 from sidrec.errors import ModelError
-from sidrec.metrics import ranking_metrics
+from sidrec.evaluation.metrics import ranking_metrics
 
 # ---------------------------------------------------------------- popularity
 

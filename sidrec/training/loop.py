@@ -1,7 +1,7 @@
 """LoRA fine-tuning of the backbone on instruction rows: the one training loop (:func:`train`).
 
 A static-index model trains its SID table and LoRA; the dynamic index plugs its phases, learned
-quantizers, index refreshes and regulator losses in through :class:`TrainHooks` (``sidrec.dynamic``).
+quantizers, index refreshes and regulator losses in through :class:`TrainHooks` (``sidrec.index.dynamic``).
 
 The loss covers the target span only. At a position whose target is a SID token of level ``t``
 the logits are computed over level ``t``'s SID rows only (the same distribution decoding uses);
@@ -166,7 +166,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------
 class TrainHooks:
     """What a kind of model changes in :func:`train`, the one training loop. The defaults train a
-    static-index model (SID table + LoRA); ``sidrec.dynamic.DynamicIndexHooks`` overrides them to alternate
+    static-index model (SID table + LoRA); ``sidrec.index.dynamic.DynamicIndexHooks`` overrides them to alternate
     recommender and tokenizer phases, refresh the index between phases and add ED2's regulator losses."""
 
     def parameters(self, model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -215,7 +215,7 @@ def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype, param
     tcfg = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(vars(cfg))
     for k in ("checkpoint_every", "checkpoint_dir", "log_every", "threads"):
         tcfg.pop(k, None)
-    from sidrec.parallel import world_info
+    from sidrec.training.parallel import world_info
 
     h.update(json.dumps({"format": CHECKPOINT_FORMAT, "train": tcfg, "seed": int(seed), "dtype": str(dtype),
                          "world": world_info()[1]}, sort_keys=True).encode())
@@ -346,14 +346,14 @@ def train(
     SID warm-up: the first ``cfg.sid_warmup_steps`` steps update only the SID rows, at
     ``cfg.sid_warmup_lr``; the LR schedule (linear warm-up, cosine decay) then runs over the rest.
     Model selection: with ``select`` (model -> score, higher is better; built on valid users only,
-    see ``sidrec.evaluate.valid_selector``) and ``cfg.eval_every``, the model is scored every
+    see ``sidrec.evaluation.evaluate.valid_selector``) and ``cfg.eval_every``, the model is scored every
     ``eval_every`` steps and after the last one; the best-scoring weights are restored at the end.
     ``hooks`` (:class:`TrainHooks`) adapt the loop to another kind of model (the dynamic index)."""
-    from sidrec.parallel import average_gradients, broadcast_parameters, world_info
+    from sidrec.training.parallel import average_gradients, broadcast_parameters, world_info
 
     hooks = hooks or TrainHooks()
     torch.manual_seed(seed)
-    rank, world = world_info()  # data-parallel (sidrec.parallel): each rank takes every world-th batch
+    rank, world = world_info()  # data-parallel (sidrec.training.parallel): each rank takes every world-th batch
     enc = encode_rows(encoder, rows)
     n_steps = train_steps(cfg, len(rows))
     batches = bucketed_batches(enc.lengths(), cfg.batch_size, n_steps * world, seed)[rank::world]

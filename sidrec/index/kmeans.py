@@ -1,6 +1,6 @@
 """K-means and chunked nearest-codeword search (torch, CPU, deterministic given a generator): the
-arithmetic under every residual quantizer (:mod:`sidrec.quantize`) and the collision handling
-(:mod:`sidrec.collisions`)."""
+arithmetic under every residual quantizer (:mod:`sidrec.index.quantize`) and the collision handling
+(:mod:`sidrec.index.collisions`)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,7 +1,7 @@
 """Reading raw interaction, item and user tables (CSV/TSV/Parquet, RecBole atomic files) into clean
 pandas frames: ids as strings, timestamps as int64, text columns as stripped strings. Every problem
 raises :class:`~sidrec.errors.DataError` with one line naming the file, the column or row, and what to
-do about it. :mod:`sidrec.data` builds the canonical ``Dataset`` from these frames."""
+do about it. :mod:`sidrec.data.dataset` builds the canonical ``Dataset`` from these frames."""
 from __future__ import annotations
 
 import csv
@@ -16,7 +16,7 @@ import pandas as pd
 from sidrec.config import REPO_ROOT
 from sidrec.errors import DataError
 
-log = logging.getLogger("sidrec.data")  # the messages users know, under the loader's name
+log = logging.getLogger("sidrec.data.dataset")  # the messages users know, under the loader's name
 
 
 def short_path(path: Path | str) -> str:

@@ -31,7 +31,7 @@ class QualityReport:
     success: bool
     results: list[dict] = field(default_factory=list)
     docs_dir: Optional[str] = None
-    # the data's profile (sidrec.profile.profile_dataset) and the previous run's profile of the same
+    # the data's profile (sidrec.data.profile.profile_dataset) and the previous run's profile of the same
     # dataset, for the report's charts and its "what changed" table
     profile: Optional[dict] = None
     previous: Optional[dict] = None

@@ -1,6 +1,6 @@
 """What a reader of a data-quality report checks when something looks off: the data's profile.
 
-:func:`profile_dataset` summarises a canonical :class:`sidrec.data.Dataset` in a small JSON dict
+:func:`profile_dataset` summarises a canonical :class:`sidrec.data.dataset.Dataset` in a small JSON dict
 (no per-user or per-item rows, so it can be kept for every run): interactions per user and per item
 (quantiles and a log2 histogram: the long tail), activity over time, item-text coverage and
 length, and the id / timestamp problems the data still has after ingestion. :func:`change` compares

@@ -31,7 +31,7 @@ import pandas as pd
 
 from sidrec.config import DataConfig
 from sidrec.errors import DataError
-from sidrec.readers import (  # noqa: F401
+from sidrec.data.readers import (  # noqa: F401
     check_ids,
     clean_ids,
     found_columns,

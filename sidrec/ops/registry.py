@@ -1,6 +1,6 @@
 """The MLflow model registry: register a trained recommender, gate promotions, roll back.
 
-- :func:`register_model` logs the pyfunc (``sidrec/serving.py`` as code + safe artifacts) into the
+- :func:`register_model` logs the pyfunc (``sidrec/ops/serving.py`` as code + safe artifacts) into the
   training run and registers it as a new version of ``sidrec-<dataset>`` with alias ``challenger``.
 - :func:`decide` is the promotion gate as a pure function.
 - :func:`promote` re-scores the challenger and the current champion on the same newest test set,
@@ -43,7 +43,7 @@ def model_name(cfg: RunConfig) -> str:
 
 def state_dir(cfg: RunConfig) -> Path:
     """Where the decision log and locks live: next to a sqlite store, else $SIDREC_HOME."""
-    from sidrec.tracking import tracking_uri
+    from sidrec.ops.tracking import tracking_uri
 
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
@@ -68,7 +68,7 @@ def client_for(cfg: RunConfig):
     import mlflow
     from mlflow import MlflowClient
 
-    from sidrec.tracking import setup_mlflow
+    from sidrec.ops.tracking import setup_mlflow
 
     setup_mlflow(cfg)
     return MlflowClient(mlflow.get_tracking_uri())
@@ -182,7 +182,7 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
     """Log the pyfunc into training run ``run_id`` and register it; alias ``challenger``. Returns the version."""
     import mlflow
 
-    from sidrec.serving import SERVING_FILE
+    from sidrec.ops.serving import SERVING_FILE
 
     client = client_for(cfg)
     name = model_name(cfg)
@@ -199,7 +199,7 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
         (tmp / "data_profile.json").write_text(json.dumps(data_profile(dataset)))
         artifacts = {"recommender": str(recommender_dir), "index": str(tmp / "index"), "items": str(tmp / "items.csv"),
                      "data_profile": str(tmp / "data_profile.json")}
-        from sidrec.tasks import PromptFormat
+        from sidrec.data.tasks import PromptFormat
 
         model_config = {"backbone": cfg.model.backbone, "beams": cfg.eval.beams, "prompt_history": cfg.tasks.prompt_history,
                         "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
@@ -240,7 +240,7 @@ def serving_signature(default_k: int = 10):
 
 # ------------------------------------------------------------------------------------ scoring
 def load_pyfunc_recommender(cfg: RunConfig, version: str):
-    """The :class:`sidrec.serving.Recommender` inside registered version ``version``."""
+    """The :class:`sidrec.ops.serving.Recommender` inside registered version ``version``."""
     import mlflow.pyfunc
 
     client_for(cfg)
@@ -263,7 +263,7 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
     history are dropped from its prompt. So two models with different catalogs are scored on the
     same users and the same denominators.
     """
-    from sidrec.evaluate import evaluate_llm
+    from sidrec.evaluation.evaluate import evaluate_llm
 
     known = rec.index  # SIDIndex: `id in known`
     users, prompts, targets = [], [], []
@@ -289,8 +289,8 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
 
 
 def popularity_scores(ds, split: pd.DataFrame, cfg: RunConfig) -> dict:
-    from sidrec.baselines import popularity_ranked
-    from sidrec.metrics import ranking_metrics
+    from sidrec.evaluation.baselines import popularity_ranked
+    from sidrec.evaluation.metrics import ranking_metrics
 
     index = ds.item_index()
     train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]
@@ -368,7 +368,7 @@ def promote(cfg: RunConfig, version: Optional[str] = None, dataset=None, stage_h
     """Gate the challenger (or ``version``) against the champion; returns the decision record.
 
     ``stage_hook(zenml_run_id) -> str``, when given, runs after a promotion (see :func:`_apply_stage_hook`)."""
-    from sidrec.data import load_dataset
+    from sidrec.data.dataset import load_dataset
 
     client = client_for(cfg)
     name = model_name(cfg)

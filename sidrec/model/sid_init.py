@@ -1,6 +1,6 @@
 """Semantic initialisation of the SID token rows (``model.sid_init: text``).
 
-A SID token's row is both its input embedding and, tied, its output row (``sidrec.model``), so at
+A SID token's row is both its input embedding and, tied, its output row (``sidrec.model.sid_model``), so at
 step 0 a random row means the first loss is that of a uniform guess and the first steps are spent
 moving rows apart. Here each code's row starts from what its items say: for token ``(level, c)``,
 the mean over the items carrying code ``c`` at that level of each item's mean *input* embedding of

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sidrec.metrics import coverage, invalid_rate, ranking_metrics
+from sidrec.evaluation.metrics import coverage, invalid_rate, ranking_metrics
 
 
 def _sample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
@@ -26,7 +26,7 @@ def _sample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
 def evaluate_llm(model, encoder, index, parts: dict[str, pd.DataFrame], cfg, seed: int,
                  dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> tuple[dict, pd.DataFrame]:
     """Constrained beam search for every row of each part (``valid``/``test``) -> metrics, predictions."""
-    from sidrec.decode import recommend
+    from sidrec.model.decode import recommend
 
     trie = index.build_trie()
     metrics: dict[str, float] = {}
@@ -60,7 +60,7 @@ def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams
                    dtype: torch.dtype = torch.bfloat16):
     """Model selection score: Recall@10 of constrained beam search on a seeded, fixed sample of
     ``n_users`` *valid* rows. Refuses rows of any other split, so test users never pick a checkpoint."""
-    from sidrec.decode import recommend
+    from sidrec.model.decode import recommend
 
     if len(valid_rows) == 0:
         raise ValueError("model selection needs valid rows (the instruction set has none)")
@@ -83,7 +83,7 @@ def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams
 def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool = True,
                        max_users: dict[str, int | None] | None = None) -> dict[str, float]:
     """Popularity and SASRec on the same leave-one-out split, full ranking over the catalog."""
-    from sidrec.baselines import popularity_ranked, sasrec_topk, train_sasrec
+    from sidrec.evaluation.baselines import popularity_ranked, sasrec_topk, train_sasrec
 
     index = ds.item_index()
     train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]

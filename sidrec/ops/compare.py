@@ -77,7 +77,7 @@ def _bar_chart(table: pd.DataFrame, path: Path) -> None:
 
 
 def decision_events(decision_logs: list[Path]) -> pd.DataFrame:
-    """Champion changes from registry decision logs (JSON lines, ``sidrec.registry``): one row per
+    """Champion changes from registry decision logs (JSON lines, ``sidrec.ops.registry``): one row per
     promotion that moved the alias and per rollback, with its time, model and version."""
     import json
 

@@ -1,0 +1,35 @@
+"""The LLM recommender: backbone + LoRA + SID vocabulary and embeddings.
+
+``sid_model`` (loading, truncation, SID rows, save/load), ``sid_init`` (semantic initialisation of the
+SID rows), ``decode`` (trie-constrained beam search), ``assets`` (fetching the backbone and demo data).
+May import: foundations.
+"""
+from sidrec.exports import lazy_exports
+
+MODULES = ['assets', 'decode', 'sid_init', 'sid_model']
+__getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
+    'Encoder': 'sid_model',
+    'MODELS_DIR': 'sid_model',
+    'REPO_ROOT': 'sid_model',
+    'SIDRecModel': 'sid_model',
+    'SIDVocab': 'sid_model',
+    'SID_TOKEN_RE': 'sid_model',
+    'SMOLLM2_DIR': 'sid_model',
+    'SMOLLM2_GGUF': 'sid_model',
+    'add_lora': 'sid_model',
+    'backbone_folder': 'sid_model',
+    'beam_search_batch': 'decode',
+    'calibrate_sid_logits': 'sid_model',
+    'check_backbone_folder': 'sid_model',
+    'convert_gguf': 'sid_model',
+    'fetch_all': 'assets',
+    'generate_codes': 'decode',
+    'inner_model': 'sid_model',
+    'item_text_vectors': 'sid_init',
+    'load_backbone': 'sid_model',
+    'load_recommender': 'sid_model',
+    'recommend': 'decode',
+    'save_recommender': 'sid_model',
+    'text_init': 'sid_init',
+    'truncate_layers': 'sid_model',
+})

@@ -266,7 +266,7 @@ def test_plot_code_usage(tmp_path, kmeans_result):
 
 def test_kmeans_fits_on_a_sample_of_a_large_input():
     """Above k * max_points_per_centroid rows the centroids come from a sample; they still find the clusters."""
-    from sidrec.index.quantize import _nearest, kmeans
+    from sidrec.index.quantize import nearest, kmeans
 
     rng = np.random.default_rng(3)
     centers = rng.normal(scale=10.0, size=(8, 16)).astype(np.float32)
@@ -275,7 +275,7 @@ def test_kmeans_fits_on_a_sample_of_a_large_input():
     # every true center has a centroid next to it, so the full assignment recovers the clusters
     d = ((torch.from_numpy(centers)[:, None, :] - c[None]) ** 2).sum(-1)
     assert float(d.min(1).values.max()) < 1.0
-    assert len(set(_nearest(x, c).tolist())) == 8
+    assert len(set(nearest(x, c).tolist())) == 8
     # the sample differs from the full input, so the two fits differ (the sampling is really used)
     full = kmeans(x, 8, 20, torch.Generator().manual_seed(0), max_points_per_centroid=None)
     assert not torch.equal(c, full)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sidrec.errors import IndexCapacityError
-from sidrec.index.kmeans import _sq_dists
+from sidrec.index.kmeans import sq_dists
 
 
 def _group_ids(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +54,7 @@ def resolve_collisions(raw_codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
 def nearest_free_last(key: tuple, residual: torch.Tensor, last_book: torch.Tensor, taken: set) -> Optional[tuple]:
     """``key`` with its last code moved to the nearest last-level codeword (to ``residual`` [1, d], the
     residual entering the last level) whose full tuple is not in ``taken``; None when all are taken."""
-    dist = _sq_dists(residual, last_book)[0]
+    dist = sq_dists(residual, last_book)[0]
     for c in torch.argsort(dist, stable=True).tolist():
         cand = key[:-1] + (int(c),)
         if cand not in taken:
@@ -98,7 +98,7 @@ def spread_collisions(state: "QuantizerState", x: np.ndarray, raw_codes: np.ndar
         choice = nearest_free_last(key, residuals[-1][j : j + 1], books[-1], taken)
         if choice is None and m >= 2:
             r2 = residuals[-2][j : j + 1] - books[-2]  # [N2, d]: residual after each second-to-last codeword
-            pair = _sq_dists(r2, books[-1])  # [N2, N]
+            pair = sq_dists(r2, books[-1])  # [N2, N]
             n_last = books[-1].shape[0]
             for flat in torch.argsort(pair.view(-1), stable=True).tolist():
                 cand = key[:-2] + (flat // n_last, flat % n_last)

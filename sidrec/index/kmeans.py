@@ -12,7 +12,7 @@ _CHUNK = 16384  # rows per distance computation chunk
 MAX_POINTS_PER_CENTROID = 256  # k-means fits on at most this many rows per centroid (faiss's default)
 
 
-def _as_matrix(x, name: str = "x") -> np.ndarray:
+def as_matrix(x, name: str = "x") -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [n, d], got shape {arr.shape}")
@@ -25,7 +25,7 @@ def _as_matrix(x, name: str = "x") -> np.ndarray:
     return arr
 
 
-def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Index of the nearest row of ``c`` for every row of ``x`` (first on ties)."""
     out = torch.empty(x.shape[0], dtype=torch.long)
     c_sq = (c * c).sum(1)
@@ -36,20 +36,20 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _subtract_nearest_(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def subtract_nearest_(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """In place, chunk by chunk: ``r[i] -= c[nearest(r[i])]``; returns the nearest indices.
 
     Chunking keeps the gathered codewords to ``_CHUNK`` rows (a full ``c[idx]`` is as big as ``r``)."""
     out = torch.empty(r.shape[0], dtype=torch.long)
     for s in range(0, r.shape[0], _CHUNK):
         rb = r[s : s + _CHUNK]
-        idx = _nearest(rb, c)
+        idx = nearest(rb, c)
         rb.sub_(c[idx])
         out[s : s + _CHUNK] = idx
     return out
 
 
-def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]
     return d.clamp_min_(0.0)
 
@@ -107,7 +107,7 @@ def kmeans(
 
     assign = None
     for _ in range(iters):
-        new_assign = _nearest(x, c)
+        new_assign = nearest(x, c)
         if assign is not None and torch.equal(new_assign, assign):
             break
         assign = new_assign

@@ -41,10 +41,10 @@ from sidrec.config import IndexConfig, RQVAEConfig
 from sidrec.index.kmeans import (  # noqa: F401
     _CHUNK,
     MAX_POINTS_PER_CENTROID,  # read here by fit_rq_kmeans (module global, so a test can lower it)
-    _as_matrix,
-    _nearest,
-    _sq_dists,
-    _subtract_nearest_,
+    as_matrix,
+    nearest,
+    sq_dists,
+    subtract_nearest_,
     kmeans,
 )
 
@@ -163,14 +163,14 @@ class QuantizerState:
     # -- encoding
     def standardise(self, x: np.ndarray) -> np.ndarray:
         """``(x - mean) / scale`` (float32): the space the codebooks of an ``rq_kmeans`` state live in."""
-        x = _as_matrix(x)
+        x = as_matrix(x)
         if x.shape[1] != self.input_dim:
             raise ValueError(f"x has dimension {x.shape[1]} but the quantizer was fitted on {self.input_dim}")
         return _scaled(x, self.mean, self.scale)
 
     def latent(self, x: np.ndarray, encoder: Optional[nn.Module] = None) -> torch.Tensor:
         """Standardised input (a fresh tensor), through the encoder for rq_vae."""
-        x = _as_matrix(x)
+        x = as_matrix(x)
         if x.shape[1] != self.input_dim:
             raise ValueError(f"x has dimension {x.shape[1]} but the quantizer was fitted on {self.input_dim}")
         z = torch.from_numpy(_scaled(x, self.mean, self.scale))
@@ -187,7 +187,7 @@ class QuantizerState:
         for cb in self.codebooks:
             c = torch.from_numpy(cb)
             residuals.append(r)
-            idx = _nearest(r, c)
+            idx = nearest(r, c)
             codes.append(idx)
             r = r - c[idx]
         return torch.stack(codes, 1), residuals
@@ -197,7 +197,7 @@ class QuantizerState:
         if self.kind == "lsh":
             z = self.latent(x).numpy()
             return np.stack([lsh_codes(z, self.encoder[f"level_{l}"]) for l in range(self.levels)], 1)
-        x = _as_matrix(x)
+        x = as_matrix(x)
         books = [torch.from_numpy(cb) for cb in self.codebooks]
         encoder = _MLP.from_state(self.encoder) if self.kind == "rq_vae" else None
         out = np.empty((x.shape[0], self.levels), dtype=np.int64)
@@ -205,7 +205,7 @@ class QuantizerState:
         for s in range(0, x.shape[0], _ASSIGN_BLOCK):
             r = self.latent(x[s : s + _ASSIGN_BLOCK], encoder)
             for level, c in enumerate(books):
-                out[s : s + _ASSIGN_BLOCK, level] = _subtract_nearest_(r, c).numpy()
+                out[s : s + _ASSIGN_BLOCK, level] = subtract_nearest_(r, c).numpy()
         return out
 
     def reconstruct(self, codes: np.ndarray) -> np.ndarray:
@@ -223,7 +223,7 @@ class QuantizerState:
 
     def reconstruction_error(self, x: np.ndarray) -> float:
         """MSE between the standardised input and its reconstruction from its codes."""
-        x = _as_matrix(x)
+        x = as_matrix(x)
         target = (x - self.mean) / self.scale
         return float(np.mean((self.reconstruct(self.assign(x)) - target) ** 2))
 
@@ -320,7 +320,7 @@ def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, ite
     Above ``codebook_size * MAX_POINTS_PER_CENTROID`` rows every level is fitted on one random
     sample of that many rows (their residuals), as faiss trains on a training subset: fit time and
     memory then stop growing with the catalog; ``QuantizerState.assign`` codes every row."""
-    x = _as_matrix(x)
+    x = as_matrix(x)
     gen = torch.Generator().manual_seed(int(seed))
     n_fit = codebook_size * MAX_POINTS_PER_CENTROID
     mean, scale = _moments(x)  # of every row
@@ -333,7 +333,7 @@ def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, ite
         c = kmeans(r, codebook_size, iters, gen)
         books.append(c.numpy().copy())
         if level < levels - 1:
-            _subtract_nearest_(r, c)
+            subtract_nearest_(r, c)
     return QuantizerState("rq_kmeans", books, mean, scale)
 
 
@@ -357,7 +357,7 @@ def fit_rq_vae(
     from tqdm.auto import tqdm
 
     cfg = cfg or RQVAEConfig()
-    x = _as_matrix(x)
+    x = as_matrix(x)
     mean, scale = _moments(x)
     scale = _weighted(scale, column_weights)
     xs = _scaled(x, mean, scale)
@@ -381,7 +381,7 @@ def fit_rq_vae(
                     # too few distinct points: jitter the padded slots so they can still learn
                     c = c + 0.01 * torch.randn(c.shape, generator=gen) * r.std().clamp_min(1e-3)
                 init.append(c)
-                r = r - c[_nearest(r, c)]
+                r = r - c[nearest(r, c)]
         books = nn.ParameterList(nn.Parameter(c.clone()) for c in init)
 
         params = list(enc.parameters()) + list(dec.parameters()) + list(books.parameters())
@@ -403,7 +403,7 @@ def fit_rq_vae(
                 for l in range(levels):
                     cb = books[l]
                     with torch.no_grad():
-                        idx = _nearest(r.detach(), cb.detach())
+                        idx = nearest(r.detach(), cb.detach())
                     usage[l] += torch.bincount(idx, minlength=codebook_size)
                     e = cb[idx]
                     vq_loss = vq_loss + ((e - r.detach()) ** 2).mean() + cfg.beta * ((r - e.detach()) ** 2).mean()
@@ -462,7 +462,7 @@ def fit_lsh(x: np.ndarray, levels: int, codebook_size: int, seed: int,
             column_weights: Optional[np.ndarray] = None) -> QuantizerState:
     """Random-hyperplane LSH per level (ED2's LSH ablation): log2(N) hyperplanes per level on the
     standardised input; codebooks hold each bucket's mean (for reconstruction error only)."""
-    x = _as_matrix(x)
+    x = as_matrix(x)
     bits = int(np.log2(codebook_size))
     if 2 ** bits != codebook_size:
         raise ValueError(f"index.codebook_size={codebook_size}: LSH needs a power of two (e.g. {2 ** bits} or {2 ** (bits + 1)})")
@@ -491,7 +491,7 @@ def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True,
     ``column_weights`` (one positive number per column) multiply the standardised columns, so parts of
     a concatenated input get set shares of the variance (:func:`sidrec.index.collab.hybrid_inputs`); they are
     folded into the saved state's scale, so later assignments weight new rows the same way."""
-    x = _as_matrix(x)
+    x = as_matrix(x)
     m = cfg.levels
     n_codes = auto_codebook_size(x.shape[0], m) if cfg.codebook_size == "auto" else int(cfg.codebook_size)
     if cfg.quantizer == "rq_kmeans":

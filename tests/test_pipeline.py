@@ -78,8 +78,19 @@ def test_mlflow_run_has_artifacts_and_points_to_zenml(first_run):
     files = set(walk())
     for needed in ("data_quality/data_quality.html", "data_quality/data_docs/index.html", "index/item_sids.csv",
                    "index/code_usage.png", "model/adapter/adapter_model.safetensors", "model/sid_embeddings.safetensors",
-                   "evaluation/predictions.parquet", "plots/train_loss.png", "plots/llm_vs_baselines.png"):
+                   "evaluation/predictions.parquet", "plots/train_loss.png", "plots/llm_vs_baselines.png",
+                   "evaluation/lift_vs_baselines.json"):
         assert needed in files, needed
+    # the servable model is a LoggedModel of this (unregistered) run, with the test metrics linked to it,
+    # and the splits it was trained and scored on are the run's datasets
+    from sidrec.ops.logged_model import MODEL_ID_TAG
+
+    logged = client.get_logged_model(run.data.tags[MODEL_ID_TAG])
+    assert logged.source_run_id == run.info.run_id and logged.name == "model"
+    linked = {x.key: x.value for x in logged.metrics or []}
+    assert linked["test/recall_at_10"] == pytest.approx(m["test/recall_at_10"]) and "valid/ndcg_at_10" in linked
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {f"{run.data.tags['dataset']}-{s}" for s in ("train", "valid", "test")}
+    assert not client.search_registered_models(), "logging a run registers nothing"
     # and ZenML points back at MLflow
     from zenml.client import Client
 

@@ -1,11 +1,12 @@
-"""Operations around a trained model: ``tracking`` (MLflow runs), ``registry`` (aliases, gate,
+"""Operations around a trained model: ``tracking`` (MLflow runs), ``logged_model`` (the pyfunc as an
+MLflow LoggedModel), ``registry`` (aliases, gate,
 rollback), ``drift`` (reports, new-item SIDs, warm start), ``serving`` (the MLflow pyfunc),
 ``schedule``, ``compare``, ``reports`` (HTML pages, console tables). The top layer: may import
 ``stages`` and everything below it.
 """
 from sidrec.exports import lazy_exports
 
-MODULES = ['compare', 'drift', 'registry', 'reports', 'schedule', 'serving', 'tracking']
+MODULES = ['compare', 'drift', 'logged_model', 'registry', 'reports', 'schedule', 'serving', 'tracking']
 __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'Decision': 'registry',
     'Recommender': 'serving',
@@ -20,7 +21,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'client_for': 'registry',
     'collect': 'compare',
     'cron_line': 'schedule',
-    'data_profile': 'registry',
+    'data_profile': 'logged_model',
     'decide': 'registry',
     'decision_events': 'compare',
     'decision_log_path': 'registry',
@@ -36,6 +37,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'load_pyfunc_recommender': 'registry',
     'local_artifact_location': 'tracking',
     'lock_path': 'registry',
+    'log_recommender': 'logged_model',
     'log_report': 'drift',
     'log_training_run': 'tracking',
     'merge_crontab': 'schedule',
@@ -43,6 +45,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'model_name': 'registry',
     'orchestrator_cron': 'schedule',
     'page': 'reports',
+    'pip_requirements': 'logged_model',
     'parse_history': 'serving',
     'plot_refreshes': 'tracking',
     'popularity_scores': 'registry',
@@ -53,7 +56,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'report_html': 'drift',
     'rollback': 'registry',
     'score_recommender': 'registry',
-    'serving_signature': 'registry',
+    'serving_signature': 'logged_model',
     'setup_mlflow': 'tracking',
     'state_dir': 'registry',
     'tracking_uri': 'tracking',

@@ -26,6 +26,7 @@ import pandas as pd
 
 from sidrec.config import RunConfig
 from sidrec.errors import ModelError, SidrecError
+from sidrec.ops.logged_model import MODEL_ID_TAG, data_profile, log_recommender, serving_signature  # noqa: F401 (public here too)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -150,39 +151,11 @@ def decide(challenger: dict, champion: Optional[dict], popularity: dict, cfg) ->
 
 
 # ------------------------------------------------------------------------------------ registration
-def data_profile(ds) -> dict:
-    """A small summary of a dataset, stored with the model for the drift report."""
-    counts = ds.interactions["item_id"].value_counts()
-    text_cols = [c for c in ds.items.columns if c != "item_id"]
-    has_text = ds.items[text_cols].astype(str).apply(lambda r: any(v.strip() for v in r), axis=1) if text_cols else pd.Series(False, index=ds.items.index)
-    return {
-        "name": ds.name, "fingerprint": ds.fingerprint(), "stats": ds.stats(),
-        "users": sorted(ds.interactions["user_id"].unique().tolist()),
-        "items": ds.items["item_id"].tolist(),
-        "item_counts": {str(k): int(v) for k, v in counts.items()},
-        "text_coverage": float(has_text.mean()) if len(has_text) else 0.0,
-        "time_range": [int(ds.interactions["timestamp"].min()), int(ds.interactions["timestamp"].max())] if len(ds.interactions) else [0, 0],
-    }
-
-
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("mlflow", "torch", "transformers", "peft", "safetensors", "pandas", "pyarrow", "numpy", "pyyaml"):
-        try:
-            out.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            out.append(pkg)
-    return out
-
-
 def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, dataset, quality_passed: Optional[bool] = None,
                    extra_tags: Optional[dict] = None) -> str:
-    """Log the pyfunc into training run ``run_id`` and register it; alias ``challenger``. Returns the version."""
+    """Register training run ``run_id``'s model (its LoggedModel; logged now if the run has none); alias
+    ``challenger``. Returns the version."""
     import mlflow
-
-    from sidrec.ops.serving import SERVING_FILE
 
     client = client_for(cfg)
     name = model_name(cfg)
@@ -190,27 +163,13 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
     if quality_passed is not None:
         client.set_tag(run_id, "data_validation", "passed" if quality_passed else "failed")
     validation = "passed" if quality_passed else (run.data.tags.get("data_validation") or ("failed" if quality_passed is False else "unknown"))
-    with tempfile.TemporaryDirectory(prefix="sidrec-register-") as tmp:
-        tmp = Path(tmp)
-        bundle.save(tmp / "index")
-        items = dataset.items[["item_id"]].copy()
-        items["title"] = dataset.items["title"] if "title" in dataset.items.columns else ""
-        items.to_csv(tmp / "items.csv", index=False)
-        (tmp / "data_profile.json").write_text(json.dumps(data_profile(dataset)))
-        artifacts = {"recommender": str(recommender_dir), "index": str(tmp / "index"), "items": str(tmp / "items.csv"),
-                     "data_profile": str(tmp / "data_profile.json")}
-        from sidrec.data.tasks import PromptFormat
-
-        model_config = {"backbone": cfg.model.backbone, "beams": cfg.eval.beams, "prompt_history": cfg.tasks.prompt_history,
-                        "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
-                        "dtype": cfg.model.dtype, "k": 10}
-        example_history = ",".join(str(i) for i in dataset.items["item_id"].head(3))
+    model_id = run.data.tags.get(MODEL_ID_TAG)
+    if model_id:  # logged at training time (sidrec.ops.tracking.log_training_run): register that LoggedModel
+        model_uri = f"models:/{model_id}"
+    else:  # a run logged without its model (earlier versions, or a hand-made run): log it now
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_FILE), artifacts=artifacts,
-                                           model_config=model_config, pip_requirements=_pip_requirements(),
-                                           signature=serving_signature(model_config["k"]),
-                                           input_example=(pd.DataFrame({"history": [example_history]}), {"k": 5}))
-    mv = mlflow.register_model(info.model_uri, name, tags={
+            model_uri = log_recommender(cfg, recommender_dir, bundle, dataset).model_uri
+    mv = mlflow.register_model(model_uri, name, tags={
         "run_id": run_id, "dataset_hash": run.data.tags.get("dataset_hash", dataset.fingerprint()),
         "data_validation": validation, "backbone": cfg.model.backbone, "config_name": cfg.name,
         "zenml_run_id": run.data.tags.get("zenml_run_id", ""), **{k: str(v) for k, v in (extra_tags or {}).items()},
@@ -220,32 +179,6 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
     client.update_model_version(name, version, description=f"registered from run {run_id} ({cfg.name}); awaiting the promotion gate")
     _append_log(cfg, {"action": "register", "model": name, "version": version, "run_id": run_id, "data_validation": validation})
     return version
-
-
-def serving_signature(default_k: int = 10):
-    """The pyfunc's MLflow signature: input rows ``history`` (comma-separated item ids) and an optional
-    per-row ``k``; the inference parameter ``k`` (default ``default_k``) for the whole request, which
-    ``mlflow models serve`` and ``pyfunc.predict(..., params={"k": 5})`` pass only when declared here;
-    one output row per recommended item."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "history"), ColSpec("long", "k", required=False)]),
-        outputs=Schema([ColSpec("long", "request"), ColSpec("long", "rank"), ColSpec("string", "item_id"),
-                        ColSpec("string", "title"), ColSpec("double", "score")]),
-        params=ParamSchema([ParamSpec("k", "long", int(default_k))]),
-    )
-
-
-# ------------------------------------------------------------------------------------ scoring
-def load_pyfunc_recommender(cfg: RunConfig, version: str):
-    """The :class:`sidrec.ops.serving.Recommender` inside registered version ``version``."""
-    import mlflow.pyfunc
-
-    client_for(cfg)
-    pf = mlflow.pyfunc.load_model(f"models:/{model_name(cfg)}/{version}")
-    return pf.unwrap_python_model().rec
 
 
 def _test_users(ds, cfg: RunConfig) -> pd.DataFrame:

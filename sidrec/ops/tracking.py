@@ -77,7 +77,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _plot_loss(curve: list, path: Path, select_curve: Optional[list] = None, best_step: Optional[int] = None) -> None:
+def _plot_loss(curve: list, select_curve: Optional[list] = None, best_step: Optional[int] = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,8 +99,7 @@ def _plot_loss(curve: list, path: Path, select_curve: Optional[list] = None, bes
             ax2.axvline(best_step, color="tab:orange", ls=":", lw=1)
         ax2.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def plot_refreshes(log: list[dict], path: Path, phases: str = "") -> None:
@@ -135,7 +134,7 @@ def plot_refreshes(log: list[dict], path: Path, phases: str = "") -> None:
     plt.close(fig)
 
 
-def _plot_comparison(metrics: dict, path: Path, split: str = "test") -> None:
+def _plot_comparison(metrics: dict, split: str = "test"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,8 +153,33 @@ def _plot_comparison(metrics: dict, path: Path, split: str = "test") -> None:
     ax.set_title(f"{split}: LLM recommender vs baselines")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _log_model_and_data(cfg: RunConfig, dataset, bundle, instructions, recommender, eval_metrics: dict) -> str:
+    """The recommender as a LoggedModel of the active run (tag ``sidrec.model_id``), the train / valid /
+    test instruction rows as MLflow datasets (``log_input``), and the valid / test metrics linked to the
+    model and to their split's dataset. Returns the model id."""
+    import mlflow
+
+    from sidrec.ops.logged_model import MODEL_ID_TAG, log_recommender
+
+    info = log_recommender(cfg, recommender.path, bundle, dataset)
+    mlflow.set_tag(MODEL_ID_TAG, info.model_id)
+    splits = {}
+    for split, context in (("train", "training"), ("valid", "validation"), ("test", "evaluation")):
+        rows = instructions.part(split)
+        if not len(rows):
+            continue
+        cols = [c for c in ("user_id", "task", "prompt", "target", "target_item") if c in rows.columns]
+        splits[split] = mlflow.data.from_pandas(rows[cols], name=f"{dataset.name}-{split}",
+                                                targets="target" if "target" in cols else None)
+        mlflow.log_input(splits[split], context=context)
+    for split in ("valid", "test"):
+        part = {k: float(v) for k, v in eval_metrics.items() if k.startswith(f"{split}/") and isinstance(v, (int, float))}
+        if part:
+            mlflow.log_metrics(part, model_id=info.model_id, dataset=splits.get(split))
+    return info.model_id
 
 
 def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, recommender, report, baseline_metrics: dict,
@@ -222,18 +246,25 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
                 plot_refreshes(recommender.meta["dynamic_log"], tmp / "refreshes.png",
                                str(recommender.meta.get("train", {}).get("dynamic/phases", "")))
                 mlflow.log_artifact(str(tmp / "refreshes.png"), "index")
-            # the model: LoRA adapter + SID embeddings + tokenizer
+            # the model: LoRA adapter + SID embeddings + tokenizer (the folder), and the servable pyfunc as a
+            # LoggedModel with the run's evaluation metrics linked to it and to the data they came from
             mlflow.log_artifacts(str(recommender.path), "model")
+            _log_model_and_data(cfg, dataset, bundle, instructions, recommender, report.metrics)
             # evaluation: predictions, metrics, plots
             report.predictions.to_parquet(tmp / "predictions.parquet", index=False)
             mlflow.log_artifact(str(tmp / "predictions.parquet"), "evaluation")
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
             mlflow.log_artifact(str(tmp / "metrics.json"), "evaluation")
-            _plot_loss(recommender.meta.get("loss_curve", []), tmp / "train_loss.png", recommender.meta.get("select_curve"),
-                       recommender.meta.get("train", {}).get("train/best_step"))
-            mlflow.log_artifact(str(tmp / "train_loss.png"), "plots")
-            _plot_comparison(metrics, tmp / "llm_vs_baselines.png")
-            mlflow.log_artifact(str(tmp / "llm_vs_baselines.png"), "plots")
+            import matplotlib.pyplot as plt
+
+            for fig, name in ((_plot_loss(recommender.meta.get("loss_curve", []), recommender.meta.get("select_curve"),
+                                          recommender.meta.get("train", {}).get("train/best_step")), "train_loss.png"),
+                              (_plot_comparison(metrics), "llm_vs_baselines.png")):
+                mlflow.log_figure(fig, f"plots/{name}")
+                plt.close(fig)
+            from sidrec.evaluation.evaluate import lift_table
+
+            mlflow.log_table(lift_table(metrics), "evaluation/lift_vs_baselines.json")
             instructions.rows.groupby(["split", "task"]).head(20).to_json(tmp / "instructions_sample.jsonl", orient="records", lines=True)
             mlflow.log_artifact(str(tmp / "instructions_sample.jsonl"), "instructions")
     return run.info.run_id, metrics

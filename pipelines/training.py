@@ -32,8 +32,8 @@ SECTIONS = {
     "sid_quantization": ("index", "seed"),
     "instruction_dataset": ("tasks", "train", "data", "index", "seed"),
     # eval.batch_size: model selection; tasks + data.max_history: the prompt format saved with the model
-    "finetune": ("model", "train", "index", "tasks", "data.max_history", "eval.batch_size", "seed"),
-    "dynamic_finetune": ("index", "tasks", "model", "train", "data", "features", "eval.batch_size", "seed"),
+    "finetune": ("model", "train", "index", "tasks", "data.max_history", "eval.batch_size", "eval.exclude_history", "seed"),
+    "dynamic_finetune": ("index", "tasks", "model", "train", "data", "features", "eval.batch_size", "eval.exclude_history", "seed"),
     "evaluate": ("model", "eval", "train", "seed"),
     "baselines": ("baselines", "eval", "data", "train.threads", "seed"),
 }

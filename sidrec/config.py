@@ -263,6 +263,11 @@ class EvalConfig(_Strict):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
     valid_max_users: Optional[int] = Field(None, ge=1, description="evaluate valid on a seeded sample of users (test always uses every user unless test_max_users)")
     test_max_users: Optional[int] = Field(None, ge=1)
+    exclude_history: bool = Field(False, description="drop the items already in a user's history from every method's ranking "
+                                  "before the top K is taken (LLM: from its beam list; SASRec, popularity: masked), as RecBole's "
+                                  "full-sort evaluation does and as a shop that never re-recommends a bought item would; the same "
+                                  "for every method, model selection, the promotion gate and serving (the LLM's list is its `beams` best minus the "
+                                  "history items, so a K near `beams` can come out short)")
 
     @model_validator(mode="after")
     def _k_le_beams(self):

@@ -273,7 +273,8 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
         from sidrec.evaluation.evaluate import valid_selector
 
         select = valid_selector(encoder, bundle.items, instructions.part("valid"), cfg.train.select_users,
-                                cfg.train.select_beams, cfg.eval.batch_size, cfg.seed, compute_dtype(cfg))
+                                cfg.train.select_beams, cfg.eval.batch_size, cfg.seed, compute_dtype(cfg),
+                                exclude_history=cfg.eval.exclude_history)
     res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled(),
                 checkpoint_dir=checkpoint_dir(cfg), select=select)
     meta = recommender_meta(cfg, model, res.summary(), losses, select_curve=res.select_curve)
@@ -318,7 +319,8 @@ def baselines(ds, cfg: RunConfig) -> dict[str, float]:
     set_threads(cfg)
     seed_everything(cfg.seed)
     return evaluate_baselines(ds, cfg.baselines, cfg.eval.ks, cfg.seed, cfg.data.max_history, progress_enabled(),
-                              max_users={"valid": cfg.eval.valid_max_users, "test": cfg.eval.test_max_users})
+                              max_users={"valid": cfg.eval.valid_max_users, "test": cfg.eval.test_max_users},
+                              exclude_history=cfg.eval.exclude_history)
 
 
 def png_bytes(fig) -> bytes:
@@ -360,7 +362,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
 
     def make_select(items, valid_rows):
         return valid_selector(encoder, items, valid_rows, cfg.train.select_users, cfg.train.select_beams,
-                              cfg.eval.batch_size, cfg.seed, dtype)
+                              cfg.eval.batch_size, cfg.seed, dtype, exclude_history=cfg.eval.exclude_history)
 
     losses, _log = _recording(log)
 

@@ -217,11 +217,12 @@ def eval_specs(ds, part: str, max_history: int, prompt_history: int) -> pd.DataF
     """One seqrec spec per user of ``valid``/``test``: the last ``prompt_history`` items (window mode:
     pass ``max_history``, see :meth:`PromptFormat.from_config`)."""
     split = ds.split(part, max_history)
+    full = ds.split(part, 1 << 30)  # the same users in the same order, every item before the target
     return pd.DataFrame({
         "split": part, "task": "seqrec", "template": EVAL_TEMPLATE, "user_id": split["user_id"].to_numpy(),
         "history": [list(h[-prompt_history:]) for h in split["history"]], "target_item": split["target"].to_numpy(),
-        "others": [[] for _ in range(len(split))], "prefix_len": 0,
-    }, columns=SPEC_COLUMNS)
+        "others": [[] for _ in range(len(split))], "prefix_len": 0, "seen": [list(h) for h in full["history"]],
+    }, columns=SPEC_COLUMNS + ["seen"])
 
 
 class Renderer:
@@ -278,6 +279,9 @@ class Renderer:
         rows["target"] = [o[1] for o in out]
         rows["target_kind"] = ["sid" if o[2] == "user" else o[2] for o in out]
         rows["target_item"] = specs["target_item"].to_numpy()
+        if "seen" in specs.columns:  # valid/test: every item of the user before the target (eval.exclude_history)
+            rows["seen"] = specs["seen"].to_numpy()
+            return rows[COLUMNS + ["seen"]].reset_index(drop=True)
         return rows[COLUMNS].reset_index(drop=True)
 
 
@@ -300,4 +304,6 @@ def build_instructions(ds, index, cfg, n_train: Optional[int], max_history: int,
     renderer = Renderer(ds, index, user_index, item_texts=item_texts(ds), user_texts=utexts, keywords=keywords,
                         user_in_prompt=dual and getattr(cfg, "user_sid_in_prompt", True), prompt_format=fmt)
     parts = [renderer.render(specs)] + [renderer.render(eval_specs(ds, p, max_history, fmt.history)) for p in ("valid", "test")]
-    return pd.concat(parts, ignore_index=True)
+    out = pd.concat(parts, ignore_index=True)
+    out["seen"] = [s if isinstance(s, list) else None for s in out["seen"]]  # train rows: none
+    return out

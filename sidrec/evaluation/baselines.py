@@ -207,8 +207,10 @@ def sasrec_scores(model: SASRec, histories: Sequence[Sequence[int]], batch_size:
 
 
 @torch.no_grad()
-def sasrec_topk(model: SASRec, histories: Sequence[Sequence[int]], k: int, batch_size: int = 512) -> np.ndarray:
-    """[U, k] item indices ranked over the full catalog (history items are not excluded)."""
+def sasrec_topk(model: SASRec, histories: Sequence[Sequence[int]], k: int, batch_size: int = 512,
+                exclude: Optional[Sequence[set]] = None) -> np.ndarray:
+    """[U, k] item indices ranked over the full catalog; ``exclude`` (one set of item indices per
+    history) are never ranked (history items are not excluded by default)."""
     if k < 1 or k > model.n_items:
         raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
     was_training = model.training
@@ -218,7 +220,12 @@ def sasrec_topk(model: SASRec, histories: Sequence[Sequence[int]], k: int, batch
         outs = []
         for s in range(0, len(histories), batch_size):
             seq = _pad_histories(histories[s:s + batch_size], model.max_len).to(device)
-            outs.append(torch.topk(model.last_scores(seq), k, dim=1).indices.cpu())
+            scores = model.last_scores(seq)
+            if exclude is not None:
+                for r, items in enumerate(exclude[s:s + batch_size]):
+                    if items:
+                        scores[r, list(items)] = -torch.inf
+            outs.append(torch.topk(scores, k, dim=1).indices.cpu())
         if not outs:
             return np.zeros((0, k), dtype=np.int64)
         return torch.cat(outs).numpy().astype(np.int64)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sidrec.evaluation.metrics import coverage, invalid_rate, ranking_metrics
+from sidrec.evaluation.metrics import coverage, drop_seen, invalid_rate, ranking_metrics
 
 
 def _sample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
@@ -21,6 +21,14 @@ def _sample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     if n is None or n >= len(rows):
         return rows
     return rows.sample(n=n, random_state=seed).sort_index()
+
+
+def seen_rows(rows: pd.DataFrame, index) -> list[set[int]]:
+    """Per row, the index rows of the items the user saw before the target (``eval.exclude_history``)."""
+    if "seen" not in rows.columns:
+        raise ValueError("eval.exclude_history needs the valid/test rows' 'seen' items (instruction rows made by "
+                         "this version; re-run the instruction_dataset step)")
+    return [set() if s is None else {index.row_of(str(i)) for i in s if str(i) in index} for s in rows["seen"]]
 
 
 def evaluate_llm(model, encoder, index, parts: dict[str, pd.DataFrame], cfg, seed: int,
@@ -39,6 +47,8 @@ def evaluate_llm(model, encoder, index, parts: dict[str, pd.DataFrame], cfg, see
         ranked, scores, emitted = recommend(model, prompts, index, cfg.beams, cfg.batch_size, trie,
                                             encoder.pad_id, dtype, progress, desc=f"decode {part}")
         seconds = time.perf_counter() - t0
+        if getattr(cfg, "exclude_history", False):
+            ranked, scores = drop_seen(ranked, seen_rows(rows, index), scores)
         targets = np.array([index.row_of(t) for t in rows["target_item"]])
         m = ranking_metrics(ranked, targets, cfg.ks)
         metrics.update({f"{part}/{k}": v for k, v in m.items()})
@@ -57,7 +67,7 @@ def evaluate_llm(model, encoder, index, parts: dict[str, pd.DataFrame], cfg, see
 
 
 def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams: int, batch_size: int, seed: int,
-                   dtype: torch.dtype = torch.bfloat16):
+                   dtype: torch.dtype = torch.bfloat16, exclude_history: bool = False):
     """Model selection score: Recall@10 of constrained beam search on a seeded, fixed sample of
     ``n_users`` *valid* rows. Refuses rows of any other split, so test users never pick a checkpoint."""
     from sidrec.model.decode import recommend
@@ -72,8 +82,12 @@ def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams
     targets = np.array([index.row_of(t) for t in rows["target_item"]])
     trie = index.build_trie()
 
+    seen = seen_rows(rows, index) if exclude_history else None
+
     def score(model) -> float:
         ranked, _, _ = recommend(model, prompts, index, beams, batch_size, trie, encoder.pad_id, dtype, progress=False)
+        if seen is not None:
+            ranked = drop_seen(ranked, seen)
         return float(ranking_metrics(ranked, targets, [10])["recall_at_10"])
 
     score.user_ids = rows["user_id"].tolist()
@@ -81,8 +95,9 @@ def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams
 
 
 def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool = True,
-                       max_users: dict[str, int | None] | None = None) -> dict[str, float]:
-    """Popularity and SASRec on the same leave-one-out split, full ranking over the catalog."""
+                       max_users: dict[str, int | None] | None = None, exclude_history: bool = False) -> dict[str, float]:
+    """Popularity and SASRec on the same leave-one-out split, full ranking over the catalog
+    (``exclude_history``: without the items each user saw before the target, as for the LLM)."""
     from sidrec.evaluation.baselines import popularity_ranked, sasrec_topk, train_sasrec
 
     index = ds.item_index()
@@ -94,9 +109,14 @@ def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool 
     parts = {p: _sample(ds.split(p, max(max_history, cfg.sasrec.max_len)), limits.get(p), seed) for p in ("valid", "test")}
     targets = {p: np.array([index[t] for t in parts[p]["target"]]) for p in parts}
     hists = {p: [[index[i] for i in h] for h in parts[p]["history"]] for p in parts}
+    seen = None
+    if exclude_history:  # every item before the target (the parts' histories are capped), same users and order
+        seen = {p: [{index[i] for i in h} for h in _sample(ds.split(p, 1 << 30), limits.get(p), seed)["history"]] for p in parts}
     if cfg.popularity:
         for p in parts:
-            ranked = popularity_ranked(train, n_items, len(targets[p]), kmax)
+            extra = max((len(x) for x in seen[p]), default=0) if seen else 0
+            ranked = popularity_ranked(train, n_items, len(targets[p]), min(kmax + extra, n_items))
+            ranked = drop_seen(ranked, seen[p])[:, :kmax] if seen else ranked
             out.update({f"baseline/popularity/{p}/{k}": v for k, v in ranking_metrics(ranked, targets[p], ks).items()})
     if cfg.sasrec.enabled:
         # early stopping looks at every valid user; the reported valid metrics use the sampled ones
@@ -105,7 +125,7 @@ def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool 
         model, info = train_sasrec(train, n_items, cfg.sasrec, seed, valid=stop_on, progress=progress,
                                    max_minutes=cfg.sasrec.max_minutes)
         for p in parts:
-            ranked = sasrec_topk(model, hists[p], kmax)
+            ranked = sasrec_topk(model, hists[p], kmax, exclude=seen[p] if seen else None)
             out.update({f"baseline/sasrec/{p}/{k}": v for k, v in ranking_metrics(ranked, targets[p], ks).items()})
         out["baseline/sasrec/best_epoch"] = info.get("best_epoch", -1)
         out["baseline/sasrec/train_seconds"] = info.get("train_seconds", float("nan"))

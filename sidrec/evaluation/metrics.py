@@ -13,7 +13,7 @@ Conventions shared by every function here:
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -111,3 +111,17 @@ def invalid_rate(ranked_valid_mask: np.ndarray, ranked: np.ndarray | None = None
     if n_emitted == 0:
         return 0.0
     return float((emitted & ~mask).sum() / n_emitted)
+
+
+def drop_seen(ranked: np.ndarray, seen: list, scores: Optional[np.ndarray] = None):
+    """Remove each row's ``seen`` item indices from its ranking (later items move up, the end is padded
+    with -1; ``scores`` follow, padded with -inf). Returns ``ranked`` or ``(ranked, scores)``."""
+    ranked = np.asarray(ranked)
+    out = np.full_like(ranked, -1)
+    sc = None if scores is None else np.full(np.shape(scores), -np.inf, dtype=np.float64)
+    for i, (row, s) in enumerate(zip(ranked, seen)):
+        keep = [j for j, r in enumerate(row) if r >= 0 and int(r) not in s]
+        out[i, :len(keep)] = row[keep]
+        if sc is not None:
+            sc[i, :len(keep)] = np.asarray(scores[i])[keep]
+    return out if scores is None else (out, sc)

@@ -88,7 +88,7 @@ def log_recommender(cfg: RunConfig, recommender_dir, bundle, dataset):
                      "data_profile": str(tmp / "data_profile.json")}
         model_config = {"backbone": cfg.model.backbone, "beams": cfg.eval.beams, "prompt_history": cfg.tasks.prompt_history,
                         "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
-                        "dtype": cfg.model.dtype, "k": 10}
+                        "dtype": cfg.model.dtype, "k": 10, "exclude_history": cfg.eval.exclude_history}
         example_history = ",".join(str(i) for i in dataset.items["item_id"].head(3))
         return mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_FILE), artifacts=artifacts,
                                        model_config=model_config, pip_requirements=pip_requirements(),

@@ -183,6 +183,7 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
 
 def _test_users(ds, cfg: RunConfig) -> pd.DataFrame:
     split = ds.split("test", cfg.data.max_history)
+    split["seen"] = ds.split("test", 1 << 30)["history"].to_numpy()  # every item before the target
     n = cfg.promotion.test_max_users
     if n is not None and n < len(split):
         split = split.sample(n=n, random_state=cfg.seed).sort_index().reset_index(drop=True)
@@ -199,10 +200,13 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
     from sidrec.evaluation.evaluate import evaluate_llm
 
     known = rec.index  # SIDIndex: `id in known`
-    users, prompts, targets = [], [], []
-    for u, hist, t in zip(split["user_id"], split["history"], split["target"]):
+    users, prompts, targets, seen = [], [], [], []
+    all_seen = split["seen"] if "seen" in split.columns else split["history"]
+    for u, hist, t, before in zip(split["user_id"], split["history"], split["target"], all_seen):
+        seen.append(list(before))
         hist = [h for h in hist if h in known]
         if t not in known or not hist:
+            seen.pop()
             continue
         users.append(u)
         prompts.append(rec.prompt_format.render([rec.index.sid_of(h) for h in hist]))
@@ -211,7 +215,7 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
     if not users:  # every target (or history) is outside this model's catalog: all misses
         zeros = {f"test/{m}_at_{k}": 0.0 for m in ("recall", "ndcg") for k in cfg.eval.ks}
         return {**zeros, "test/invalid_rate": 0.0, "test/users": total, "test/scored_share": 0.0}
-    rows = pd.DataFrame({"user_id": users, "prompt": prompts, "target_item": targets})
+    rows = pd.DataFrame({"user_id": users, "prompt": prompts, "target_item": targets, "seen": seen})
     ecfg = cfg.eval.model_copy(update={"test_max_users": None, "valid_max_users": None})
     metrics, _ = evaluate_llm(rec.model, rec.encoder, rec.index, {"test": rows}, ecfg, cfg.seed, rec.dtype, progress=False)
     share = len(users) / total
@@ -228,7 +232,15 @@ def popularity_scores(ds, split: pd.DataFrame, cfg: RunConfig) -> dict:
     index = ds.item_index()
     train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]
     targets = np.array([index[t] for t in split["target"]])
-    ranked = popularity_ranked(train, len(index), len(targets), max(cfg.eval.ks))
+    k = max(cfg.eval.ks)
+    if cfg.eval.exclude_history:  # as the LLM is scored (evaluate_llm drops the seen items)
+        from sidrec.evaluation.metrics import drop_seen
+
+        seen = [{index[i] for i in h if i in index} for h in (split["seen"] if "seen" in split.columns else split["history"])]
+        extra = max((len(x) for x in seen), default=0)
+        ranked = drop_seen(popularity_ranked(train, len(index), len(targets), min(k + extra, len(index))), seen)[:, :k]
+    else:
+        ranked = popularity_ranked(train, len(index), len(targets), k)
     return {f"test/{k}": v for k, v in ranking_metrics(ranked, targets, cfg.eval.ks).items()}
 
 

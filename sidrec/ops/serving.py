@@ -72,6 +72,7 @@ class Recommender:
         self.beams = int(cfg.get("beams", 20))
         self.default_k = int(cfg.get("k", 10))
         self.prompt_history = int(cfg.get("prompt_history", 10))
+        self.exclude_history = bool(cfg.get("exclude_history", False))  # never recommend an item of the history
         from sidrec.data.tasks import PromptFormat
 
         # the training format (saved with the model); models saved before formats existed used the prefix template
@@ -97,10 +98,14 @@ class Recommender:
             raise UnknownItemsError(f"unknown item ids (not in this model's SID index): {', '.join(bad[:20])}{more}")
         if any(not h for h in histories):
             raise DataError("an empty history: give at least one item id")
-        beams = max(self.beams, k)
+        beams = max(self.beams, k) + (10 if self.exclude_history else 0)  # room for the history items dropped below
         prompts = [self.prompt(h) for h in histories]
         rows, scores, _ = recommend(self.model, prompts, self.index, beams, 16, self.trie, self.encoder.pad_id,
                                     self.dtype, progress=False)
+        if self.exclude_history:
+            from sidrec.evaluation.metrics import drop_seen
+
+            rows, scores = drop_seen(rows, [{self.index.row_of(h) for h in hist} for hist in histories], scores)
         out = []
         for r, s in zip(rows, scores):
             keep = [(int(i), float(v)) for i, v in zip(r, s) if i >= 0][:k]

@@ -9,6 +9,9 @@ or ``--sids``): a rebuild need not give the same codes.
     .venv/bin/python bench/beam_width.py --config configs/scientific-hybrid.yaml \\
         --model .sidrec/mlartifacts/<exp>/<run>/artifacts/model --beams 20 50 --out beam_width_scientific
 
+``--exclude-history both --baselines``: the same, with and without the items each user already has
+(``eval.exclude_history``), SASRec and popularity trained in this run and scored both ways too.
+
 Run it alone on the machine.
 """
 from __future__ import annotations
@@ -32,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sids", default=None, help="the run's item_sids.csv (default: ../index/item_sids.csv beside --model)")
     ap.add_argument("--beams", nargs="+", type=int, default=[20, 50])
     ap.add_argument("--test-users", type=int, default=None, help="a seeded sample of test users (default: all)")
+    ap.add_argument("--exclude-history", choices=["off", "on", "both"], default="off",
+                    help="eval.exclude_history for the LLM (and the baselines with --baselines): off, on, or both")
+    ap.add_argument("--baselines", action="store_true", help="also SASRec and popularity, trained in this run, per mode")
     ap.add_argument("--out", default="beam_width")
     args = ap.parse_args(argv)
 
@@ -63,17 +69,29 @@ def main(argv=None) -> int:
     encoder = Encoder(tok, model.vocab)
     parts = {"test": instr.part("test")}
     result = {"env": common.env_info(), "config": args.config, "model": args.model, "prep_seconds": round(prep_s, 1),
-              "train": meta.get("train", {}), "widths": {}}
-    for beams in args.beams:
-        ecfg = cfg.eval.model_copy(update={"beams": beams, "test_max_users": args.test_users})
-        t1 = time.perf_counter()
-        metrics, _ = evaluate_llm(model, encoder, bundle.items, parts, ecfg, cfg.seed, stages.compute_dtype(cfg),
-                                  stages.progress_enabled())
-        result["widths"][str(beams)] = {"seconds": round(time.perf_counter() - t1, 1), "metrics": metrics}
-        print(f"beams {beams}: test users {metrics['test/users']} R@10 {metrics['test/recall_at_10']:.4f} "
-              f"N@10 {metrics['test/ndcg_at_10']:.4f} R@20 {metrics['test/recall_at_20']:.4f} "
-              f"({time.perf_counter() - t1:.0f}s)", flush=True)
-        common.write_json(common.RESULTS / f"{args.out}.json", result)
+              "train": meta.get("train", {}), "widths": {}, "baselines": {}}
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.exclude_history]
+    for exclude in modes:
+        tag = "exclude_history" if exclude else "all_items"
+        for beams in args.beams:
+            ecfg = cfg.eval.model_copy(update={"beams": beams, "test_max_users": args.test_users, "exclude_history": exclude})
+            t1 = time.perf_counter()
+            metrics, _ = evaluate_llm(model, encoder, bundle.items, parts, ecfg, cfg.seed, stages.compute_dtype(cfg),
+                                      stages.progress_enabled())
+            key = str(beams) if not exclude else f"{beams}/{tag}"
+            result["widths"][key] = {"seconds": round(time.perf_counter() - t1, 1), "exclude_history": exclude, "metrics": metrics}
+            print(f"beams {beams} {tag}: test users {metrics['test/users']} R@10 {metrics['test/recall_at_10']:.4f} "
+                  f"N@10 {metrics['test/ndcg_at_10']:.4f} R@20 {metrics['test/recall_at_20']:.4f} "
+                  f"({time.perf_counter() - t1:.0f}s)", flush=True)
+            common.write_json(common.RESULTS / f"{args.out}.json", result)
+        if args.baselines:  # the same users (test_max_users), the same protocol
+            bcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"test_max_users": args.test_users,
+                                                                             "exclude_history": exclude})})
+            base = stages.baselines(ds, bcfg)
+            result["baselines"][tag] = base
+            print(f"baselines {tag}: " + " ".join(f"{k.split('/')[1]} R@10 {base[k]:.4f}" for k in base
+                                                  if k.endswith("test/recall_at_10")), flush=True)
+            common.write_json(common.RESULTS / f"{args.out}.json", result)
     return 0
 
 

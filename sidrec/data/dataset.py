@@ -491,11 +491,9 @@ def _read_unisrec_split(path: Path) -> pd.DataFrame:
     return df
 
 
-def _load_unisrec(cfg: DataConfig) -> Dataset:
-    folder = _folder(cfg)
-    name = _prefix(cfg, folder, ".text")
-    text_path = folder / f"{name}.text"
-    paths = {p: folder / f"{name}.{p}.inter" for p in ("train", "valid", "test")}
+def _unisrec_sequences(paths: dict[str, Path]) -> tuple[list[str], list[list[str]]]:
+    """Every user's whole sequence from the three UniSRec split files (train rows are one per prefix),
+    checked against each other; users with fewer than ``_MIN_SEQ`` items are dropped."""
     tr = _read_unisrec_split(paths["train"])
     va = _read_unisrec_split(paths["valid"])
     te = _read_unisrec_split(paths["test"])
@@ -543,10 +541,13 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
     if not seq_users:
         raise DataError(f"{short_path(paths['test'])}: no user has >= {_MIN_SEQ} items; nothing to split")
 
-    seqs = pd.DataFrame({"user_id": pd.Series(seq_users, dtype="str"), "item_ids": pd.Series(seq_items, dtype=object)})
-    seqs = sort_frame_by_id(seqs, "user_id")
+    return seq_users, seq_items
+
+
+def _interactions_of(seqs: pd.DataFrame) -> pd.DataFrame:
+    """Canonical interactions of ordered sequences (timestamps are positions: a UniSRec split has no times)."""
     lens = seqs["item_ids"].map(len).to_numpy()
-    inter = pd.DataFrame(
+    return pd.DataFrame(
         {
             "user_id": pd.Series(np.repeat(seqs["user_id"].to_numpy(dtype=object), lens), dtype="str"),
             "item_id": pd.Series([i for s in seqs["item_ids"] for i in s], dtype="str"),
@@ -554,7 +555,10 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
         }
     )
 
-    # item texts: ids in <name>.text may be original ids (ASIN) mapped by <name>.item2index
+
+def _unisrec_items(folder: Path, name: str, text_path: Path, inter_items: set) -> pd.DataFrame:
+    """Items (item_id, title, text[, orig_id]) of ``<name>.text``; ids there may be original ids (ASIN)
+    mapped to the split's indices by ``<name>.item2index``. Only items that occur in a sequence."""
     text_raw = read_text_table(text_path, "\t", csv.QUOTE_NONE)
     text_raw.columns = strip_types(text_raw.columns)
     require_column(text_raw, text_path, "item_id", "expected UniSRec columns item_id, text")
@@ -566,7 +570,6 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
     dup = ids[ids.duplicated()]
     if len(dup):
         raise DataError(f"{short_path(text_path)}: duplicate item id '{dup.iloc[0]}' in column 'item_id'; keep one row per item")
-    inter_items = set(inter["item_id"].unique())
     map_path = folder / f"{name}.item2index"
     orig = ids.astype("str")
     if not orig.isin(inter_items).any() and map_path.is_file():
@@ -589,7 +592,19 @@ def _load_unisrec(cfg: DataConfig) -> Dataset:
     items.insert(2, "text", text.to_numpy())
     items = items.astype("str")
     items = items[items["item_id"].isin(inter_items)]
-    items = sort_frame_by_id(items, "item_id")
+    return sort_frame_by_id(items, "item_id")
+
+
+def _load_unisrec(cfg: DataConfig) -> Dataset:
+    folder = _folder(cfg)
+    name = _prefix(cfg, folder, ".text")
+    text_path = folder / f"{name}.text"
+    paths = {p: folder / f"{name}.{p}.inter" for p in ("train", "valid", "test")}
+    seq_users, seq_items = _unisrec_sequences(paths)
+    seqs = pd.DataFrame({"user_id": pd.Series(seq_users, dtype="str"), "item_ids": pd.Series(seq_items, dtype=object)})
+    seqs = sort_frame_by_id(seqs, "user_id")
+    inter = _interactions_of(seqs)
+    items = _unisrec_items(folder, name, text_path, set(inter["item_id"].unique()))
     return Dataset(
         name=name,
         interactions=inter,

@@ -128,22 +128,11 @@ def _observed(res: Any, column: str) -> str:
     return "ok" if res.success else "failed"
 
 
-def validate_dataset(ds, cfg: ValidationConfig, docs_dir: Optional[Path]) -> QualityReport:
-    """Run the three suites; write Data Docs (static HTML, index.html) into `docs_dir` when given."""
-    _quiet_gx()
-    import great_expectations as gx  # noqa: WPS433 (slow import, kept local)
-    import great_expectations.expectations as gxe
-
-    _quiet_gx()
-
-    inter = ds.interactions[["user_id", "item_id", "timestamp"]].copy()
-    items = pd.DataFrame({"item_id": ds.items["item_id"], "text": _item_text(ds.items, list(ds.text_fields))})
-    users = _user_table(ds.interactions)
-    item_ids = sorted(set(ds.items["item_id"].dropna().astype(str)))
+def _plan(gxe, inter: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, item_ids: list[str],
+          cfg: ValidationConfig) -> list:
+    """The suites: ``[(table, frame, [(expectation, column, description), ...]), ...]``."""
     min_share = float(cfg.min_text_share)
-
-    # (table, frame, [(expectation, column, description)])
-    plan = [
+    return [
         (
             "interactions",
             inter,
@@ -180,6 +169,23 @@ def validate_dataset(ds, cfg: ValidationConfig, docs_dir: Optional[Path]) -> Qua
             ],
         ),
     ]
+
+
+
+def validate_dataset(ds, cfg: ValidationConfig, docs_dir: Optional[Path]) -> QualityReport:
+    """Run the three suites; write Data Docs (static HTML, index.html) into `docs_dir` when given."""
+    _quiet_gx()
+    import great_expectations as gx  # noqa: WPS433 (slow import, kept local)
+    import great_expectations.expectations as gxe
+
+    _quiet_gx()
+
+    inter = ds.interactions[["user_id", "item_id", "timestamp"]].copy()
+    items = pd.DataFrame({"item_id": ds.items["item_id"], "text": _item_text(ds.items, list(ds.text_fields))})
+    users = _user_table(ds.interactions)
+    item_ids = sorted(set(ds.items["item_id"].dropna().astype(str)))
+
+    plan = _plan(gxe, inter, items, users, item_ids, cfg)
 
     try:
         context = gx.get_context(mode="ephemeral")

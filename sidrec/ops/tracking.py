@@ -156,6 +156,57 @@ def _plot_comparison(metrics: dict, split: str = "test"):
     return fig
 
 
+def _log_quality_and_index(tmp: Path, quality, bundle, recommender) -> None:
+    """Artifacts ``data_quality/`` (our page + the GE Data Docs site) and ``index/`` (SID tables, code
+    usage, the dynamic index's refreshes) of the active run."""
+    import mlflow
+
+    # data quality: our summary page + the Great Expectations Data Docs site
+    from sidrec.ops.reports import quality_html
+
+    (tmp / "data_quality.html").write_text(quality_html(quality))
+    mlflow.log_artifact(str(tmp / "data_quality.html"), "data_quality")
+    if quality.docs_dir and Path(quality.docs_dir).is_dir():
+        mlflow.log_artifacts(quality.docs_dir, "data_quality/data_docs")
+    # SID index: item -> SID table, code-usage plot, index report
+    bundle.items.to_frame().to_csv(tmp / "item_sids.csv", index=False)
+    mlflow.log_artifact(str(tmp / "item_sids.csv"), "index")
+    if bundle.users is not None:
+        bundle.users.to_frame().to_csv(tmp / "user_sids.csv", index=False)
+        mlflow.log_artifact(str(tmp / "user_sids.csv"), "index")
+    if bundle.usage_png:
+        (tmp / "code_usage.png").write_bytes(bundle.usage_png)
+        mlflow.log_artifact(str(tmp / "code_usage.png"), "index")
+    if recommender.meta.get("dynamic_log"):  # the dynamic index's refresh curves
+        plot_refreshes(recommender.meta["dynamic_log"], tmp / "refreshes.png",
+                       str(recommender.meta.get("train", {}).get("dynamic/phases", "")))
+        mlflow.log_artifact(str(tmp / "refreshes.png"), "index")
+
+
+def _log_evaluation(tmp: Path, report, metrics: dict, recommender, instructions) -> None:
+    """Artifacts ``evaluation/`` (predictions, metrics, the lift table), ``plots/`` and an
+    ``instructions/`` sample of the active run."""
+    import mlflow
+
+    # evaluation: predictions, metrics, plots
+    report.predictions.to_parquet(tmp / "predictions.parquet", index=False)
+    mlflow.log_artifact(str(tmp / "predictions.parquet"), "evaluation")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    mlflow.log_artifact(str(tmp / "metrics.json"), "evaluation")
+    import matplotlib.pyplot as plt
+
+    for fig, name in ((_plot_loss(recommender.meta.get("loss_curve", []), recommender.meta.get("select_curve"),
+                                  recommender.meta.get("train", {}).get("train/best_step")), "train_loss.png"),
+                      (_plot_comparison(metrics), "llm_vs_baselines.png")):
+        mlflow.log_figure(fig, f"plots/{name}")
+        plt.close(fig)
+    from sidrec.evaluation.evaluate import lift_table
+
+    mlflow.log_table(lift_table(metrics), "evaluation/lift_vs_baselines.json")
+    instructions.rows.groupby(["split", "task"]).head(20).to_json(tmp / "instructions_sample.jsonl", orient="records", lines=True)
+    mlflow.log_artifact(str(tmp / "instructions_sample.jsonl"), "instructions")
+
+
 def _log_model_and_data(cfg: RunConfig, dataset, bundle, instructions, recommender, eval_metrics: dict) -> str:
     """The recommender as a LoggedModel of the active run (tag ``sidrec.model_id``), the train / valid /
     test instruction rows as MLflow datasets (``log_input``), and the valid / test metrics linked to the
@@ -225,46 +276,10 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
             mlflow.log_metrics({f"index/{k.replace('/', '_')}": float(v) for k, v in entry.items() if k != "step"},
                                step=int(entry["step"]))
         with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            # data quality: our summary page + the Great Expectations Data Docs site
-            from sidrec.ops.reports import quality_html
-
-            (tmp / "data_quality.html").write_text(quality_html(quality))
-            mlflow.log_artifact(str(tmp / "data_quality.html"), "data_quality")
-            if quality.docs_dir and Path(quality.docs_dir).is_dir():
-                mlflow.log_artifacts(quality.docs_dir, "data_quality/data_docs")
-            # SID index: item -> SID table, code-usage plot, index report
-            bundle.items.to_frame().to_csv(tmp / "item_sids.csv", index=False)
-            mlflow.log_artifact(str(tmp / "item_sids.csv"), "index")
-            if bundle.users is not None:
-                bundle.users.to_frame().to_csv(tmp / "user_sids.csv", index=False)
-                mlflow.log_artifact(str(tmp / "user_sids.csv"), "index")
-            if bundle.usage_png:
-                (tmp / "code_usage.png").write_bytes(bundle.usage_png)
-                mlflow.log_artifact(str(tmp / "code_usage.png"), "index")
-            if recommender.meta.get("dynamic_log"):  # the dynamic index's refresh curves
-                plot_refreshes(recommender.meta["dynamic_log"], tmp / "refreshes.png",
-                               str(recommender.meta.get("train", {}).get("dynamic/phases", "")))
-                mlflow.log_artifact(str(tmp / "refreshes.png"), "index")
+            _log_quality_and_index(Path(tmp), quality, bundle, recommender)
             # the model: LoRA adapter + SID embeddings + tokenizer (the folder), and the servable pyfunc as a
             # LoggedModel with the run's evaluation metrics linked to it and to the data they came from
             mlflow.log_artifacts(str(recommender.path), "model")
             _log_model_and_data(cfg, dataset, bundle, instructions, recommender, report.metrics)
-            # evaluation: predictions, metrics, plots
-            report.predictions.to_parquet(tmp / "predictions.parquet", index=False)
-            mlflow.log_artifact(str(tmp / "predictions.parquet"), "evaluation")
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
-            mlflow.log_artifact(str(tmp / "metrics.json"), "evaluation")
-            import matplotlib.pyplot as plt
-
-            for fig, name in ((_plot_loss(recommender.meta.get("loss_curve", []), recommender.meta.get("select_curve"),
-                                          recommender.meta.get("train", {}).get("train/best_step")), "train_loss.png"),
-                              (_plot_comparison(metrics), "llm_vs_baselines.png")):
-                mlflow.log_figure(fig, f"plots/{name}")
-                plt.close(fig)
-            from sidrec.evaluation.evaluate import lift_table
-
-            mlflow.log_table(lift_table(metrics), "evaluation/lift_vs_baselines.json")
-            instructions.rows.groupby(["split", "task"]).head(20).to_json(tmp / "instructions_sample.jsonl", orient="records", lines=True)
-            mlflow.log_artifact(str(tmp / "instructions_sample.jsonl"), "instructions")
+            _log_evaluation(Path(tmp), report, metrics, recommender, instructions)
     return run.info.run_id, metrics

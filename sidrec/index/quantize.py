@@ -337,6 +337,43 @@ def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, ite
     return QuantizerState("rq_kmeans", books, mean, scale)
 
 
+def _kmeans_codebooks(enc, batch: torch.Tensor, levels: int, codebook_size: int, iters: int,
+                      gen: torch.Generator) -> nn.ParameterList:
+    """RQ-VAE codebooks k-means-initialised on the encoded first batch, level by level on the residual."""
+    with torch.no_grad():
+        r = enc(batch)
+        init = []
+        for _ in range(levels):
+            c = kmeans(r, codebook_size, iters, gen)
+            if torch.unique(r, dim=0).shape[0] < codebook_size:
+                # too few distinct points: jitter the padded slots so they can still learn
+                c = c + 0.01 * torch.randn(c.shape, generator=gen) * r.std().clamp_min(1e-3)
+            init.append(c)
+            r = r - c[nearest(r, c)]
+    return nn.ParameterList(nn.Parameter(c.clone()) for c in init)
+
+
+def _rqvae_loss(enc, dec, books, xb: torch.Tensor, beta: float, usage: list) -> tuple[torch.Tensor, list]:
+    """One batch: recon MSE + the residual VQ losses (straight-through to the decoder); counts code
+    usage per level into ``usage``; returns ``(loss, residual per level)``."""
+    z = enc(xb)
+    r = z
+    q = torch.zeros_like(z)
+    vq_loss = z.new_zeros(())
+    residuals = []
+    for level, cb in enumerate(books):
+        with torch.no_grad():
+            idx = nearest(r.detach(), cb.detach())
+        usage[level] += torch.bincount(idx, minlength=cb.shape[0])
+        e = cb[idx]
+        vq_loss = vq_loss + ((e - r.detach()) ** 2).mean() + beta * ((r - e.detach()) ** 2).mean()
+        residuals.append(r.detach())
+        q = q + e
+        r = r - e.detach()
+    zq = z + (q - z).detach()  # straight-through
+    return ((dec(zq) - xb) ** 2).mean() + vq_loss, residuals
+
+
 def fit_rq_vae(
     x: np.ndarray,
     levels: int,
@@ -372,17 +409,7 @@ def fit_rq_vae(
         dec = _MLP([cfg.latent_dim, *reversed(cfg.hidden_dims), d])
 
         perm = torch.randperm(n, generator=gen)
-        with torch.no_grad():
-            r = enc(data[perm[:bs]])
-            init = []
-            for _ in range(levels):
-                c = kmeans(r, codebook_size, kmeans_iters, gen)
-                if torch.unique(r, dim=0).shape[0] < codebook_size:
-                    # too few distinct points: jitter the padded slots so they can still learn
-                    c = c + 0.01 * torch.randn(c.shape, generator=gen) * r.std().clamp_min(1e-3)
-                init.append(c)
-                r = r - c[nearest(r, c)]
-        books = nn.ParameterList(nn.Parameter(c.clone()) for c in init)
+        books = _kmeans_codebooks(enc, data[perm[:bs]], levels, codebook_size, kmeans_iters, gen)
 
         params = list(enc.parameters()) + list(dec.parameters()) + list(books.parameters())
         opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -395,24 +422,7 @@ def fit_rq_vae(
             tot = 0.0
             for s in range(0, n, bs):
                 xb = data[order[s : s + bs]]
-                z = enc(xb)
-                r = z
-                q = torch.zeros_like(z)
-                vq_loss = z.new_zeros(())
-                last_res = []
-                for l in range(levels):
-                    cb = books[l]
-                    with torch.no_grad():
-                        idx = nearest(r.detach(), cb.detach())
-                    usage[l] += torch.bincount(idx, minlength=codebook_size)
-                    e = cb[idx]
-                    vq_loss = vq_loss + ((e - r.detach()) ** 2).mean() + cfg.beta * ((r - e.detach()) ** 2).mean()
-                    last_res.append(r.detach())
-                    q = q + e
-                    r = r - e.detach()
-                zq = z + (q - z).detach()  # straight-through
-                recon = dec(zq)
-                loss = ((recon - xb) ** 2).mean() + vq_loss
+                loss, last_res = _rqvae_loss(enc, dec, books, xb, cfg.beta, usage)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -264,7 +264,8 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     broken = IndexBundle(items=SIDIndex([items.entity_ids[i] for i in keep], items.codes[keep], items.level_sizes),
                          state=arts["bundle"].state, report=arts["bundle"].report)
     v3 = reg.register_model(cfg, run_id=arts["mlflow_run_id"], recommender_dir=Path(arts["recommender"].path),
-                            bundle=broken, dataset=new_ds, quality_passed=True, extra_tags={"forced": "worse"})
+                            bundle=broken, dataset=new_ds, quality_passed=True, extra_tags={"forced": "worse"},
+                            log_new=True)  # not the run's own LoggedModel: this broken bundle
     assert v3 == "3" and reg.alias_version(client, name, "challenger") == "3"
     rec3 = reg.promote(cfg)
     ch, cp = rec3["metrics"]["challenger"], rec3["metrics"]["champion"]

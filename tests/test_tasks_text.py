@@ -54,7 +54,7 @@ def test_user_text_uses_training_history_only(ml):
 def test_instruction_rows_formats_and_no_leakage(ml, index):
     cfg = TasksConfig(seqrec=1.0, seqrec_mode="prefix", text_to_sid=0.5, sid_to_text=0.5, titles_to_sid=0.5, prompt_history=5)
     rows = build_instructions(ml, index, cfg, n_train=400, max_history=20, seed=0)
-    assert list(rows.columns) == COLUMNS
+    assert list(rows.columns) == COLUMNS + ["seen"]  # seen: valid/test only (eval.exclude_history)
     train = rows[rows.split == "train"]
     assert len(train) == 400 and set(train.task) == {"seqrec", "text_to_sid", "sid_to_text", "titles_to_sid"}
     n_levels = index.num_levels

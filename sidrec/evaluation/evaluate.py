@@ -1,8 +1,8 @@
 """Evaluation: constrained-decoding metrics of the LLM recommender and the baselines.
 
 Everything is leave-one-out, full catalog: the LLM ranks items by beam score over the whole SID
-trie; SASRec scores every item; popularity ranks by training counts. History items are not
-excluded for any method.
+trie; SASRec scores every item; popularity ranks by training counts. History items are excluded for
+no method, or (``eval.exclude_history``) for every method.
 """
 from __future__ import annotations
 
@@ -47,12 +47,13 @@ def evaluate_llm(model, encoder, index, parts: dict[str, pd.DataFrame], cfg, see
         ranked, scores, emitted = recommend(model, prompts, index, cfg.beams, cfg.batch_size, trie,
                                             encoder.pad_id, dtype, progress, desc=f"decode {part}")
         seconds = time.perf_counter() - t0
+        invalid = invalid_rate((ranked >= 0)[emitted][None, :]) if emitted.any() else 0.0  # of what was decoded
         if getattr(cfg, "exclude_history", False):
             ranked, scores = drop_seen(ranked, seen_rows(rows, index), scores)
         targets = np.array([index.row_of(t) for t in rows["target_item"]])
         m = ranking_metrics(ranked, targets, cfg.ks)
         metrics.update({f"{part}/{k}": v for k, v in m.items()})
-        metrics[f"{part}/invalid_rate"] = invalid_rate((ranked >= 0)[emitted][None, :]) if emitted.any() else 0.0
+        metrics[f"{part}/invalid_rate"] = invalid
         metrics[f"{part}/coverage_at_10"] = coverage(ranked, len(index.entity_ids), min(10, ranked.shape[1]))
         metrics[f"{part}/users"] = len(rows)
         metrics[f"{part}/decode_seconds"] = round(seconds, 2)

@@ -59,16 +59,6 @@ def serving_signature(default_k: int = 10):
     )
 
 
-# ------------------------------------------------------------------------------------ scoring
-def load_pyfunc_recommender(cfg: RunConfig, version: str):
-    """The :class:`sidrec.ops.serving.Recommender` inside registered version ``version``."""
-    import mlflow.pyfunc
-
-    client_for(cfg)
-    pf = mlflow.pyfunc.load_model(f"models:/{model_name(cfg)}/{version}")
-    return pf.unwrap_python_model().rec
-
-
 def log_recommender(cfg: RunConfig, recommender_dir, bundle, dataset):
     """Log the pyfunc into the active MLflow run (``name="model"``); returns mlflow's ModelInfo
     (``model_id``, ``model_uri``)."""

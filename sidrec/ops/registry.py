@@ -1,7 +1,8 @@
 """The MLflow model registry: register a trained recommender, gate promotions, roll back.
 
-- :func:`register_model` logs the pyfunc (``sidrec/ops/serving.py`` as code + safe artifacts) into the
-  training run and registers it as a new version of ``sidrec-<dataset>`` with alias ``challenger``.
+- :func:`register_model` registers the training run's LoggedModel (the pyfunc, ``sidrec/ops/serving.py`` as
+  code + safe artifacts, :mod:`sidrec.ops.logged_model`) as a new version of ``sidrec-<dataset>`` with
+  alias ``challenger``.
 - :func:`decide` is the promotion gate as a pure function.
 - :func:`promote` re-scores the challenger and the current champion on the same newest test set,
   applies :func:`decide`, moves alias ``champion`` (under a file lock) only when it passes, and writes
@@ -152,9 +153,10 @@ def decide(challenger: dict, champion: Optional[dict], popularity: dict, cfg) ->
 
 # ------------------------------------------------------------------------------------ registration
 def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, dataset, quality_passed: Optional[bool] = None,
-                   extra_tags: Optional[dict] = None) -> str:
-    """Register training run ``run_id``'s model (its LoggedModel; logged now if the run has none); alias
-    ``challenger``. Returns the version."""
+                   extra_tags: Optional[dict] = None, log_new: bool = False) -> str:
+    """Register training run ``run_id``'s model -- the LoggedModel logged with the run, or, when the run has
+    none or ``log_new`` is set, the pyfunc of ``recommender_dir`` + ``bundle`` + ``dataset`` logged into the
+    run now; alias ``challenger``. Returns the version."""
     import mlflow
 
     client = client_for(cfg)
@@ -163,7 +165,7 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
     if quality_passed is not None:
         client.set_tag(run_id, "data_validation", "passed" if quality_passed else "failed")
     validation = "passed" if quality_passed else (run.data.tags.get("data_validation") or ("failed" if quality_passed is False else "unknown"))
-    model_id = run.data.tags.get(MODEL_ID_TAG)
+    model_id = None if log_new else run.data.tags.get(MODEL_ID_TAG)
     if model_id:  # logged at training time (sidrec.ops.tracking.log_training_run): register that LoggedModel
         model_uri = f"models:/{model_id}"
     else:  # a run logged without its model (earlier versions, or a hand-made run): log it now
@@ -179,6 +181,16 @@ def register_model(cfg: RunConfig, *, run_id: str, recommender_dir, bundle, data
     client.update_model_version(name, version, description=f"registered from run {run_id} ({cfg.name}); awaiting the promotion gate")
     _append_log(cfg, {"action": "register", "model": name, "version": version, "run_id": run_id, "data_validation": validation})
     return version
+
+
+# ------------------------------------------------------------------------------------ scoring
+def load_pyfunc_recommender(cfg: RunConfig, version: str):
+    """The :class:`sidrec.ops.serving.Recommender` inside registered version ``version``."""
+    import mlflow.pyfunc
+
+    client_for(cfg)
+    pf = mlflow.pyfunc.load_model(f"models:/{model_name(cfg)}/{version}")
+    return pf.unwrap_python_model().rec
 
 
 def _test_users(ds, cfg: RunConfig) -> pd.DataFrame:

@@ -267,7 +267,9 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
     with mlflow.start_run(experiment_id=exp_id, run_name=zenml_run_name or cfg.name, tags=tags) as run:
         params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        # valid/ and test/ metrics are logged with the LoggedModel below (linked to it and to their dataset)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+                            and not (k.startswith(("valid/", "test/")) and k in report.metrics)})
         for step, loss in recommender.meta.get("loss_curve", []):
             mlflow.log_metric("train/loss", float(loss), step=int(step))
         for step, score in recommender.meta.get("select_curve", []):  # model selection (valid users)

@@ -248,6 +248,8 @@ class TrainConfig(_Strict):
     embedding_lr: float = Field(5e-3, gt=0, description="learning rate of the new SID token embeddings")
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of each SID token's target spread over its level's "
+                                   "other codes (a regulariser against a peaked, memorised next-item distribution)")
     log_every: int = Field(10, ge=1)
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: all cores)")
     processes: int = Field(1, ge=1, description="data-parallel fine-tuning processes (torchrun; one per GPU, or gloo on CPU); "

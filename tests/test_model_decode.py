@@ -119,6 +119,21 @@ def test_target_loss_covers_target_span_only(tiny):
     n_text = len(enc.encode(" Toy Story")) + 1  # + EOS
     assert n == index.num_levels + n_text
     assert torch.isfinite(loss) and loss.item() > 0
+    # label smoothing (train.label_smoothing) moves only the SID tokens' share: by hand, per SID token,
+    # (1 - e) * CE(target) + e * mean over the level's codes of -log p(code)
+    eps = 0.2
+    smooth, _ = target_loss(model, h, ids, tgt, label_smoothing=eps)
+    pred, labels = tgt[:, 1:], ids[:, 1:]
+    hs, lab = h[:, :-1][pred], labels[pred]
+    extra = 0.0
+    for level in range(index.num_levels):
+        sl = model.vocab.level_slice(level)
+        rel = lab - model.vocab.base_vocab
+        sel = (lab >= model.vocab.base_vocab) & (rel >= sl.start) & (rel < sl.stop)
+        logp = torch.log_softmax(model.sid_logits(hs[sel], level).float(), -1)
+        ce = -logp.gather(1, (rel[sel] - sl.start)[:, None]).sum()
+        extra += (eps * (-logp.mean(1).sum() - ce)).item()
+    assert smooth.item() == pytest.approx(loss.item() + extra / n, rel=1e-5)
 
 
 def test_lora_training_reduces_loss_and_only_touches_adapter(tiny):

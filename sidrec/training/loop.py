@@ -90,8 +90,10 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int):
     return ids, mask, tgt
 
 
-def target_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over target tokens: SID tokens against their level's rows, text against the vocab."""
+def target_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over target tokens: SID tokens against their level's rows (``label_smoothing``
+    spreads that share of each SID token's target over its level's other codes), text against the vocab."""
     vocab = model.vocab
     # position p predicts token p+1
     pred_mask = tgt[:, 1:]
@@ -107,7 +109,8 @@ def target_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor) ->
             sel = is_sid & (rel >= sl.start) & (rel < sl.stop)
             if sel.any():
                 logits = model.sid_logits(hs[sel], level).float()
-                total = total + torch.nn.functional.cross_entropy(logits, rel[sel] - sl.start, reduction="sum")
+                total = total + torch.nn.functional.cross_entropy(logits, rel[sel] - sl.start, reduction="sum",
+                                                                  label_smoothing=label_smoothing)
     if (~is_sid).any():
         logits = model.text_logits(hs[~is_sid]).float()
         total = total + torch.nn.functional.cross_entropy(logits, labels[~is_sid], reduction="sum")
@@ -441,7 +444,7 @@ def train(
         ids, mask, tgt = (t.to(device) for t in collate(enc, idx, encoder.pad_id))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             h, _ = model.hidden(ids, attention_mask=mask)
-            loss, _ = target_loss(model, h, ids, tgt)
+            loss, _ = target_loss(model, h, ids, tgt, cfg.label_smoothing)
             extra, extra_logs = hooks.extra_loss(model, step, (h, ids, tgt))
         opt.zero_grad(set_to_none=True)
         (loss if extra is None else loss + extra).backward()

@@ -86,7 +86,7 @@ def test_mlflow_run_has_artifacts_and_points_to_zenml(first_run):
     from sidrec.ops.logged_model import MODEL_ID_TAG
 
     logged = client.get_logged_model(run.data.tags[MODEL_ID_TAG])
-    assert logged.source_run_id == run.info.run_id and logged.name == "model"
+    assert logged.source_run_id == run.info.run_id and logged.name == "recommender"
     linked = {x.key: x.value for x in logged.metrics or []}
     assert linked["test/recall_at_10"] == pytest.approx(m["test/recall_at_10"]) and "valid/ndcg_at_10" in linked
     assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {f"{run.data.tags['dataset']}-{s}" for s in ("train", "valid", "test")}

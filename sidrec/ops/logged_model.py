@@ -60,8 +60,9 @@ def serving_signature(default_k: int = 10):
 
 
 def log_recommender(cfg: RunConfig, recommender_dir, bundle, dataset):
-    """Log the pyfunc into the active MLflow run (``name="model"``); returns mlflow's ModelInfo
-    (``model_id``, ``model_uri``)."""
+    """Log the pyfunc into the active MLflow run as the LoggedModel ``recommender`` (not ``model``: a run's
+    ``runs:/<id>/model`` would then resolve to the LoggedModel instead of the run's ``model/`` folder of
+    adapter + SID rows); returns mlflow's ModelInfo (``model_id``, ``model_uri``)."""
     import mlflow
 
     from sidrec.data.tasks import PromptFormat
@@ -80,7 +81,7 @@ def log_recommender(cfg: RunConfig, recommender_dir, bundle, dataset):
                         "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
                         "dtype": cfg.model.dtype, "k": 10, "exclude_history": cfg.eval.exclude_history}
         example_history = ",".join(str(i) for i in dataset.items["item_id"].head(3))
-        return mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_FILE), artifacts=artifacts,
+        return mlflow.pyfunc.log_model(name="recommender", python_model=str(SERVING_FILE), artifacts=artifacts,
                                        model_config=model_config, pip_requirements=pip_requirements(),
                                        signature=serving_signature(model_config["k"]),
                                        input_example=(pd.DataFrame({"history": [example_history]}), {"k": 5}))

@@ -18,7 +18,6 @@ predict input: a DataFrame with a ``history`` column (a list of item ids or a co
 string) and an optional ``k`` column. Output: one row per recommendation with ``request`` (input
 row number), ``rank``, ``item_id``, ``title``, ``score`` (beam log-probability), best first.
 """
-from __future__ import annotations
 
 import json
 from pathlib import Path
@@ -129,7 +128,7 @@ class SIDRecPyfunc(_pyfunc_base()):
         arts = context.artifacts
         self.rec = Recommender(arts["recommender"], arts["index"], arts["items"], dict(context.model_config or {}))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # the hint: no type-hint schema (the signature has it)
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "history" not in df.columns:
             raise DataError("predict input needs a 'history' column (list of item ids or 'id,id,...')")

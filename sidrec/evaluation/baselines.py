@@ -188,22 +188,23 @@ def _training_arrays(train_sequences: Sequence[Sequence[int]], max_len: int) -> 
 # ---------------------------------------------------------------- inference
 
 
-@torch.no_grad()
-def sasrec_scores(model: SASRec, histories: Sequence[Sequence[int]], batch_size: int = 512) -> torch.Tensor:
-    """[U, n_items] full-ranking scores for the next item after each history (eval mode, no grad)."""
+def _last_scores(model: SASRec, histories: Sequence[Sequence[int]], batch_size: int):
+    """``(start, [B, n_items] scores)`` for each batch of histories, in eval mode (the mode is restored)."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        outs = []
         for s in range(0, len(histories), batch_size):
-            seq = _pad_histories(histories[s:s + batch_size], model.max_len).to(device)
-            outs.append(model.last_scores(seq).float().cpu())
-        if not outs:
-            return torch.zeros(0, model.n_items)
-        return torch.cat(outs)
+            yield s, model.last_scores(_pad_histories(histories[s:s + batch_size], model.max_len).to(device))
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def sasrec_scores(model: SASRec, histories: Sequence[Sequence[int]], batch_size: int = 512) -> torch.Tensor:
+    """[U, n_items] full-ranking scores for the next item after each history (eval mode, no grad)."""
+    outs = [scores.float().cpu() for _, scores in _last_scores(model, histories, batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0, model.n_items)
 
 
 @torch.no_grad()
@@ -213,24 +214,13 @@ def sasrec_topk(model: SASRec, histories: Sequence[Sequence[int]], k: int, batch
     history) are never ranked (history items are not excluded by default)."""
     if k < 1 or k > model.n_items:
         raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        outs = []
-        for s in range(0, len(histories), batch_size):
-            seq = _pad_histories(histories[s:s + batch_size], model.max_len).to(device)
-            scores = model.last_scores(seq)
-            if exclude is not None:
-                for r, items in enumerate(exclude[s:s + batch_size]):
-                    if items:
-                        scores[r, list(items)] = -torch.inf
-            outs.append(torch.topk(scores, k, dim=1).indices.cpu())
-        if not outs:
-            return np.zeros((0, k), dtype=np.int64)
-        return torch.cat(outs).numpy().astype(np.int64)
-    finally:
-        model.train(was_training)
+    outs = []
+    for s, scores in _last_scores(model, histories, batch_size):
+        for r, items in enumerate(exclude[s:s + len(scores)] if exclude is not None else ()):
+            if items:
+                scores[r, list(items)] = -torch.inf
+        outs.append(torch.topk(scores, k, dim=1).indices.cpu())
+    return torch.cat(outs).numpy().astype(np.int64) if outs else np.zeros((0, k), dtype=np.int64)
 
 
 def _valid_ndcg10(model: SASRec, valid: tuple[Sequence[Sequence[int]], np.ndarray]) -> float:

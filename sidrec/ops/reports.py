@@ -215,17 +215,17 @@ def baseline_notes(metrics: dict) -> list[str]:
 
 
 def metrics_table(metrics: dict, split: str = "test", ks=(1, 5, 10, 20)) -> list[list[str]]:
-    """Rows of a console table: metric, LLM, SASRec, popularity, LLM lift over SASRec."""
+    """Rows of a console table: metric, LLM, SASRec, popularity, LLM lift over SASRec (from
+    :func:`sidrec.evaluation.evaluate.lift_table`)."""
+    from sidrec.evaluation.evaluate import lift_table
+
+    def cell(row, key):
+        v = row.get(key)
+        return "-" if v is None or v != v else f"{v:.4f}"
+
     out = []
-    for name in ("recall", "ndcg"):
-        for k in ks:
-            key = f"{name}_at_{k}"
-            llm = metrics.get(f"{split}/{key}")
-            if llm is None:
-                continue
-            sas = metrics.get(f"baseline/sasrec/{split}/{key}")
-            pop = metrics.get(f"baseline/popularity/{split}/{key}")
-            lift = f"{(llm - sas) / sas:+.1%}" if sas else "-"
-            out.append([f"{split}/{key}", f"{llm:.4f}", "-" if sas is None else f"{sas:.4f}",
-                        "-" if pop is None else f"{pop:.4f}", lift])
+    for row in lift_table(metrics, split, ks).to_dict("records"):
+        lift = row.get("lift_vs_sasrec")
+        out.append([row["metric"], f"{row['llm']:.4f}", cell(row, "sasrec"), cell(row, "popularity"),
+                    "-" if lift is None or lift != lift else f"{lift:+.1%}"])
     return out

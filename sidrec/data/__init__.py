@@ -1,0 +1,56 @@
+"""Data in, examples out.
+
+``dataset`` (Dataset, cleaning, splits, format loaders), ``readers`` (raw tables, ids, timestamps),
+``validation`` (Great Expectations suites), ``profile`` (the data's profile and its history), ``text``
+(item/user texts and their embeddings), ``embedding_cache``, ``tasks`` (training windows, prompts,
+instruction tasks). May import: foundations, ``model``, ``training``, ``index``.
+"""
+from sidrec.exports import lazy_exports
+
+MODULES = ['dataset', 'embedding_cache', 'profile', 'readers', 'tasks', 'text', 'validation']
+__getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
+    'Dataset': 'dataset',
+    'EmbeddingCache': 'embedding_cache',
+    'ProfileHistory': 'profile',
+    'PromptFormat': 'tasks',
+    'QualityReport': 'validation',
+    'Renderer': 'tasks',
+    'backbone_embeddings': 'text',
+    'build_instructions': 'tasks',
+    'change': 'profile',
+    'check_config_fits_data': 'validation',
+    'check_ids': 'readers',
+    'clean_ids': 'readers',
+    'distribution': 'profile',
+    'eval_rows': 'tasks',
+    'eval_specs': 'tasks',
+    'folder_fingerprint': 'embedding_cache',
+    'found_columns': 'readers',
+    'identity': 'embedding_cache',
+    'item_text': 'text',
+    'item_texts': 'text',
+    'load_dataset': 'dataset',
+    'minilm_embeddings': 'text',
+    'parse_timestamps': 'readers',
+    'profile_dataset': 'profile',
+    'raise_on_failure': 'validation',
+    'read_any': 'readers',
+    'read_text_table': 'readers',
+    'require_column': 'readers',
+    'sample_specs': 'tasks',
+    'seqrec_prompt': 'tasks',
+    'short_path': 'readers',
+    'short_title': 'text',
+    'sort_frame_by_id': 'readers',
+    'sort_ids': 'readers',
+    'source_digest': 'dataset',
+    'source_files': 'dataset',
+    'strip_types': 'readers',
+    'task_weights': 'tasks',
+    'text_frame': 'readers',
+    'text_key': 'embedding_cache',
+    'train_windows': 'tasks',
+    'user_sets': 'tasks',
+    'user_texts': 'text',
+    'validate_dataset': 'validation',
+})

@@ -99,6 +99,7 @@ class PeakRSS:
 def run_size(n_users: int, args, workdir: Path) -> dict:
     from sidrec import stages
     from sidrec.config import parse_config
+    from sidrec.data.profile import ProfileHistory
 
     inter, items = synth_catalog(n_users, seed=args.seed)
     inter.to_csv(workdir / "interactions.csv", index=False)
@@ -130,7 +131,8 @@ def run_size(n_users: int, args, workdir: Path) -> dict:
 
     ds = stage("ingest", lambda: stages.ingest(cfg))
     out["dataset"] = ds.stats()
-    stage("validation", lambda: stages.validate(ds, cfg, workdir / "docs", history=_NoHistory()))
+    # the profile history goes to the temp folder, not the user's state folder
+    stage("validation", lambda: stages.validate(ds, cfg, workdir / "docs", history=ProfileHistory(workdir / "quality")))
     features = stage("features", lambda: stages.featurize(ds, cfg))
     bundle = stage("index", lambda: stages.build_index(features, cfg))
     out["index"] = {k: v for k, v in bundle.report.items() if not isinstance(v, (list, dict))}
@@ -145,16 +147,6 @@ def run_size(n_users: int, args, workdir: Path) -> dict:
     base = stage("sasrec", lambda: stages.baselines(ds, cfg))
     out["sasrec"] = {k.split("/")[-1]: v for k, v in base.items() if k.startswith("baseline/sasrec/") and "/valid/" not in k}
     return out
-
-
-class _NoHistory:
-    """The benchmark must not write its synthetic profiles into the user's state folder."""
-
-    def latest(self, dataset):
-        return None
-
-    def append(self, profile):
-        pass
 
 
 def plot(result: dict, path: Path) -> None:

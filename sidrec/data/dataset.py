@@ -67,11 +67,12 @@ class Dataset:
     presplit: bool
 
     # -- splits --------------------------------------------------------------------------------
-    def split(self, part: Literal["train", "valid", "test"], max_history: int) -> pd.DataFrame:
-        """Leave-one-out examples: columns user_id, history (last `max_history` items), target."""
-        if max_history < 1:
+    def split(self, part: Literal["train", "valid", "test"], max_history: Optional[int]) -> pd.DataFrame:
+        """Leave-one-out examples: columns user_id, history (last `max_history` items; None: every item
+        before the target), target."""
+        if max_history is not None and max_history < 1:
             raise ValueError("max_history must be >= 1")
-        H = int(max_history)
+        H = len(self.interactions) + 1 if max_history is None else int(max_history)
         users, hists, targets = [], [], []
         if part == "train":
             for u, seq in zip(self.sequences["user_id"], self.sequences["item_ids"]):

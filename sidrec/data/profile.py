@@ -64,18 +64,31 @@ def _activity(ts: pd.Series, max_buckets: int = 24) -> dict:
             "note": "timestamps are an order (no dates): activity is shown per slice of that order"}
 
 
+def text_columns(items: pd.DataFrame, text_fields: list[str]) -> list[str]:
+    """The item columns that hold its text: the dataset's text fields present, else ``title`` if there is one."""
+    return [c for c in text_fields if c in items.columns] or (["title"] if "title" in items.columns else [])
+
+
+def _stripped(items: pd.DataFrame, col: str) -> pd.Series:
+    return items[col].fillna("").astype(str).str.strip()
+
+
+def joined_text(items: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """Each item's text columns joined by a space, stripped ("" for an item without text)."""
+    text = _stripped(items, cols[0])
+    for c in cols[1:]:
+        text = text.str.cat(_stripped(items, c), sep=" ")
+    return text.str.strip()
+
+
 def _text(items: pd.DataFrame, text_fields: list[str]) -> dict:
-    cols = [c for c in text_fields if c in items.columns] or (["title"] if "title" in items.columns else [])
+    cols = text_columns(items, text_fields)
     if not cols or items.empty:
         return {"fields": cols, "coverage": 0.0, "chars": {"n": 0}, "words": {"n": 0}, "per_field": {}}
-    parts = [items[c].fillna("").astype(str).str.strip() for c in cols]
-    text = parts[0]
-    for p in parts[1:]:
-        text = text.str.cat(p, sep=" ")
-    text = text.str.strip()
+    text = joined_text(items, cols)
     has = text != ""
     return {"fields": cols, "coverage": round(float(has.mean()), 4),
-            "per_field": {c: round(float((p != "").mean()), 4) for c, p in zip(cols, parts)},
+            "per_field": {c: round(float((_stripped(items, c) != "").mean()), 4) for c in cols},
             "chars": distribution(text[has].str.len()), "words": distribution(text[has].str.split().str.len())}
 
 

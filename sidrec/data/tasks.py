@@ -216,12 +216,12 @@ def _draw_rows(ds, cfg, drawn: list[str], max_history: int, rng, index_levels: i
 def eval_specs(ds, part: str, max_history: int, prompt_history: int) -> pd.DataFrame:
     """One seqrec spec per user of ``valid``/``test``: the last ``prompt_history`` items (window mode:
     pass ``max_history``, see :meth:`PromptFormat.from_config`)."""
-    split = ds.split(part, max_history)
-    full = ds.split(part, 1 << 30)  # the same users in the same order, every item before the target
+    full = ds.split(part, None)  # every item before the target: the prompt shows the last ones, `seen` has all
+    shown = min(int(max_history), int(prompt_history))
     return pd.DataFrame({
-        "split": part, "task": "seqrec", "template": EVAL_TEMPLATE, "user_id": split["user_id"].to_numpy(),
-        "history": [list(h[-prompt_history:]) for h in split["history"]], "target_item": split["target"].to_numpy(),
-        "others": [[] for _ in range(len(split))], "prefix_len": 0, "seen": [list(h) for h in full["history"]],
+        "split": part, "task": "seqrec", "template": EVAL_TEMPLATE, "user_id": full["user_id"].to_numpy(),
+        "history": [list(h[-shown:]) for h in full["history"]], "target_item": full["target"].to_numpy(),
+        "others": [[] for _ in range(len(full))], "prefix_len": 0, "seen": [list(h) for h in full["history"]],
     }, columns=SPEC_COLUMNS + ["seen"])
 
 

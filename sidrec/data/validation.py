@@ -65,14 +65,13 @@ def raise_on_failure(report: QualityReport) -> None:
 # tables to validate
 # ----------------------------------------------------------------------------------------------
 def _item_text(items: pd.DataFrame, text_fields: list[str]) -> pd.Series:
-    cols = [c for c in text_fields if c in items.columns] or (["title"] if "title" in items.columns else [])
+    """Each item's joined text (:func:`sidrec.data.profile.joined_text`), None where it has none."""
+    from sidrec.data.profile import joined_text, text_columns
+
+    cols = text_columns(items, text_fields)
     if not cols:
         return pd.Series([None] * len(items), index=items.index, dtype=object)
-    parts = [items[c].fillna("").astype(str).str.strip() for c in cols]
-    text = parts[0]
-    for p in parts[1:]:
-        text = text.str.cat(p, sep=" ")
-    text = text.str.strip()
+    text = joined_text(items, cols)
     return text.astype(object).where(text != "", None)
 
 

@@ -51,10 +51,17 @@ def popularity_topk(train_sequences: Sequence[Sequence[int]], n_items: int, k: i
     return order[:k].astype(np.int64)
 
 
-def popularity_ranked(train_sequences: Sequence[Sequence[int]], n_items: int, n_users: int, k: int) -> np.ndarray:
-    """[n_users, k]: the same most-popular list for every user."""
-    top = popularity_topk(train_sequences, n_items, k)
-    return np.tile(top[None, :], (n_users, 1))
+def popularity_ranked(train_sequences: Sequence[Sequence[int]], n_items: int, n_users: int, k: int,
+                      exclude: Optional[Sequence[set]] = None) -> np.ndarray:
+    """[n_users, k]: the same most-popular list for every user; ``exclude`` (one set of item indices per
+    user) are dropped from that user's list, which the next most popular items fill."""
+    if exclude is None:
+        return np.tile(popularity_topk(train_sequences, n_items, k)[None, :], (n_users, 1))
+    from sidrec.evaluation.metrics import drop_seen
+
+    longest = max((len(s) for s in exclude), default=0)
+    top = popularity_topk(train_sequences, n_items, min(k + longest, n_items))
+    return drop_seen(np.tile(top[None, :], (n_users, 1)), exclude)[:, :k]
 
 
 # ---------------------------------------------------------------- SASRec model

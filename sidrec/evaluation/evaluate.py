@@ -107,17 +107,14 @@ def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool 
     kmax = max(ks)
     out: dict[str, float] = {}
     limits = max_users or {}
-    parts = {p: _sample(ds.split(p, max(max_history, cfg.sasrec.max_len)), limits.get(p), seed) for p in ("valid", "test")}
+    # every item before the target: SASRec reads only the last max_len of it (baselines._pad_histories)
+    parts = {p: _sample(ds.split(p, None), limits.get(p), seed) for p in ("valid", "test")}
     targets = {p: np.array([index[t] for t in parts[p]["target"]]) for p in parts}
     hists = {p: [[index[i] for i in h] for h in parts[p]["history"]] for p in parts}
-    seen = None
-    if exclude_history:  # every item before the target (the parts' histories are capped), same users and order
-        seen = {p: [{index[i] for i in h} for h in _sample(ds.split(p, 1 << 30), limits.get(p), seed)["history"]] for p in parts}
+    seen = {p: [set(h) for h in hists[p]] for p in parts} if exclude_history else None
     if cfg.popularity:
         for p in parts:
-            extra = max((len(x) for x in seen[p]), default=0) if seen else 0
-            ranked = popularity_ranked(train, n_items, len(targets[p]), min(kmax + extra, n_items))
-            ranked = drop_seen(ranked, seen[p])[:, :kmax] if seen else ranked
+            ranked = popularity_ranked(train, n_items, len(targets[p]), kmax, exclude=seen[p] if seen else None)
             out.update({f"baseline/popularity/{p}/{k}": v for k, v in ranking_metrics(ranked, targets[p], ks).items()})
     if cfg.sasrec.enabled:
         # early stopping looks at every valid user; the reported valid metrics use the sampled ones

@@ -194,8 +194,9 @@ def load_pyfunc_recommender(cfg: RunConfig, version: str):
 
 
 def _test_users(ds, cfg: RunConfig) -> pd.DataFrame:
-    split = ds.split("test", cfg.data.max_history)
-    split["seen"] = ds.split("test", 1 << 30)["history"].to_numpy()  # every item before the target
+    full = ds.split("test", None)
+    split = full.assign(seen=full["history"])  # every item before the target
+    split["history"] = pd.Series([h[-cfg.data.max_history:] for h in full["history"]], index=full.index, dtype=object)
     n = cfg.promotion.test_max_users
     if n is not None and n < len(split):
         split = split.sample(n=n, random_state=cfg.seed).sort_index().reset_index(drop=True)
@@ -244,15 +245,10 @@ def popularity_scores(ds, split: pd.DataFrame, cfg: RunConfig) -> dict:
     index = ds.item_index()
     train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]
     targets = np.array([index[t] for t in split["target"]])
-    k = max(cfg.eval.ks)
+    seen = None
     if cfg.eval.exclude_history:  # as the LLM is scored (evaluate_llm drops the seen items)
-        from sidrec.evaluation.metrics import drop_seen
-
         seen = [{index[i] for i in h if i in index} for h in (split["seen"] if "seen" in split.columns else split["history"])]
-        extra = max((len(x) for x in seen), default=0)
-        ranked = drop_seen(popularity_ranked(train, len(index), len(targets), min(k + extra, len(index))), seen)[:, :k]
-    else:
-        ranked = popularity_ranked(train, len(index), len(targets), k)
+    ranked = popularity_ranked(train, len(index), len(targets), max(cfg.eval.ks), exclude=seen)
     return {f"test/{k}": v for k, v in ranking_metrics(ranked, targets, cfg.eval.ks).items()}
 
 

@@ -25,14 +25,15 @@ def ingest(cfg: RunConfig):
 
 
 # 2. validation ------------------------------------------------------------------------------
-def validate(ds, cfg: RunConfig, docs_dir: Optional[Path] = None, history=None):
-    """Great Expectations suites + the data's profile, compared with the previous run's profile of the
-    same dataset (``history``: a :class:`sidrec.data.profile.ProfileHistory`, default the state folder's)."""
+def validate(ds, cfg: RunConfig, project_dir: Optional[Path] = None, history=None):
+    """Great Expectations checkpoints + the data's profile, compared with the previous run's profile of the
+    same dataset (``history``: a :class:`sidrec.data.profile.ProfileHistory`, default the state folder's).
+    ``project_dir``: where the GE file Data Context lives (default: the state folder, ``$SIDREC_HOME/gx``),
+    so its Data Docs list every validation run."""
     from sidrec.data.profile import ProfileHistory, profile_dataset
     from sidrec.data.validation import validate_dataset
 
-    docs_dir = docs_dir or Path(tempfile.mkdtemp(prefix="sidrec-gx-docs-"))
-    report = validate_dataset(ds, cfg.validation, docs_dir)
+    report = validate_dataset(ds, cfg.validation, project_dir or state_home())
     history = history or ProfileHistory()
     report.profile = profile_dataset(ds)
     report.previous = history.latest(ds.name)
@@ -239,7 +240,7 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     return state_home() / "checkpoints" / "finetune"
 
 
-def _recording(log: Optional[Callable[[int, dict], None]]):
+def recording_log(log: Optional[Callable[[int, dict], None]]):
     """(losses, log): a training-log callback that also keeps the ``(step, train/loss)`` curve."""
     losses: list[tuple[int, float]] = []
 
@@ -266,7 +267,7 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
     seed_everything(cfg.seed)
     model, tok, encoder = build_model(cfg, bundle, ds)
     calibrate(model, encoder, instructions.part("train"), cfg)
-    losses, _log = _recording(log)
+    losses, _log = recording_log(log)
 
     select = None
     if cfg.train.eval_every:  # model selection on a fixed sample of valid users (never test)
@@ -364,7 +365,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
         return valid_selector(encoder, items, valid_rows, cfg.train.select_users, cfg.train.select_beams,
                               cfg.eval.batch_size, cfg.seed, dtype, exclude_history=cfg.eval.exclude_history)
 
-    losses, _log = _recording(log)
+    losses, _log = recording_log(log)
 
     n_steps = train_steps(cfg.train, len(train_rows))  # the recommender's budget, as a static run's
     hooks = DynamicIndexHooks(learned, dcfg, n_steps, cfg.train.lr, cfg.seed, render, instr.rows, make_select, _log)

@@ -76,8 +76,7 @@ def ingest(config: dict) -> Annotated[Dataset, "dataset"]:
 
 @step(output_materializers=QualityReportMaterializer, cache_policy=_deps(sidrec.data.validation, sidrec.data.profile))
 def validate_data(dataset: Dataset, config: dict) -> Annotated[QualityReport, "quality_report"]:
-    docs = Path(tempfile.mkdtemp(prefix="sidrec-gx-"))
-    report = sidrec.stages.validate(dataset, _cfg(config), docs)
+    report = sidrec.stages.validate(dataset, _cfg(config))  # GE file Data Context in the state folder
     _meta(**{"data_quality": {"success": bool(report.success), "summary": report.summary()}})
     return report
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -51,10 +52,13 @@ def test_ml100k_passes_and_writes_docs(ml100k, tmp_path):
         assert r["critical"] is True and r["success"] is True
     in_set = [r for r in report.results if r["suite"] == "interactions" and r["expectation"] == "expect_column_values_to_be_in_set"]
     assert in_set[0]["column"] == "item_id" and in_set[0]["observed"] == f"0 unexpected of {len(ml100k.interactions)}"
-    assert report.docs_dir == str(docs.resolve())
-    index = docs / "index.html"
+    site = docs.resolve() / "gx" / "uncommitted" / "data_docs" / "sidrec_data_docs"
+    assert report.docs_dir == str(site)
+    index = site / "index.html"
     assert index.is_file() and "ml-100k" in index.read_text(encoding="utf-8")
-    assert list(docs.glob("validations/**/*.html"))
+    assert list(site.glob("validations/**/*.html"))
+    # the file Data Context keeps one checkpoint per suite
+    assert {p.stem for p in (docs / "gx" / "checkpoints").glob("*.json")} >= {"ml-100k.interactions", "ml-100k.items", "ml-100k.users"}
     raise_on_failure(report)  # no exception
     # JSON round-trip
     again = QualityReport.from_json(json.loads(json.dumps(report.to_json())))
@@ -69,7 +73,7 @@ def test_item_missing_from_items(tmp_path):
     assert report.summary() == (
         "data validation failed: interactions.item_id values in items table (2 unexpected of 8, e.g. 'd', 'd')"
     )
-    assert (tmp_path / "docs" / "index.html").is_file()
+    assert (Path(report.docs_dir) / "index.html").is_file()  # docs are written for a failed run too
     with pytest.raises(ValidationFailed, match=r"^data validation failed: interactions\.item_id values in items table"):
         raise_on_failure(report)
     assert issubclass(ValidationFailed, DataError)
@@ -111,3 +115,25 @@ def test_null_ids_fail():
     ds.interactions.loc[0, "user_id"] = None
     report = validate_dataset(ds, ValidationConfig(min_history=1), None)
     assert ("interactions", "user_id") in [(r["suite"], r["column"]) for r in report.failures()]
+
+
+def test_data_docs_keep_every_run_and_render_offline(tmp_path):
+    """Two validations in one file Data Context: the Data Docs index lists both runs of every suite (a
+    failed one marked failed), as a plain HTML table with links, and no page loads anything from the network."""
+    import re
+
+    project = tmp_path / "state"
+    ok = validate_dataset(make_ds(GOOD), ValidationConfig(min_history=1), project)
+    bad = validate_dataset(make_ds(GOOD, items=[("a", "A"), ("b", "B"), ("c", "C")]), ValidationConfig(min_history=1), project)
+    assert ok.success and not bad.success and ok.docs_dir == bad.docs_dir
+    site = Path(bad.docs_dir)
+    index = (site / "index.html").read_text(encoding="utf-8")
+    pages = sorted(site.glob("validations/**/*.html"))
+    assert len(pages) == 6  # 3 suites x 2 runs
+    rows = re.findall(r"<tr><td><a href=\"(validations/[^\"]+\.html)\">", index)
+    assert len(rows) == 6 and all((site / r).is_file() for r in rows)  # every run listed, each link resolves
+    assert index.count("text-danger") >= 1 and index.count("text-success") >= 5  # the failed run of 'interactions'
+    for page in [site / "index.html", *pages, *site.glob("expectations/**/*.html")]:
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r"<(link|script)\b[^>]*(href|src)=\"https?://", text), page
+        assert "<script" not in text and 'id="sidrec-offline"' in text, page

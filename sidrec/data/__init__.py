@@ -1,13 +1,14 @@
 """Data in, examples out.
 
 ``dataset`` (Dataset, cleaning, splits, format loaders), ``readers`` (raw tables, ids, timestamps),
-``validation`` (Great Expectations suites), ``profile`` (the data's profile and its history), ``text``
-(item/user texts and their embeddings), ``embedding_cache``, ``tasks`` (training windows, prompts,
-instruction tasks). May import: foundations, ``model``, ``training``, ``index``.
+``validation`` (Great Expectations checkpoints), ``data_docs`` (Data Docs that render offline),
+``profile`` (the data's profile and its history), ``text`` (item/user texts and their embeddings),
+``embedding_cache``, ``tasks`` (training windows, prompts, instruction tasks). May import: foundations,
+``model``, ``training``, ``index``.
 """
 from sidrec.exports import lazy_exports
 
-MODULES = ['dataset', 'embedding_cache', 'profile', 'readers', 'tasks', 'text', 'validation']
+MODULES = ['data_docs', 'dataset', 'embedding_cache', 'profile', 'readers', 'tasks', 'text', 'validation']
 __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'Dataset': 'dataset',
     'EmbeddingCache': 'embedding_cache',
@@ -30,6 +31,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'item_text': 'text',
     'item_texts': 'text',
     'load_dataset': 'dataset',
+    'make_offline': 'data_docs',
     'minilm_embeddings': 'text',
     'parse_timestamps': 'readers',
     'profile_dataset': 'profile',

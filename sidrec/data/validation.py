@@ -1,4 +1,5 @@
-"""Data-quality checks with Great Expectations (1.x) and a static Data Docs site.
+"""Data-quality checks with Great Expectations (1.x): a file Data Context, one Checkpoint per suite, and a
+Data Docs site with every validation run, readable offline.
 
 Three suites run against the canonical `Dataset`:
 
@@ -171,11 +172,83 @@ def _plan(gxe, inter: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, it
 
 
 
-def validate_dataset(ds, cfg: ValidationConfig, docs_dir: Optional[Path]) -> QualityReport:
-    """Run the three suites; write Data Docs (static HTML, index.html) into `docs_dir` when given."""
+def _replace(factory, obj):
+    """Store ``obj`` (a suite, validation definition or checkpoint) under its name in a file Data Context,
+    replacing the previous run's: the suites follow the config (``min_history``, ``min_text_share``), while
+    the validation *results* of earlier runs stay in the context's store and on its Data Docs site."""
+    try:
+        factory.delete(obj.name)
+    except Exception:  # not there yet
+        pass
+    return factory.add(obj)
+
+
+def _batch_definition(source, table: str):
+    """The whole-dataframe batch definition of asset ``table`` (kept in a file context from earlier runs)."""
+    try:
+        asset = source.get_asset(table)
+    except LookupError:
+        asset = source.add_dataframe_asset(name=table)
+    try:
+        return asset.get_batch_definition(f"{table}_all")
+    except (KeyError, LookupError):
+        return asset.add_batch_definition_whole_dataframe(f"{table}_all")
+
+
+def _file_context(gx, project_dir: Path):
+    """The file Data Context under ``project_dir`` (created on first use) with the Data Docs site
+    ``SITE_NAME`` in ``uncommitted/data_docs/``."""
+    context = gx.get_context(mode="file", project_root_dir=str(project_dir))
+    if SITE_NAME not in context.get_site_names():
+        context.add_data_docs_site(
+            site_name=SITE_NAME,
+            site_config={
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": f"uncommitted/data_docs/{SITE_NAME}/"},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+    return context
+
+
+def _project_lock(project_dir: Optional[Path]):
+    """One validation at a time per file Data Context (two runs would race on its YAML and stores)."""
+    import contextlib
+
+    if project_dir is None:
+        return contextlib.nullcontext()
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def lock():
+        project_dir.mkdir(parents=True, exist_ok=True)
+        with open(project_dir / ".sidrec-validation.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return lock()
+
+
+def validate_dataset(ds, cfg: ValidationConfig, project_dir: Optional[Path]) -> QualityReport:
+    """Run the three suites, each through a GE Checkpoint.
+
+    ``project_dir``: the folder of a file Data Context (``<project_dir>/gx``, created on first use; the
+    pipeline's is ``$SIDREC_HOME``): suites, validation definitions and checkpoints are stored there, every
+    checkpoint run adds its result, and ``UpdateDataDocsAction`` updates the Data Docs site, so it lists
+    every validation run side by side; the site is rewritten to render offline
+    (:mod:`sidrec.data.data_docs`) and is the report's ``docs_dir``. ``None``: an ephemeral context, no docs.
+    The report's ``success`` is the checkpoints' own verdict."""
     _quiet_gx()
     import great_expectations as gx  # noqa: WPS433 (slow import, kept local)
     import great_expectations.expectations as gxe
+    from great_expectations.checkpoint import UpdateDataDocsAction
 
     _quiet_gx()
 
@@ -185,66 +258,56 @@ def validate_dataset(ds, cfg: ValidationConfig, docs_dir: Optional[Path]) -> Qua
     item_ids = sorted(set(ds.items["item_id"].dropna().astype(str)))
 
     plan = _plan(gxe, inter, items, users, item_ids, cfg)
-
+    project = Path(project_dir).resolve() if project_dir is not None else None
+    site: Optional[Path] = None
     try:
-        context = gx.get_context(mode="ephemeral")
-        from great_expectations.data_context.types.base import ProgressBarsConfig
+        with _project_lock(project):
+            if project is None:
+                context = gx.get_context(mode="ephemeral")
+            else:
+                context = _file_context(gx, project)
+                site = Path(context.root_directory) / "uncommitted" / "data_docs" / SITE_NAME
+            from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-        docs_path: Optional[Path] = None
-        if docs_dir is not None:
-            docs_path = Path(docs_dir).resolve()
-            docs_path.mkdir(parents=True, exist_ok=True)
-            context.add_data_docs_site(
-                site_name=SITE_NAME,
-                site_config={
-                    "class_name": "SiteBuilder",
-                    "show_how_to_buttons": False,
-                    "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_path)},
-                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                },
-            )
-        source = context.data_sources.add_pandas(name=f"sidrec_{ds.name}".replace(" ", "_") or "sidrec")
-        results: list[dict] = []
-        for table, frame, exps in plan:
-            asset = source.add_dataframe_asset(name=table)
-            batch_def = asset.add_batch_definition_whole_dataframe(f"{table}_all")
-            suite = context.suites.add(gx.ExpectationSuite(name=f"{ds.name}.{table}"))
-            meta = {}
-            for exp, col, desc in exps:
-                added = suite.add_expectation(exp)
-                meta[str(added.id)] = (col, desc)
-            vd = context.validation_definitions.add(
-                gx.ValidationDefinition(name=f"{ds.name}.{table}.validation", data=batch_def, suite=suite)
-            )
-            fmt: Any = "BASIC"
-            if "user_id" in frame.columns and table == "users":
-                fmt = {"result_format": "SUMMARY", "unexpected_index_column_names": ["user_id"], "partial_unexpected_count": 3}
-            res = vd.run(batch_parameters={"dataframe": frame}, result_format=fmt)
-            by_id = {str(r.expectation_config.id): r for r in res.results}
-            for exp_id, (col, desc) in meta.items():
-                r = by_id[exp_id]
-                results.append(
-                    {
-                        "suite": table,
-                        "expectation": r.expectation_config.type,
-                        "column": col,
-                        "description": desc,
-                        "success": bool(r.success),
-                        "critical": True,
-                        "observed": _observed(r, col),
-                    }
-                )
-        if docs_path is not None:
-            context.build_data_docs(site_names=[SITE_NAME])
+            context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+            source = context.data_sources.add_or_update_pandas(name=f"sidrec_{ds.name}".replace(" ", "_") or "sidrec")
+            results: list[dict] = []
+            verdicts: list[bool] = []
+            actions = [UpdateDataDocsAction(name="update_data_docs", site_names=[SITE_NAME])] if site is not None else []
+            for table, frame, exps in plan:
+                batch_def = _batch_definition(source, table)
+                suite = _replace(context.suites, gx.ExpectationSuite(name=f"{ds.name}.{table}"))
+                meta = {}
+                for exp, col, desc in exps:
+                    added = suite.add_expectation(exp)
+                    meta[str(added.id)] = (col, desc)
+                vd = _replace(context.validation_definitions,
+                              gx.ValidationDefinition(name=f"{ds.name}.{table}.validation", data=batch_def, suite=suite))
+                fmt: Any = {"result_format": "BASIC"}
+                if "user_id" in frame.columns and table == "users":
+                    fmt = {"result_format": "SUMMARY", "unexpected_index_column_names": ["user_id"], "partial_unexpected_count": 3}
+                checkpoint = _replace(context.checkpoints, gx.Checkpoint(
+                    name=f"{ds.name}.{table}", validation_definitions=[vd], actions=actions, result_format=fmt))
+                run = checkpoint.run(batch_parameters={"dataframe": frame})
+                verdicts.append(bool(run.success))
+                (res,) = run.run_results.values()
+                by_id = {str(r.expectation_config.id): r for r in res.results}
+                for exp_id, (col, desc) in meta.items():
+                    r = by_id[exp_id]
+                    results.append({"suite": table, "expectation": r.expectation_config.type, "column": col,
+                                    "description": desc, "success": bool(r.success), "critical": True,
+                                    "observed": _observed(r, col)})
+            if site is not None:
+                from sidrec.data.data_docs import make_offline
+
+                make_offline(site)
     except (DataError, MemoryError):
         raise
     except Exception as e:  # GE internals: one line, no traceback
         first = str(e).splitlines()[0] if str(e) else ""
         raise DataError(f"data validation could not run ({type(e).__name__}: {first[:200]})") from None
 
-    success = all(r["success"] for r in results if r["critical"])
-    return QualityReport(success=success, results=results, docs_dir=str(docs_path) if docs_path is not None else None)
+    return QualityReport(success=all(verdicts), results=results, docs_dir=str(site) if site is not None else None)
 
 
 def check_config_fits_data(cfg, ds) -> None:

@@ -292,12 +292,13 @@ def warm_start_model(model, champion_recommender: Path, cfg: RunConfig) -> dict:
     return {"warm": True, "reason": "champion adapter + SID embeddings loaded", "copied_sid_rows": len(old_vocab.tokens)}
 
 
-def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
-    """``sidrec.stages.finetune`` that starts from the champion when compatible (meta ``warm_start``)."""
+def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None):
+    """``sidrec.stages.finetune`` that starts from the champion when compatible (meta ``warm_start``);
+    ``log(step, metrics)`` as in ``stages.finetune``."""
     from sidrec.artifacts import TrainedRecommender
     from sidrec.model.sid_model import save_recommender
     from sidrec.runtime import compute_dtype, progress_enabled, seed_everything, set_threads
-    from sidrec.stages import build_model, calibrate, recommender_meta
+    from sidrec.stages import recording_log, build_model, calibrate, recommender_meta
     from sidrec.training.loop import train
 
     set_threads(cfg)
@@ -314,9 +315,8 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path):
             info["from_version"] = parts["version"] if info["warm"] else ""
     if not info["warm"]:  # a fresh model: calibrate its SID head (a warm one keeps the champion's)
         calibrate(model, encoder, instructions.part("train"), cfg)
-    losses: list = []
-    res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg),
-                lambda s, m: losses.append((s, m["train/loss"])), progress_enabled())
+    losses, _log = recording_log(log)
+    res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled())
     meta = recommender_meta(cfg, model, res.summary(), losses, warm_start=info)
     save_recommender(model, tok, out_dir, meta)
     return TrainedRecommender(path=out_dir, meta=meta)

@@ -93,27 +93,10 @@ def _init_tracking_store(cfg) -> None:
 
 
 def _store_lock():
-    import contextlib
-
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return contextlib.nullcontext()
-    from sidrec.runtime import state_home
+    from sidrec.runtime import file_lock, state_home
 
     cfg_dir = Path(os.environ.get("ZENML_CONFIG_PATH", state_home() / "zenml"))
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-
-    @contextlib.contextmanager
-    def lock():
-        with open(cfg_dir / ".sidrec-init.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    return lock()
+    return file_lock(cfg_dir / ".sidrec-init.lock")
 
 
 def _zenml_model(cfg):

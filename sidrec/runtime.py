@@ -65,3 +65,27 @@ def progress_enabled() -> bool:
 
 
 __all__ = ["compute_dtype", "progress_enabled", "resolve_device", "seed_everything", "set_threads", "state_home"]
+
+
+def file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (its folder created) for a ``with`` block: one process at a time
+    creates or changes a shared store (the ZenML store, a Great Expectations file Data Context). Not POSIX:
+    no lock."""
+    import contextlib
+
+    try:
+        import fcntl
+    except ImportError:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def lock():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return lock()

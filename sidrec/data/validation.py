@@ -13,6 +13,7 @@ Great Expectations is imported lazily (it is slow to import).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import pandas as pd
 
 from sidrec.config import ValidationConfig
 from sidrec.errors import DataError, ValidationFailed
+from sidrec.runtime import file_lock
 
 SITE_NAME = "sidrec_data_docs"
 
@@ -212,30 +214,6 @@ def _file_context(gx, project_dir: Path):
     return context
 
 
-def _project_lock(project_dir: Optional[Path]):
-    """One validation at a time per file Data Context (two runs would race on its YAML and stores)."""
-    import contextlib
-
-    if project_dir is None:
-        return contextlib.nullcontext()
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def lock():
-        project_dir.mkdir(parents=True, exist_ok=True)
-        with open(project_dir / ".sidrec-validation.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    return lock()
-
-
 def validate_dataset(ds, cfg: ValidationConfig, project_dir: Optional[Path]) -> QualityReport:
     """Run the three suites, each through a GE Checkpoint.
 
@@ -261,7 +239,8 @@ def validate_dataset(ds, cfg: ValidationConfig, project_dir: Optional[Path]) -> 
     project = Path(project_dir).resolve() if project_dir is not None else None
     site: Optional[Path] = None
     try:
-        with _project_lock(project):
+        # one validation at a time per file Data Context (two runs would race on its YAML and stores)
+        with file_lock(project / ".sidrec-validation.lock") if project is not None else contextlib.nullcontext():
             if project is None:
                 context = gx.get_context(mode="ephemeral")
             else:

@@ -53,7 +53,6 @@ i.fas, i.far { font-style:normal; }
 .fa-exclamation-triangle::before { content:"\\26A0"; } .fa-info-circle::before { content:"\\2139"; }
 .m-0{margin:0} .mb-0{margin-bottom:0} .mb-1{margin-bottom:.25rem} .mb-2{margin-bottom:.5rem} .mb-3{margin-bottom:1rem} .mb-4{margin-bottom:1.5rem}
 .mt-1{margin-top:.25rem} .ml-1{margin-left:.25rem} .ml-2{margin-left:.5rem} .p-0{padding:0} .p-1{padding:.25rem} .p-2{padding:.5rem} .p-3{padding:.75rem}
-.sidrec-offline-note { color:var(--muted); font-size:12px; margin:.25rem 1.5rem; }
 """
 
 _CDN_LINK = re.compile(r"<link\b[^>]*href=\"https?://[^\"]*\"[^>]*>", re.I)

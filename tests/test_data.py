@@ -345,6 +345,21 @@ def test_fingerprint_stable_across_processes(ml100k, ml100k_dir, tmp_path):
     assert changed.fingerprint() != fp
 
 
+def test_fingerprint_is_computed_once_and_follows_replaced_frames(ml100k, monkeypatch):
+    import dataclasses
+
+    ds = dataclasses.replace(ml100k)  # a copy whose frames we may replace
+    calls = []
+    real = Dataset._content_digest
+    monkeypatch.setattr(Dataset, "_content_digest", lambda self: calls.append(1) or real(self))
+    fp = ds.fingerprint()
+    assert ds.fingerprint() == fp and len(calls) == 1  # asked twice, hashed once
+    ds.items = ds.items.assign(title=ds.items["title"] + "!")  # a replaced frame is hashed again
+    assert ds.fingerprint() != fp and len(calls) == 2
+    ds.items = ml100k.items
+    assert ds.fingerprint() == fp and len(calls) == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # one-line errors naming the file and column
 # ----------------------------------------------------------------------------------------------

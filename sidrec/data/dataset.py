@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -65,6 +65,9 @@ class Dataset:
     sequences: pd.DataFrame
     text_fields: list[str]
     presplit: bool
+    # fingerprint() memo: (the identity of what it hashed, the digest). A Dataset's frames are never
+    # modified in place by sidrec (cleaning builds new frames), so identity stands for content.
+    _fingerprint_memo: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     # -- splits --------------------------------------------------------------------------------
     def split(self, part: Literal["train", "valid", "test"], max_history: Optional[int]) -> pd.DataFrame:
@@ -107,7 +110,21 @@ class Dataset:
 
     # -- identity / persistence -----------------------------------------------------------------
     def fingerprint(self) -> str:
-        """sha256 (16 hex chars) over the canonical content; stable across runs and processes."""
+        """sha256 (16 hex chars) over the canonical content; stable across runs and processes.
+
+        Hashing renders every frame as text (seconds on a catalog with ~1M interactions), and one run
+        asks for it several times (ingest metadata, the artifact's meta.json, the MLflow tags, the
+        registry), so the digest is kept until a frame or the text fields are replaced."""
+        frames = (self.interactions, self.items, self.users)
+        settings = (tuple(self.text_fields), bool(self.presplit))
+        memo = self._fingerprint_memo
+        if memo is not None and all(a is b for a, b in zip(memo[0], frames)) and memo[1] == settings:
+            return memo[2]
+        digest = self._content_digest()
+        self._fingerprint_memo = (frames, settings, digest)
+        return digest
+
+    def _content_digest(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps({"v": _FORMAT_VERSION, "text_fields": self.text_fields, "presplit": bool(self.presplit)}).encode())
         for label, df in (("interactions", self.interactions), ("items", self.items), ("users", self.users)):

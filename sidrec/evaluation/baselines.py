@@ -240,6 +240,48 @@ def _valid_ndcg10(model: SASRec, valid: tuple[Sequence[Sequence[int]], np.ndarra
 # ---------------------------------------------------------------- training
 
 
+def _train_epoch(model: SASRec, opt: torch.optim.Optimizer, inp: torch.Tensor, tgt: torch.Tensor, batch_size: int,
+                 gen: torch.Generator) -> float:
+    """One pass over the training sequences in a random order: full-softmax cross-entropy at every
+    non-padding position. Returns the epoch's mean loss per supervised position."""
+    model.train()
+    perm = torch.randperm(inp.shape[0], generator=gen)
+    tot, cnt = 0.0, 0
+    for s in range(0, len(perm), batch_size):
+        idx = perm[s:s + batch_size]
+        x, y = inp[idx], tgt[idx]
+        # drop all-padding leading columns of this batch (cheaper attention)
+        first = int((x > 0).any(0).float().argmax())
+        x, y = x[:, first:], y[:, first:]
+        h = model.hidden_states(x)
+        sel = y > 0
+        logits = h[sel] @ model.item_weights().T
+        loss = F.cross_entropy(logits, y[sel] - 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n = int(sel.sum())
+        tot += float(loss.detach()) * n
+        cnt += n
+    return tot / max(cnt, 1)
+
+
+class _EarlyStopping:
+    """Keeps the weights of the best valid NDCG@10 so far and counts the epochs since it improved."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_epoch, self.best_state, self.bad = patience, -math.inf, 0, None, 0
+
+    def update(self, model: SASRec, epoch: int, score: float) -> bool:
+        """Record one epoch's score; True when ``patience`` epochs in a row did not improve it."""
+        if score > self.best:
+            self.best, self.best_epoch, self.bad = score, epoch, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+
 def train_sasrec(
     train_sequences: Sequence[Sequence[int]],
     n_items: int,
@@ -267,57 +309,33 @@ def train_sasrec(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     t0 = time.perf_counter()
-    best_ndcg, best_epoch, best_state = -math.inf, 0, None
-    bad_epochs, epochs_run, stopped, loss_val = 0, 0, "max_epochs", float("nan")
+    stop = _EarlyStopping(cfg.patience)
+    epochs_run, stopped, loss_val = 0, "max_epochs", float("nan")
     bar = tqdm(range(1, cfg.max_epochs + 1), desc="SASRec", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
-        model.train()
-        perm = torch.randperm(inp.shape[0], generator=gen)
-        tot, cnt = 0.0, 0
-        for s in range(0, len(perm), cfg.batch_size):
-            idx = perm[s:s + cfg.batch_size]
-            x, y = inp[idx], tgt[idx]
-            # drop all-padding leading columns of this batch (cheaper attention)
-            first = int((x > 0).any(0).float().argmax())
-            x, y = x[:, first:], y[:, first:]
-            h = model.hidden_states(x)
-            sel = y > 0
-            logits = h[sel] @ model.item_weights().T
-            loss = F.cross_entropy(logits, y[sel] - 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = int(sel.sum())
-            tot += float(loss.detach()) * n
-            cnt += n
-        loss_val = tot / max(cnt, 1)
+        loss_val = _train_epoch(model, opt, inp, tgt, cfg.batch_size, gen)
         epochs_run = epoch
         post = {"loss": f"{loss_val:.4f}"}
+        patience_spent = False
         if valid is not None:
             ndcg = _valid_ndcg10(model, valid)
             post["valid_ndcg@10"] = f"{ndcg:.4f}"
-            if ndcg > best_ndcg:
-                best_ndcg, best_epoch, bad_epochs = ndcg, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_epochs += 1
+            patience_spent = stop.update(model, epoch, ndcg)
         bar.set_postfix(post)
-        if valid is not None and bad_epochs >= cfg.patience:
+        if patience_spent:
             stopped = "early_stopping"
             break
         if max_minutes is not None and time.perf_counter() - t0 > max_minutes * 60:
             stopped = "time_cap" if epoch < cfg.max_epochs else "max_epochs"
             break
     bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
-        best_epoch = epochs_run
+    if stop.best_state is not None:
+        model.load_state_dict(stop.best_state)
     model.eval()
     info = {
-        "best_epoch": int(best_epoch),
+        "best_epoch": int(stop.best_epoch if stop.best_state is not None else epochs_run),
         "epochs_run": int(epochs_run),
-        "best_valid_ndcg_at_10": float(best_ndcg) if valid is not None else None,
+        "best_valid_ndcg_at_10": float(stop.best) if valid is not None else None,
         "train_seconds": float(time.perf_counter() - t0),
         "stopped": stopped,
         "final_loss": float(loss_val),

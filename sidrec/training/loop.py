@@ -142,6 +142,16 @@ class TrainResult:
     select_seconds: float = 0.0  # wall time of the model-selection decoding (inside `seconds`)
     rows: int = 0  # training rows (one epoch)
 
+    def record(self, loss: float, examples: int, mask: torch.Tensor) -> None:
+        """Account one optimizer step: its loss, examples and (real / padded) tokens."""
+        if not self.losses:
+            self.first_loss = loss
+        self.losses.append(loss)
+        self.steps += 1
+        self.examples += examples
+        self.tokens += int(mask.sum())
+        self.padded_tokens += mask.numel()
+
     @property
     def padding_share(self) -> float:
         return 1.0 - self.tokens / max(self.padded_tokens, 1)
@@ -335,6 +345,89 @@ def load_checkpoint(run_dir: Path, model, opt, key: str, params=None) -> Optiona
     return None
 
 
+class LRSchedule:
+    """The one learning-rate schedule of fine-tuning: an optional SID-only warm-up (``cfg.sid_warmup_steps``
+    steps: the first parameter group, the SID rows, at ``cfg.sid_warmup_lr``, every other group at 0), then
+    a linear warm-up over ``cfg.warmup_steps`` and a cosine decay to 0 at the last step."""
+
+    def __init__(self, opt: torch.optim.Optimizer, cfg, n_steps: int):
+        self.opt, self.n_steps, self.warmup = opt, n_steps, cfg.warmup_steps
+        self.base = [g["lr"] for g in opt.param_groups]
+        self.sid_warm = min(int(getattr(cfg, "sid_warmup_steps", 0) or 0), n_steps)
+        self.sid_lr = getattr(cfg, "sid_warmup_lr", None)
+
+    def factor(self, step: int) -> float:
+        """The multiplier of the base learning rates at ``step`` (after the SID-only warm-up)."""
+        step -= self.sid_warm  # the schedule starts after the SID-only warm-up
+        if step < self.warmup:
+            return (step + 1) / max(self.warmup, 1)
+        progress_ = (step - self.warmup) / max(self.n_steps - self.sid_warm - self.warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
+
+    def apply(self, step: int) -> None:
+        if step < self.sid_warm:
+            self.opt.param_groups[0]["lr"] = self.sid_lr
+            for g in self.opt.param_groups[1:]:
+                g["lr"] = 0.0
+            return
+        for g, lr in zip(self.opt.param_groups, self.base):
+            g["lr"] = lr * self.factor(step)
+
+
+class _Selection:
+    """Model selection during training: scores the model with ``select`` (valid users only), records the
+    curve in the :class:`TrainResult` and keeps a copy of the best-scoring trainable weights."""
+
+    def __init__(self, select, named, res: "TrainResult", log):
+        self.select, self.named, self.res, self.log = select, named, res, log
+        self.best: dict[str, torch.Tensor] = {}
+
+    def __call__(self, model, step: int) -> None:
+        res = self.res
+        t_sel = time.perf_counter()
+        score = float(self.select(model))
+        model.train()
+        res.select_seconds += time.perf_counter() - t_sel
+        res.select_curve.append((step, score))
+        if not res.best_step or score > res.best_score:
+            res.best_step, res.best_score = step, score
+            self.best.clear()
+            self.best.update({name: p.detach().clone() for name, p in self.named})
+        if self.log is not None:
+            self.log(step, {"valid/select_recall_at_10": score})
+
+    def restore_best(self, n_steps: int) -> None:
+        """Put the best-scoring weights back (when a step before the last one won)."""
+        if self.best and self.res.best_step < n_steps:
+            with torch.no_grad():
+                for name, p in self.named:
+                    p.copy_(self.best[name])
+            log_.info("fine-tune: kept step %d (valid Recall@10 %.4f) of %d", self.res.best_step, self.res.best_score, n_steps)
+
+
+def _resume(meta: dict, res: "TrainResult", selection: _Selection, hooks, log, cfg, schedule: LRSchedule) -> int:
+    """Restore the run's progress from a checkpoint's ``meta`` into ``res`` / ``selection`` / ``hooks``
+    (the weights and optimizer were loaded by :func:`load_checkpoint`), replay the logged loss curve up to
+    it, and return the step to continue from."""
+    start = res.resumed_from = int(meta["step"])
+    res.losses = list(meta["losses"])
+    res.steps, res.examples, res.tokens = start, int(meta["examples"]), int(meta["tokens"])
+    res.padded_tokens, res.seconds = int(meta["padded_tokens"]), float(meta["seconds"])
+    res.first_loss = float(meta.get("first_loss", float("nan")))
+    res.select_curve = [(int(a), float(b)) for a, b in meta.get("select_curve", [])]
+    res.best_step, res.best_score = int(meta.get("best_step", 0)), float(meta.get("best_score", float("nan")))
+    res.select_seconds = float(meta.get("select_seconds", 0.0))
+    selection.best.update(meta.get("best", {}))
+    hooks.restore(meta["hook_tensors"], meta.get("hooks", {}))
+    log_.warning("fine-tune: resuming from %s (step %d of %d)", meta["path"], start, schedule.n_steps)
+    if log is not None:  # replay the logged curve up to the checkpoint
+        for step in range(start):
+            if step % cfg.log_every == 0:
+                log(step, {"train/loss": float(np.mean(res.losses[max(0, step + 1 - cfg.log_every): step + 1])),
+                           "train/lr": schedule.base[-1] * schedule.factor(step)})
+    return start
+
+
 def train(
     model, encoder, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype = torch.bfloat16,
     log: Optional[Callable[[int, dict], None]] = None, progress: bool = True,
@@ -368,45 +461,14 @@ def train(
         torch.manual_seed(seed + rank)  # own dropout masks per replica
     groups = hooks.param_groups(model, cfg)
     opt = torch.optim.AdamW(groups)
-    base_lrs = [g["lr"] for g in groups]
+    schedule = LRSchedule(opt, cfg, n_steps)
     lora_params = [p for g in groups[1:] for p in g["params"]]  # what the SID-only warm-up holds still
-
-    sid_warm = min(int(getattr(cfg, "sid_warmup_steps", 0) or 0), n_steps)
-
-    def lr_factor(step: int) -> float:
-        step -= sid_warm  # the schedule starts after the SID-only warm-up
-        if step < cfg.warmup_steps:
-            return (step + 1) / max(cfg.warmup_steps, 1)
-        progress_ = (step - cfg.warmup_steps) / max(n_steps - sid_warm - cfg.warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
-
-    def set_lrs(step: int) -> None:
-        if step < sid_warm:
-            opt.param_groups[0]["lr"] = cfg.sid_warmup_lr
-            for g in opt.param_groups[1:]:
-                g["lr"] = 0.0
-            return
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * lr_factor(step)
-
+    clipped = [p for g in groups for p in g["params"]]
     eval_every = getattr(cfg, "eval_every", None) if select is not None else None
-    best: dict[str, torch.Tensor] = {}
-
-    def run_selection(step: int) -> None:
-        t_sel = time.perf_counter()
-        score = float(select(model))
-        model.train()
-        res.select_seconds += time.perf_counter() - t_sel
-        res.select_curve.append((step, score))
-        if not res.best_step or score > res.best_score:
-            res.best_step, res.best_score = step, score
-            best.clear()
-            best.update({name: p.detach().clone() for name, p in named})
-        if log is not None:
-            log(step, {"valid/select_recall_at_10": score})
 
     model.train()
     res = TrainResult(rows=len(rows), planned_steps=n_steps)
+    selection = _Selection(select, named, res, log)
     every = getattr(cfg, "checkpoint_every", None)
     run_dir = None
     start = 0
@@ -415,27 +477,12 @@ def train(
         run_dir = Path(checkpoint_dir) / key
         meta = load_checkpoint(run_dir, model, opt, key, named)
         if meta is not None:
-            start = res.resumed_from = int(meta["step"])
-            res.losses = list(meta["losses"])
-            res.steps, res.examples, res.tokens = start, int(meta["examples"]), int(meta["tokens"])
-            res.padded_tokens, res.seconds = int(meta["padded_tokens"]), float(meta["seconds"])
-            res.first_loss = float(meta.get("first_loss", float("nan")))
-            res.select_curve = [(int(a), float(b)) for a, b in meta.get("select_curve", [])]
-            res.best_step, res.best_score = int(meta.get("best_step", 0)), float(meta.get("best_score", float("nan")))
-            res.select_seconds = float(meta.get("select_seconds", 0.0))
-            best.update(meta.get("best", {}))
-            hooks.restore(meta["hook_tensors"], meta.get("hooks", {}))
-            log_.warning("fine-tune: resuming from %s (step %d of %d)", meta["path"], start, len(batches))
-            if log is not None:  # replay the logged curve up to the checkpoint
-                for step in range(start):
-                    if step % cfg.log_every == 0:
-                        log(step, {"train/loss": float(np.mean(res.losses[max(0, step + 1 - cfg.log_every): step + 1])),
-                                   "train/lr": base_lrs[-1] * lr_factor(step)})
+            start = _resume(meta, res, selection, hooks, log, cfg, schedule)
     t0 = time.perf_counter() - res.seconds
     bar = tqdm(range(start, len(batches)), desc="fine-tune", disable=not progress, unit="step", initial=start, total=len(batches))
     for step in bar:
         idx = batches[step]
-        set_lrs(step)
+        schedule.apply(step)
         new_rows = hooks.before_step(step, model)
         if new_rows is not None:  # e.g. the dynamic index was refreshed: targets follow the new SIDs
             if len(new_rows) != len(enc.input_ids):
@@ -448,20 +495,14 @@ def train(
             extra, extra_logs = hooks.extra_loss(model, step, (h, ids, tgt))
         opt.zero_grad(set_to_none=True)
         (loss if extra is None else loss + extra).backward()
-        if step < sid_warm:  # SID-only warm-up: LoRA gets no update (and no AdamW moments)
+        if step < schedule.sid_warm:  # SID-only warm-up: LoRA gets no update (and no AdamW moments)
             for p in lora_params:
                 p.grad = None
         if world > 1:
             average_gradients(trainable)
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"] if p.grad is not None], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in clipped if p.grad is not None], 1.0)
         opt.step()
-        if not res.losses:
-            res.first_loss = loss.item()
-        res.losses.append(loss.item())
-        res.steps += 1
-        res.examples += len(idx)
-        res.tokens += int(mask.sum())
-        res.padded_tokens += mask.numel()
+        res.record(loss.item(), len(idx), mask)
         if step % cfg.log_every == 0 or step == len(batches) - 1:
             avg = float(np.mean(res.losses[-cfg.log_every :]))
             bar.set_postfix(loss=f"{avg:.3f}")
@@ -469,17 +510,13 @@ def train(
                 log(step, {"train/loss": avg, "train/lr": opt.param_groups[-1]["lr"],
                            **{k: float(v) for k, v in extra_logs.items()}})
         if eval_every and ((step + 1) % eval_every == 0 or step == len(batches) - 1) and hooks.selectable(step):
-            run_selection(step + 1)
+            selection(model, step + 1)
         if run_dir is not None and rank == 0 and (step + 1) % every == 0 and step + 1 < len(batches):
             res.seconds = time.perf_counter() - t0
-            save_checkpoint(run_dir, step + 1, model, opt, res, key, best, named, hooks.checkpoint_state())
+            save_checkpoint(run_dir, step + 1, model, opt, res, key, selection.best, named, hooks.checkpoint_state())
     hooks.after_training(model, len(batches))
     res.seconds = time.perf_counter() - t0
-    if best and res.best_step < len(batches):  # model selection: keep the best-scoring weights
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(best[name])
-        log_.info("fine-tune: kept step %d (valid Recall@10 %.4f) of %d", res.best_step, res.best_score, len(batches))
+    selection.restore_best(len(batches))  # model selection: keep the best-scoring weights
     if run_dir is not None and rank == 0:
         shutil.rmtree(run_dir, ignore_errors=True)  # finished: checkpoints are for resuming only
     model.eval()

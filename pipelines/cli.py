@@ -83,13 +83,17 @@ def _ensure_zenml_repo() -> None:
         Client().zen_store  # noqa: B018 -- creates and migrates the store while holding the lock
 
 
-def _init_tracking_store(cfg) -> None:
+def _init_tracking_store(cfg, steps: tuple[str, ...]) -> dict:
     """Create/migrate the MLflow store and experiment once, under the lock: two first runs started
-    together otherwise race on the sqlite schema ("table _alembic_tmp_experiments already exists")."""
+    together otherwise race on the sqlite schema ("table _alembic_tmp_experiments already exists").
+    Then pick the ZenML experiment tracker for ``steps`` (``pipelines.stack``); returns their options.
+    The experiment exists before the tracker starts a run in it, so it keeps sidrec's artifact root."""
     with _store_lock():
+        from pipelines.stack import select_tracker, tracked_steps
         from sidrec.ops.tracking import setup_mlflow
 
         setup_mlflow(cfg)
+        return tracked_steps(cfg, select_tracker(cfg), steps)
 
 
 def _store_lock():
@@ -116,14 +120,14 @@ def run_training(config_path: str, metrics_out: str | None, run_name: str | None
     cfg = load_config(config_path)
     _check_inputs(cfg)
     _ensure_zenml_repo()
-    _init_tracking_store(cfg)
+    tracked = _init_tracking_store(cfg, ("dynamic_finetune" if cfg.index.mode == "dynamic" else "finetune", "log_to_mlflow"))
     from pipelines.training import training_pipeline
 
     t0 = time.perf_counter()
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     try:
-        run = training_pipeline.with_options(enable_cache=not no_cache, run_name=run_name, model=_zenml_model(cfg))(
-            config=cfg.model_dump(mode="json"))
+        run = training_pipeline.with_options(enable_cache=not no_cache, run_name=run_name, model=_zenml_model(cfg),
+                                             steps=tracked)(config=cfg.model_dump(mode="json"))
     except RuntimeError:
         _reraise_step_error(run_name)
         raise
@@ -298,11 +302,13 @@ def run_retrain(config_path: str, run_name: Optional[str] = None) -> dict:
     cfg = load_config(config_path)
     _check_inputs(cfg)
     _ensure_zenml_repo()
+    tracked = _init_tracking_store(cfg, ("warm_finetune", "log_to_mlflow"))
     from pipelines.retrain import retrain_pipeline
 
     run_name = run_name or f"retrain-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     try:
-        run = retrain_pipeline.with_options(run_name=run_name, model=_zenml_model(cfg))(config=cfg.model_dump(mode="json"))
+        run = retrain_pipeline.with_options(run_name=run_name, model=_zenml_model(cfg), steps=tracked)(
+            config=cfg.model_dump(mode="json"))
     except RuntimeError:
         _reraise_step_error(run_name)
         raise

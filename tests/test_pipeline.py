@@ -99,6 +99,45 @@ def test_mlflow_run_has_artifacts_and_points_to_zenml(first_run):
     assert meta["mlflow_run_id"] == m["mlflow_run_id"]
 
 
+def test_the_stacks_mlflow_tracker_logs_finetune_live_into_the_same_run(first_run):
+    """The default stack gets sidrec's MLflow experiment tracker on the config's store (for this process
+    only); finetune and log_to_mlflow run with it, so the loss curve and system metrics arrive during
+    fine-tuning, in the one MLflow run that ZenML links, in the config's experiment."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    from mlflow import MlflowClient
+    from zenml.client import Client
+
+    from pipelines.stack import _store_hash
+    from sidrec.runtime import state_home
+
+    tmp, _, m = first_run
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    zrun = Client().get_pipeline_run(m["zenml_run_id"])
+    tracker = f"sidrec-mlflow-{_store_hash(uri)}"
+    for name in ("finetune", "log_to_mlflow"):
+        assert zrun.steps[name].config.experiment_tracker == tracker, name
+        assert zrun.steps[name].run_metadata["mlflow_run_id"] == m["mlflow_run_id"], name  # the dashboard's link
+    assert zrun.stack.name == f"sidrec-local-{_store_hash(uri)}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    run = client.get_run(m["mlflow_run_id"])
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "pipeline-test" and exp.artifact_location.startswith((state_home() / "mlartifacts").resolve().as_uri())
+    steps = [x.step for x in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps and len(steps) == len(set(steps)), "each loss point once (logged live, not again at the end)"
+    assert "train/lr" in run.data.metrics  # only the live callback logs the learning rate
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
+    # the user's own ZenML configuration still has its active stack: the tracker stack was this process's
+    env = {k: v for k, v in os.environ.items() if k != "ZENML_ACTIVE_STACK_ID"}
+    out = subprocess.run([sys.executable, "-c", "from zenml.client import Client; print(Client().active_stack_model.name)"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "default"
+
+
 def test_rerun_reuses_cache(first_run):
     from zenml.client import Client
 

@@ -5,6 +5,7 @@ steps all come from ZenML's cache still produces a complete MLflow run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -67,6 +68,85 @@ def local_artifact_location(uri: str, experiment: str) -> Optional[str]:
     root = state_home() / "mlartifacts" / experiment
     root.mkdir(parents=True, exist_ok=True)
     return root.resolve().as_uri()
+
+
+def tracker_run(cfg: RunConfig):
+    """The MLflow run an orchestrator's experiment tracker started for this step (ZenML's MLflow tracker
+    starts one per pipeline run, before the step), or ``None`` when there is none. It must be in the
+    config's store and experiment: logging elsewhere would split one pipeline run across two places."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    active_uri, exp = mlflow.get_tracking_uri(), mlflow.get_experiment(run.info.experiment_id)
+    if active_uri != tracking_uri(cfg) or exp.name != experiment_name(cfg):
+        from sidrec.errors import ConfigError
+
+        raise ConfigError(f"the experiment tracker's MLflow run is in {active_uri} / experiment {exp.name!r}, but "
+                          f"tracking.tracking_uri / tracking.experiment say {tracking_uri(cfg)} / {experiment_name(cfg)!r}: "
+                          "make them the same (or run without the tracker)")
+    return run
+
+
+def live_log():
+    """A ``log(step, metrics)`` callback for the training loop that writes to the active MLflow run (the
+    experiment tracker's, during a tracked step) as training goes, or ``None`` without an active run."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return None
+
+    def log(step: int, metrics: dict) -> None:
+        try:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(step))
+        except Exception as exc:  # a tracking server hiccup must not kill a training run
+            import logging
+
+            logging.getLogger(__name__).warning("live MLflow logging failed at step %d: %s", step, exc)
+
+    return log
+
+
+@contextlib.contextmanager
+def system_metrics(interval_s: float = 10.0):
+    """CPU, memory, disk and network of this machine, logged every ``interval_s`` seconds to the active
+    MLflow run (``system/*`` metrics, MLflow's own monitor; it needs psutil) while the block runs."""
+    import mlflow
+
+    run = mlflow.active_run()
+    monitor = None
+    if run is not None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run.info.run_id, sampling_interval=interval_s, samples_before_logging=1)
+            monitor.start()
+        except Exception as exc:  # psutil missing or the monitor refused: train anyway
+            import logging
+
+            logging.getLogger(__name__).warning("system metrics are not logged: %s", exc)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+            try:  # one closing sample, so a fine-tuning shorter than one interval is recorded too
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception:
+                pass
+
+
+def _logged_steps(run_id: str, key: str) -> set[int]:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+    except Exception:
+        return set()
 
 
 def git_commit() -> str:
@@ -238,7 +318,8 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
     """Create the MLflow run for one pipeline run; returns ``(mlflow_run_id, flat metrics)``."""
     import mlflow
 
-    exp_id = setup_mlflow(cfg)
+    active = tracker_run(cfg)  # the experiment tracker's run (ZenML), checked before anything re-points MLflow
+    exp_id = setup_mlflow(cfg) if active is None else active.info.experiment_id
     metrics: dict[str, float] = {}
     metrics.update(report.metrics)
     metrics.update(baseline_metrics)
@@ -264,16 +345,24 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
 
     if baseline_notes(metrics):
         tags["mlflow.note.content"] = "\n".join(baseline_notes(metrics))  # the run page's description
-    with mlflow.start_run(experiment_id=exp_id, run_name=zenml_run_name or cfg.name, tags=tags) as run:
+    if active is not None:
+        mlflow.set_tags(tags)
+    with (contextlib.nullcontext(active) if active is not None
+          else mlflow.start_run(experiment_id=exp_id, run_name=zenml_run_name or cfg.name, tags=tags)) as run:
         params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         # valid/ and test/ metrics are logged with the LoggedModel below (linked to it and to their dataset)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
                             and not (k.startswith(("valid/", "test/")) and k in report.metrics)})
+        # the curves: only the points the tracked fine-tuning step did not log live (a cached finetune, or
+        # no tracker) -- so the run page shows each point once
+        seen = {key: _logged_steps(run.info.run_id, key) for key in ("train/loss", "valid/select_recall_at_10")}
         for step, loss in recommender.meta.get("loss_curve", []):
-            mlflow.log_metric("train/loss", float(loss), step=int(step))
+            if int(step) not in seen["train/loss"]:
+                mlflow.log_metric("train/loss", float(loss), step=int(step))
         for step, score in recommender.meta.get("select_curve", []):  # model selection (valid users)
-            mlflow.log_metric("valid/select_recall_at_10", float(score), step=int(step))
+            if int(step) not in seen["valid/select_recall_at_10"]:
+                mlflow.log_metric("valid/select_recall_at_10", float(score), step=int(step))
         for entry in recommender.meta.get("dynamic_log", []):  # per index refresh (dynamic mode)
             mlflow.log_metrics({f"index/{k.replace('/', '_')}": float(v) for k, v in entry.items() if k != "step"},
                                step=int(entry["step"]))

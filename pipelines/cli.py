@@ -56,6 +56,11 @@ def setup_environment() -> None:
     # the store quietly falls back to the default project/stack when .zen/ names another store's (e.g. after
     # `make test`, whose runs use their own stores): that reset is not something to act on
     logging.getLogger("zenml.zen_stores.base_zen_store").setLevel(logging.ERROR)
+    # ZenML's MLflow tracker turns off every MLflow autolog integration after each tracked step and warns for
+    # the frameworks that are not installed (fastai): nothing sidrec uses, nothing to act on
+    logging.getLogger("zenml.integrations.mlflow.experiment_trackers.mlflow_experiment_tracker").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to disable MLflow autologging"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-file download bars of log_model
 
 
 def _user_error(exc: BaseException) -> SidrecError | None:

@@ -246,6 +246,7 @@ def validate_dataset(ds, cfg: ValidationConfig, project_dir: Optional[Path]) -> 
             else:
                 context = _file_context(gx, project)
                 site = Path(context.root_directory) / "uncommitted" / "data_docs" / SITE_NAME
+            from great_expectations.core.run_identifier import RunIdentifier
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
             context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
@@ -267,7 +268,9 @@ def validate_dataset(ds, cfg: ValidationConfig, project_dir: Optional[Path]) -> 
                     fmt = {"result_format": "SUMMARY", "unexpected_index_column_names": ["user_id"], "partial_unexpected_count": 3}
                 checkpoint = _replace(context.checkpoints, gx.Checkpoint(
                     name=f"{ds.name}.{table}", validation_definitions=[vd], actions=actions, result_format=fmt))
-                run = checkpoint.run(batch_parameters={"dataframe": frame})
+                # the run name says which data was validated (the Data Docs list shows it beside the time)
+                run = checkpoint.run(batch_parameters={"dataframe": frame},
+                                     run_id=RunIdentifier(run_name=f"{ds.name}-{ds.fingerprint()[:8]}"))
                 verdicts.append(bool(run.success))
                 (res,) = run.run_results.values()
                 by_id = {str(r.expectation_config.id): r for r in res.results}

@@ -56,13 +56,13 @@ def test_premove_quality_report_and_index_artifacts_load(tmp_path):
     assert feats.item_embeddings.shape[0] == EXPECTED["n_items"]
 
 
-@pytest.mark.filterwarnings("ignore:Add type hints to the `predict` method")  # the pre-move pyfunc had none
 def test_premove_registered_model_serves_the_same_recommendations(tmp_path):
     import mlflow
 
     model = tmp_path / "model"
     shutil.copytree(FIXTURE / "model", model)
     assert "from sidrec.serving import" in (model / "serving.py").read_text()  # the pre-move import path
+    # (MLflow warns that the pre-move pyfunc's predict has no type hints: that is how it was saved)
     pf = mlflow.pyfunc.load_model(str(model))
     recs = pf.predict(pd.DataFrame({"history": [",".join(EXPECTED["history"])]}), params={"k": 5})
     assert recs["item_id"].astype(str).tolist() == EXPECTED["recommended"]

@@ -23,7 +23,7 @@ import hashlib
 import os
 from typing import Optional
 
-_OURS = ("default", "sidrec-local-")
+_LOCAL_STACK, _LOCAL_TRACKER = "sidrec-local-", "sidrec-mlflow-"  # + the store's hash
 
 
 def _store_hash(uri: str) -> str:
@@ -50,10 +50,10 @@ def select_tracker(cfg) -> Optional[str]:
     for t in trackers:
         if t.flavor_name == "mlflow" and (t.configuration.get("tracking_uri") or "") == uri:
             return t.name  # the stack's own tracker logs where the config says
-    if not (active.name == "default" or active.name.startswith(_OURS[1])):
+    if not (active.name == "default" or active.name.startswith(_LOCAL_STACK)):
         return None
     h = _store_hash(uri)
-    tracker, stack = f"sidrec-mlflow-{h}", f"sidrec-local-{h}"
+    tracker, stack = f"{_LOCAL_TRACKER}{h}", f"{_LOCAL_STACK}{h}"
     try:
         client.get_stack_component(StackComponentType.EXPERIMENT_TRACKER, tracker)
     except KeyError:

@@ -111,11 +111,11 @@ def instruction_dataset(dataset: Dataset, sid_index: IndexBundle, config: dict) 
       cache_policy=_deps(sidrec.training.loop, sidrec.model.sid_model, sidrec.index.keywords, sidrec.model.sid_init, sidrec.evaluation.evaluate, sidrec.model.decode))
 def finetune(dataset: Dataset, instructions: InstructionSet, sid_index: IndexBundle,
              config: dict) -> Annotated[TrainedRecommender, "recommender"]:
-    from sidrec.ops.tracking import live_log, system_metrics
+    from sidrec.ops.tracking import live_training
 
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
-    with system_metrics():  # with the stack's experiment tracker: live loss curve and system metrics in MLflow
-        rec = sidrec.stages.finetune(instructions, sid_index, _cfg(config), out, ds=dataset, log=live_log())
+    with live_training() as log:  # with the stack's experiment tracker: live loss curve and system metrics in MLflow
+        rec = sidrec.stages.finetune(instructions, sid_index, _cfg(config), out, ds=dataset, log=log)
     _meta(**{"train": rec.meta["train"]})
     return rec
 
@@ -130,11 +130,11 @@ def dynamic_finetune(dataset: Dataset, features: EntityFeatures, config: dict) -
         Annotated[InstructionSet, "instructions"]]:
     """Dynamic index: starts as the static index, learned in alternating phases with LoRA; emits the final
     (frozen) index with the adapter and the instruction set rendered on it."""
-    from sidrec.ops.tracking import live_log, system_metrics
+    from sidrec.ops.tracking import live_training
 
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
-    with system_metrics():
-        rec, bundle, instr = sidrec.stages.dynamic_finetune(dataset, features, _cfg(config), out, log=live_log())
+    with live_training() as log:
+        rec, bundle, instr = sidrec.stages.dynamic_finetune(dataset, features, _cfg(config), out, log=log)
     _meta(**{"train": rec.meta["train"], "index": {k.replace("/", "_"): v for k, v in bundle.report.items()}})
     return rec, bundle, instr
 

@@ -140,6 +140,28 @@ def system_metrics(interval_s: float = 10.0):
                 pass
 
 
+@contextlib.contextmanager
+def live_training():
+    """What a tracked fine-tuning step records while it trains: system metrics, and the ``log`` callback
+    (:func:`live_log`, ``None`` without an active run) it passes to the training loop."""
+    with system_metrics():
+        yield live_log()
+
+
+@contextlib.contextmanager
+def _pipeline_run(cfg: RunConfig, active, run_name: str, tags: dict):
+    """The MLflow run of one pipeline run: the experiment tracker's ``active`` run, tagged (ZenML ends it),
+    or a run of our own in the config's experiment."""
+    import mlflow
+
+    if active is not None:
+        mlflow.set_tags(tags)
+        yield active
+        return
+    with mlflow.start_run(experiment_id=setup_mlflow(cfg), run_name=run_name, tags=tags) as run:
+        yield run
+
+
 def _logged_steps(run_id: str, key: str) -> set[int]:
     from mlflow.tracking import MlflowClient
 
@@ -319,7 +341,6 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
     import mlflow
 
     active = tracker_run(cfg)  # the experiment tracker's run (ZenML), checked before anything re-points MLflow
-    exp_id = setup_mlflow(cfg) if active is None else active.info.experiment_id
     metrics: dict[str, float] = {}
     metrics.update(report.metrics)
     metrics.update(baseline_metrics)
@@ -345,10 +366,7 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
 
     if baseline_notes(metrics):
         tags["mlflow.note.content"] = "\n".join(baseline_notes(metrics))  # the run page's description
-    if active is not None:
-        mlflow.set_tags(tags)
-    with (contextlib.nullcontext(active) if active is not None
-          else mlflow.start_run(experiment_id=exp_id, run_name=zenml_run_name or cfg.name, tags=tags)) as run:
+    with _pipeline_run(cfg, active, zenml_run_name or cfg.name, tags) as run:
         params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         # valid/ and test/ metrics are logged with the LoggedModel below (linked to it and to their dataset)

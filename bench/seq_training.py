@@ -54,6 +54,10 @@ VARIANTS: dict[str, dict] = {
     "window-ls0.1-dropout0.2": {"tasks": {"seqrec_mode": "window"}, "train": {"label_smoothing": 0.1},
                                 "model": {"lora": {"dropout": 0.2}}},
     "window-20-layers": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": 20}},
+    # issue 11 item 6, the other collaborative source: the same-run SASRec's item table instead of co-occurrence PPMI-SVD
+    "window-hybrid-sasrec": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"source": "sasrec"}}},
+    "window-20-layers-sasrec": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": 20},
+                                "index": {"embedding": "hybrid", "hybrid": {"source": "sasrec"}}},
     "window-no-aux": {"tasks": {"seqrec_mode": "window", "text_to_sid": 0.0, "sid_to_text": 0.0, "titles_to_sid": 0.0}},
     # issue 13: the base config as it is (static), and the dynamic index (sidrec.index.dynamic) on top of it
     "static": {},

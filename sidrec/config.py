@@ -129,10 +129,15 @@ class DynamicConfig(_Strict):
 
 
 class HybridConfig(_Strict):
-    """``index.embedding: hybrid``: collaborative item vectors (PPMI-SVD of training-split co-occurrence,
-    :mod:`sidrec.index.collab`) quantized together with the text embedding."""
+    """``index.embedding: hybrid``: collaborative item vectors quantized together with the text embedding:
+    PPMI-SVD of training-split co-occurrence (``source: cooccurrence``, :mod:`sidrec.index.collab`) or the
+    item table of a SASRec trained on the training split with ``baselines.sasrec``'s settings and seed
+    (``source: sasrec``: the same model as the run's SASRec baseline)."""
 
-    dim: int = Field(64, ge=2, description="collaborative vector dimension (truncated SVD rank)")
+    source: Literal["cooccurrence", "sasrec"] = Field(
+        "cooccurrence", description="where the collaborative vectors come from: cooccurrence (PPMI-SVD, dim columns) | "
+        "sasrec (the same-run SASRec's item embeddings, baselines.sasrec.hidden columns)")
+    dim: int = Field(64, ge=2, description="collaborative vector dimension (truncated SVD rank; source: cooccurrence)")
     window: int = Field(5, ge=1, description="items at most this many positions apart in a training sequence co-occur")
     collab_share: float = Field(0.8, gt=0.0, lt=1.0, description="share of the quantizer's input variance given to the "
                                 "collaborative columns (the text columns get the rest)")

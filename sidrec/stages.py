@@ -99,10 +99,19 @@ def embedding_cache(cfg: RunConfig):
 
 
 def collab_features(ds, cfg: RunConfig) -> np.ndarray:
-    """Collaborative item vectors (``index.hybrid``) from the training split only, rows in ``ds.items`` order."""
+    """Collaborative item vectors (``index.hybrid``), rows in ``ds.items`` order: PPMI-SVD of the training
+    split's co-occurrence, or (``source: sasrec``) the item table of the run's SASRec, trained on the
+    training split with its epoch chosen on valid NDCG@10 exactly as the baseline is (no valid or test
+    item is ever a training target)."""
+    h = cfg.index.hybrid
+    if h.source == "sasrec":
+        from sidrec.evaluation.evaluate import same_run_sasrec
+
+        set_threads(cfg)
+        model, _ = same_run_sasrec(ds, cfg.baselines.sasrec, cfg.seed, cfg.data.max_history, progress_enabled())
+        return model.item_weights().detach().float().numpy().copy()
     from sidrec.index.collab import cooccurrence_vectors
 
-    h = cfg.index.hybrid
     return cooccurrence_vectors(ds.train_sequences().values(), ds.items["item_id"].tolist(), h.dim, h.window, cfg.seed)
 
 

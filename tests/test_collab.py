@@ -172,3 +172,27 @@ def test_config_refuses_hybrid_where_it_cannot_work():
         parse_config({"index": {"mode": "dynamic", "quantizer": "rq_vae"}})
     with pytest.raises(ConfigError, match="collab_share"):
         parse_config({"index": {"embedding": "hybrid", "hybrid": {"collab_share": 0.0}}})
+
+
+def test_sasrec_vectors_are_the_run_baselines_item_table_and_never_see_test_items(ml):
+    from sidrec import stages
+    from sidrec.evaluation.evaluate import same_run_sasrec
+
+    sasrec = {"hidden": 16, "layers": 1, "heads": 1, "max_len": 20, "max_epochs": 3, "patience": 2}
+    cfg = parse_config({**HYBRID, "index": {**HYBRID["index"], "hybrid": {"source": "sasrec"}},
+                        "baselines": {"sasrec": sasrec}})
+    vec = stages.collab_features(ml, cfg)
+    assert vec.shape == (len(ml.items), 16) and vec.dtype == np.float32
+    model, info = same_run_sasrec(ml, cfg.baselines.sasrec, cfg.seed, cfg.data.max_history, progress=False)
+    assert np.array_equal(vec, model.item_weights().detach().numpy())  # one model: the baseline's
+    assert info["epochs_run"] >= 1
+    # rewrite every user's test item (the last): nothing in the vectors may move
+    rng = np.random.default_rng(1)
+    pool = ml.items["item_id"].tolist()
+    seqs = ml.sequences.copy()
+    seqs["item_ids"] = [list(s[:-1]) + [rng.choice(pool)] for s in seqs["item_ids"]]
+    assert np.array_equal(stages.collab_features(dataclasses.replace(ml, sequences=seqs), cfg), vec)
+    # and the hybrid index builds on them
+    n = len(ml.items)
+    feats = stages.EntityFeatures(item_ids=pool, item_texts=[""] * n, item_embeddings=_text(n), item_collab=vec)
+    assert stages.build_index(feats, cfg).state.input_dim == 24 + 16

@@ -95,11 +95,25 @@ def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams
     return score
 
 
+def same_run_sasrec(ds, cfg, seed: int, max_history: int, progress: bool = True):
+    """``(model, info)``: SASRec (``cfg``: ``baselines.sasrec``) trained on ``ds``'s training split, early-stopped
+    on valid NDCG@10 over every valid user; items in ``ds.item_index()`` order. The run's baseline and the
+    hybrid index's ``source: sasrec`` vectors are this one model (same data, settings and seed)."""
+    from sidrec.evaluation.baselines import train_sasrec
+
+    index = ds.item_index()
+    train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]
+    # early stopping looks at every valid user; the reported valid metrics use the sampled ones
+    full = ds.split("valid", max(max_history, cfg.max_len))
+    stop_on = ([[index[i] for i in h] for h in full["history"]], np.array([index[t] for t in full["target"]]))
+    return train_sasrec(train, len(index), cfg, seed, valid=stop_on, progress=progress, max_minutes=cfg.max_minutes)
+
+
 def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool = True,
                        max_users: dict[str, int | None] | None = None, exclude_history: bool = False) -> dict[str, float]:
     """Popularity and SASRec on the same leave-one-out split, full ranking over the catalog
     (``exclude_history``: without the items each user saw before the target, as for the LLM)."""
-    from sidrec.evaluation.baselines import popularity_ranked, sasrec_topk, train_sasrec
+    from sidrec.evaluation.baselines import popularity_ranked, sasrec_topk
 
     index = ds.item_index()
     train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]
@@ -117,11 +131,7 @@ def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool 
             ranked = popularity_ranked(train, n_items, len(targets[p]), kmax, exclude=seen[p] if seen else None)
             out.update({f"baseline/popularity/{p}/{k}": v for k, v in ranking_metrics(ranked, targets[p], ks).items()})
     if cfg.sasrec.enabled:
-        # early stopping looks at every valid user; the reported valid metrics use the sampled ones
-        full = ds.split("valid", max(max_history, cfg.sasrec.max_len))
-        stop_on = ([[index[i] for i in h] for h in full["history"]], np.array([index[t] for t in full["target"]]))
-        model, info = train_sasrec(train, n_items, cfg.sasrec, seed, valid=stop_on, progress=progress,
-                                   max_minutes=cfg.sasrec.max_minutes)
+        model, info = same_run_sasrec(ds, cfg.sasrec, seed, max_history, progress)
         for p in parts:
             ranked = sasrec_topk(model, hists[p], kmax, exclude=seen[p] if seen else None)
             out.update({f"baseline/sasrec/{p}/{k}": v for k, v in ranking_metrics(ranked, targets[p], ks).items()})

@@ -5,7 +5,8 @@ items grouped in topics, each user's sequence drawn from 1-3 topics (session-lik
 log-normal length (mean ~9 interactions), short titles. Written as CSV for the `table` loader, then run
 through the library's stages exactly as the pipeline runs them (no ZenML), one stage after the other:
 
-    ingest, validation, text features (backbone), index, instructions, fine-tuning (N steps, reported
+    ingest, validation, text features (backbone), index (and the same index with ``index.balance: last``),
+    instructions, fine-tuning (N steps, reported
     per 100 steps), decoding (a user sample, reported per 1,000 users), SASRec (to convergence on valid,
     or stopped by --sasrec-minutes and then reported as not converged)
 
@@ -136,6 +137,11 @@ def run_size(n_users: int, args, workdir: Path) -> dict:
     features = stage("features", lambda: stages.featurize(ds, cfg))
     bundle = stage("index", lambda: stages.build_index(features, cfg))
     out["index"] = {k: v for k, v in bundle.report.items() if not isinstance(v, (list, dict))}
+    # the same index with the last level balanced (index.balance: last): raw collisions vs catalog size, both ways
+    balanced = stage("index-balanced", lambda: stages.build_index(features, cfg.model_copy(
+        update={"index": cfg.index.model_copy(update={"balance": "last"})})))
+    out["index_balanced"] = {k: v for k, v in balanced.report.items() if not isinstance(v, (list, dict))}
+    del balanced
     instr = stage("instructions", lambda: stages.instruct(ds, bundle, cfg))
     out["train_rows"] = int(instr.meta.get("n_train", 0))
     rec = stage("fine-tuning", lambda: stages.finetune(instr, bundle, cfg, workdir / "rec", ds=ds))

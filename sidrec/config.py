@@ -158,6 +158,9 @@ class IndexConfig(_Strict):
         "extra_level", description="how items with the same M codes get unique SIDs: extra_level appends a disambiguation level "
         "(M+1 tokens per item); nearest_free moves each colliding item to the nearest free code of the last level(s), so every "
         "item costs M tokens (rq_kmeans / rq_vae only)")
+    balance: Literal["none", "last"] = Field(
+        "none", description="last: the last level's codes are balanced by per-code prices fitted on the catalog and kept in "
+        "the quantizer (new items are placed by the same rule): fewer raw collisions (rq_kmeans, static index only)")
     keywords_per_token: int = Field(5, ge=1, description="TS-Rec: TF-IDF keywords kept per SID token/prefix")
     embedding: Literal["text", "hybrid"] = Field(
         "text", description="what the static quantizer indexes: text (the item text embedding) or hybrid (text + a "
@@ -183,6 +186,13 @@ class IndexConfig(_Strict):
         if self.mode == "dynamic" and self.quantizer != "rq_kmeans":
             raise ValueError(f"index.mode 'dynamic' starts from the static RQ-KMeans index and learns it further; "
                              f"quantizer {self.quantizer!r} is for static indices (use quantizer: rq_kmeans)")
+        return self
+
+    @model_validator(mode="after")
+    def _balance_is_static_rq_kmeans(self):
+        if self.balance != "none" and (self.quantizer != "rq_kmeans" or self.mode != "static"):
+            raise ValueError(f"index.balance {self.balance!r} balances a static RQ-KMeans index (quantizer {self.quantizer!r}, "
+                             f"mode {self.mode!r}); use balance: none, or quantizer: rq_kmeans with mode: static")
         return self
 
 

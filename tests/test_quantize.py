@@ -311,3 +311,44 @@ def test_rq_kmeans_on_a_large_catalog_fits_on_a_sample(monkeypatch):
     assert _purity(st.assign(x)[:, 0], labels) > 0.99
     monkeypatch.setattr(q, "MAX_POINTS_PER_CENTROID", 256)  # all rows: a different fit
     assert not np.array_equal(q.fit_rq_kmeans(x, 2, 8, seed=0, iters=20).codebooks[1], st.codebooks[1])
+
+
+def test_balanced_last_level_spreads_a_real_catalog_and_new_items_follow_the_same_rule(tmp_path, ml100k_dir):
+    """index.balance: last on real vectors (PPMI-SVD of a MovieLens-100k slice): the last level's codes even
+    out, fewer items share a full SID, and the saved state assigns the fitted rows exactly as fitted."""
+    from sidrec.config import parse_config
+    from sidrec.index.collab import cooccurrence_vectors
+    from sidrec.index.collisions import raw_collision_rate
+    from sidrec.index.quantize import QuantizerState, fit_rq_kmeans, quantize
+
+    from sidrec.config import DataConfig
+    from sidrec.data.dataset import load_dataset
+
+    ml = load_dataset(DataConfig(format="recbole", path=str(ml100k_dir), max_users=300, kcore=5))
+    x = cooccurrence_vectors(ml.train_sequences().values(), ml.items["item_id"].tolist(), dim=16, window=3)
+    x = x[np.abs(x).sum(1) > 0]
+    n, k = x.shape[0], 16
+    plain = fit_rq_kmeans(x, 3, k, seed=0, iters=20)
+    bal = fit_rq_kmeans(x, 3, k, seed=0, iters=20, balance="last")
+    assert not plain.prices and bal.prices[0].tolist() == bal.prices[1].tolist() == [0.0] * k  # only the last level is priced
+    assert all(np.array_equal(a, b) for a, b in zip(plain.codebooks, bal.codebooks))  # same codebooks, other argmin
+    raw_p, raw_b = plain.assign(x), bal.assign(x)
+    assert np.array_equal(raw_p[:, :2], raw_b[:, :2])  # the first levels are untouched
+    share = n / k
+    assert np.bincount(raw_b[:, 2], minlength=k).max() < 1.5 * share < np.bincount(raw_p[:, 2], minlength=k).max()
+    assert raw_collision_rate(raw_b) < raw_collision_rate(raw_p)
+    bal.save(tmp_path / "q")
+    back = QuantizerState.load(tmp_path / "q")
+    assert np.array_equal(back.assign(x), raw_b) and np.array_equal(back.prices[2], bal.prices[2])
+    cfg = parse_config({"index": {"codebook_size": k, "levels": 3, "kmeans_iters": 20, "balance": "last",
+                                  "collisions": "nearest_free"}}).index
+    res = quantize(x, cfg, seed=0, progress=False)
+    assert res.collisions == 0 and res.raw_collision_rate == raw_collision_rate(raw_b)
+
+
+@pytest.mark.parametrize("index", [{"quantizer": "rq_vae"}, {"mode": "dynamic"}, {"quantizer": "lsh", "collisions": "extra_level"}])
+def test_balance_is_refused_where_it_does_not_apply(index):
+    from sidrec.config import parse_config
+
+    with pytest.raises(Exception, match="balance"):
+        parse_config({"index": {"balance": "last", **index}})

@@ -25,10 +25,13 @@ def as_matrix(x, name: str = "x") -> np.ndarray:
     return arr
 
 
-def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest row of ``c`` for every row of ``x`` (first on ties)."""
+def nearest(x: torch.Tensor, c: torch.Tensor, price: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Index of the nearest row of ``c`` for every row of ``x`` (first on ties); with ``price`` (one number
+    per row of ``c``) the row minimising squared distance + price (:func:`balance_prices`)."""
     out = torch.empty(x.shape[0], dtype=torch.long)
     c_sq = (c * c).sum(1)
+    if price is not None:
+        c_sq = c_sq + price
     for s in range(0, x.shape[0], _CHUNK):
         xb = x[s : s + _CHUNK]
         d = c_sq[None, :] - 2.0 * (xb @ c.T)  # ||x||^2 is constant per row
@@ -36,17 +39,35 @@ def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def subtract_nearest_(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """In place, chunk by chunk: ``r[i] -= c[nearest(r[i])]``; returns the nearest indices.
+def subtract_nearest_(r: torch.Tensor, c: torch.Tensor, price: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In place, chunk by chunk: ``r[i] -= c[nearest(r[i], c, price)]``; returns the nearest indices.
 
     Chunking keeps the gathered codewords to ``_CHUNK`` rows (a full ``c[idx]`` is as big as ``r``)."""
     out = torch.empty(r.shape[0], dtype=torch.long)
     for s in range(0, r.shape[0], _CHUNK):
         rb = r[s : s + _CHUNK]
-        idx = nearest(rb, c)
+        idx = nearest(rb, c, price)
         rb.sub_(c[idx])
         out[s : s + _CHUNK] = idx
     return out
+
+
+def balance_prices(x: torch.Tensor, c: torch.Tensor, iters: int = 200, step: float = 0.1) -> torch.Tensor:
+    """``[k]`` prices that balance the assignment of ``x`` to ``c``: ``argmin_j ||x - c_j||^2 + price_j``
+    gives every code close to ``n / k`` rows. A code holding more rows than its share raises its price, one
+    holding fewer lowers it, by ``step`` times the mean squared distance times the relative excess, the
+    step decaying as ``1/sqrt(t)`` (a dual-ascent / auction view of size-constrained k-means). The
+    prices are a deterministic function of ``x`` and ``c``; storing them with the codebook assigns new
+    rows by the same rule."""
+    d = sq_dists(x, c)
+    k = c.shape[0]
+    target = x.shape[0] / k
+    scale = float(d.mean())
+    price = torch.zeros(k, dtype=d.dtype)
+    for t in range(iters):
+        counts = torch.bincount((d + price).argmin(1), minlength=k).to(d.dtype)
+        price += step * scale * (counts - target) / target / (1.0 + t) ** 0.5
+    return price - price.min()  # the assignment only sees differences
 
 
 def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

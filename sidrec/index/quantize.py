@@ -42,6 +42,7 @@ from sidrec.index.kmeans import (  # noqa: F401
     _CHUNK,
     MAX_POINTS_PER_CENTROID,  # read here by fit_rq_kmeans (module global, so a test can lower it)
     as_matrix,
+    balance_prices,
     nearest,
     sq_dists,
     subtract_nearest_,
@@ -124,6 +125,8 @@ class QuantizerState:
     maps summed codewords back to the standardised input space. With ``residual`` both MLPs are
     skip connections (``z = x + encoder(x)``, ``x_hat = q + decoder(q)``): the dynamic index's learned
     quantizer (:mod:`sidrec.index.dynamic`), which starts as the identity on an RQ-KMeans state.
+    ``prices`` (empty, or one ``[N]`` array per level) are added to the squared distances before each
+    level's argmin: a balanced index (``index.balance``, :func:`sidrec.index.kmeans.balance_prices`).
     """
 
     kind: str  # "rq_kmeans" | "rq_vae"
@@ -133,6 +136,7 @@ class QuantizerState:
     encoder: dict[str, np.ndarray] = field(default_factory=dict)
     decoder: dict[str, np.ndarray] = field(default_factory=dict)
     residual: bool = False
+    prices: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self):
         if self.kind not in ("rq_kmeans", "rq_vae", "lsh"):
@@ -146,6 +150,9 @@ class QuantizerState:
         self.codebooks = [np.asarray(c, dtype=np.float32) for c in self.codebooks]
         self.mean = np.asarray(self.mean, dtype=np.float32)
         self.scale = np.asarray(self.scale, dtype=np.float32)
+        self.prices = [np.asarray(p, dtype=np.float32) for p in self.prices]
+        if self.prices and [p.shape for p in self.prices] != [(c.shape[0],) for c in self.codebooks]:
+            raise ValueError("prices need one [N] array per codebook")
 
     # -- shape info
     @property
@@ -184,10 +191,10 @@ class QuantizerState:
         """Greedy residual assignment: codes ``[n, M]`` and the residual entering each level."""
         r = z.clone()
         codes, residuals = [], []
-        for cb in self.codebooks:
+        for cb, price in zip(self.codebooks, self._price_tensors()):
             c = torch.from_numpy(cb)
             residuals.append(r)
-            idx = nearest(r, c)
+            idx = nearest(r, c, price)
             codes.append(idx)
             r = r - c[idx]
         return torch.stack(codes, 1), residuals
@@ -204,9 +211,12 @@ class QuantizerState:
         # block by block, one residual buffer updated in place: the extra memory is one block, not the catalog
         for s in range(0, x.shape[0], _ASSIGN_BLOCK):
             r = self.latent(x[s : s + _ASSIGN_BLOCK], encoder)
-            for level, c in enumerate(books):
-                out[s : s + _ASSIGN_BLOCK, level] = subtract_nearest_(r, c).numpy()
+            for level, (c, price) in enumerate(zip(books, self._price_tensors())):
+                out[s : s + _ASSIGN_BLOCK, level] = subtract_nearest_(r, c, price).numpy()
         return out
+
+    def _price_tensors(self) -> list[Optional[torch.Tensor]]:
+        return [torch.from_numpy(p) for p in self.prices] if self.prices else [None] * self.levels
 
     def reconstruct(self, codes: np.ndarray) -> np.ndarray:
         """Standardised-space reconstruction from ``[n, >=M]`` codes (extra levels ignored)."""
@@ -241,6 +251,8 @@ class QuantizerState:
             tensors[f"encoder.{k}"] = np.ascontiguousarray(v)
         for k, v in self.decoder.items():
             tensors[f"decoder.{k}"] = np.ascontiguousarray(v)
+        for i, v in enumerate(self.prices):
+            tensors[f"price.{i}"] = np.ascontiguousarray(v)
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -273,8 +285,9 @@ class QuantizerState:
         books = [t[f"codebook.{i}"] for i in range(int(meta["levels"]))]
         enc = {k[len("encoder."):]: v for k, v in t.items() if k.startswith("encoder.")}
         dec = {k[len("decoder."):]: v for k, v in t.items() if k.startswith("decoder.")}
+        prices = [t[f"price.{i}"] for i in range(int(meta["levels"]))] if "price.0" in t else []
         return cls(kind=meta["kind"], codebooks=books, mean=t["mean"], scale=t["scale"], encoder=enc, decoder=dec,
-                   residual=bool(meta.get("residual", False)))  # states saved before the flag existed: plain MLPs
+                   residual=bool(meta.get("residual", False)), prices=prices)  # states saved before the flag existed: plain MLPs
 
 
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -314,8 +327,13 @@ def _weighted(scale: np.ndarray, column_weights: Optional[np.ndarray]) -> np.nda
 
 
 def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, iters: int = 50,
-                  column_weights: Optional[np.ndarray] = None) -> QuantizerState:
+                  column_weights: Optional[np.ndarray] = None, balance: str = "none") -> QuantizerState:
     """Residual k-means: standardise ``x``, then k-means per level on the residual.
+
+    ``balance="last"``: the last level's codes get prices (:func:`sidrec.index.kmeans.balance_prices`)
+    so that each holds about ``n / N`` items; the earlier levels stay plain k-means (balancing them too
+    measured worse: their clusters are what the LLM learns to predict, and raw collisions come from the
+    last level's crowding).
 
     Above ``codebook_size * MAX_POINTS_PER_CENTROID`` rows every level is fitted on one random
     sample of that many rows (their residuals), as faiss trains on a training subset: fit time and
@@ -328,13 +346,19 @@ def fit_rq_kmeans(x: np.ndarray, levels: int, codebook_size: int, seed: int, ite
     if x.shape[0] > n_fit:
         x = x[np.sort(torch.randperm(x.shape[0], generator=gen)[:n_fit].numpy())]
     r = torch.from_numpy(_scaled(x, mean, scale))  # our own copy: the residual is updated in place
+    if balance not in ("none", "last"):
+        raise ValueError(f"balance must be 'none' or 'last', got {balance!r}")
     books = []
     for level in range(levels):
         c = kmeans(r, codebook_size, iters, gen)
         books.append(c.numpy().copy())
         if level < levels - 1:
             subtract_nearest_(r, c)
-    return QuantizerState("rq_kmeans", books, mean, scale)
+    prices = []
+    if balance == "last":
+        prices = [np.zeros(codebook_size, dtype=np.float32) for _ in range(levels - 1)]
+        prices.append(balance_prices(r, torch.from_numpy(books[-1])).numpy())
+    return QuantizerState("rq_kmeans", books, mean, scale, prices=prices)
 
 
 def _kmeans_codebooks(enc, batch: torch.Tensor, levels: int, codebook_size: int, iters: int,
@@ -505,7 +529,8 @@ def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True,
     m = cfg.levels
     n_codes = auto_codebook_size(x.shape[0], m) if cfg.codebook_size == "auto" else int(cfg.codebook_size)
     if cfg.quantizer == "rq_kmeans":
-        state = fit_rq_kmeans(x, m, n_codes, seed, cfg.kmeans_iters, column_weights=column_weights)
+        state = fit_rq_kmeans(x, m, n_codes, seed, cfg.kmeans_iters, column_weights=column_weights,
+                              balance=getattr(cfg, "balance", "none"))
     elif cfg.quantizer == "lsh":
         state = fit_lsh(x, m, n_codes, seed, column_weights=column_weights)
     else:

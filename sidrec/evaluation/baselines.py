@@ -249,21 +249,26 @@ def _train_epoch(model: SASRec, opt: torch.optim.Optimizer, inp: torch.Tensor, t
     tot, cnt = 0.0, 0
     for s in range(0, len(perm), batch_size):
         idx = perm[s:s + batch_size]
-        x, y = inp[idx], tgt[idx]
-        # drop all-padding leading columns of this batch (cheaper attention)
-        first = int((x > 0).any(0).float().argmax())
-        x, y = x[:, first:], y[:, first:]
-        h = model.hidden_states(x)
-        sel = y > 0
-        logits = h[sel] @ model.item_weights().T
-        loss = F.cross_entropy(logits, y[sel] - 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n = int(sel.sum())
-        tot += float(loss.detach()) * n
+        loss, n = train_step(model, opt, inp[idx], tgt[idx])
+        tot += loss * n
         cnt += n
     return tot / max(cnt, 1)
+
+
+def train_step(model: SASRec, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """One optimiser step on a batch of (inputs, targets) rows: full-softmax cross-entropy at every
+    non-padding position. Returns ``(mean loss, supervised positions)``."""
+    # drop all-padding leading columns of this batch (cheaper attention)
+    first = int((x > 0).any(0).float().argmax())
+    x, y = x[:, first:], y[:, first:]
+    h = model.hidden_states(x)
+    sel = y > 0
+    logits = h[sel] @ model.item_weights().T
+    loss = F.cross_entropy(logits, y[sel] - 1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), int(sel.sum())
 
 
 class _EarlyStopping:

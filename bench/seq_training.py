@@ -61,6 +61,7 @@ VARIANTS: dict[str, dict] = {
     "window-no-aux": {"tasks": {"seqrec_mode": "window", "text_to_sid": 0.0, "sid_to_text": 0.0, "titles_to_sid": 0.0}},
     # issue 13: the base config as it is (static), and the dynamic index (sidrec.index.dynamic) on top of it
     "static": {},
+    "static-balanced": {"index": {"balance": "last"}},  # issue 14 item 4: the last level balanced (index.balance)
     "dynamic-items": {"index": {"mode": "dynamic"}},
     "dynamic-dual": {"index": {"mode": "dynamic", "entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
     "static-dual": {"index": {"entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},

@@ -176,6 +176,7 @@ def test_config_refuses_hybrid_where_it_cannot_work():
 
 def test_sasrec_vectors_are_the_run_baselines_item_table_and_never_see_test_items(ml):
     from sidrec import stages
+    from sidrec.artifacts import EntityFeatures
     from sidrec.evaluation.evaluate import same_run_sasrec
 
     sasrec = {"hidden": 16, "layers": 1, "heads": 1, "max_len": 20, "max_epochs": 3, "patience": 2}
@@ -194,5 +195,5 @@ def test_sasrec_vectors_are_the_run_baselines_item_table_and_never_see_test_item
     assert np.array_equal(stages.collab_features(dataclasses.replace(ml, sequences=seqs), cfg), vec)
     # and the hybrid index builds on them
     n = len(ml.items)
-    feats = stages.EntityFeatures(item_ids=pool, item_texts=[""] * n, item_embeddings=_text(n), item_collab=vec)
+    feats = EntityFeatures(item_ids=pool, item_texts=[""] * n, item_embeddings=_text(n), item_collab=vec)
     assert stages.build_index(feats, cfg).state.input_dim == 24 + 16

@@ -206,12 +206,13 @@ class QuantizerState:
             return np.stack([lsh_codes(z, self.encoder[f"level_{l}"]) for l in range(self.levels)], 1)
         x = as_matrix(x)
         books = [torch.from_numpy(cb) for cb in self.codebooks]
+        prices = self._price_tensors()
         encoder = _MLP.from_state(self.encoder) if self.kind == "rq_vae" else None
         out = np.empty((x.shape[0], self.levels), dtype=np.int64)
         # block by block, one residual buffer updated in place: the extra memory is one block, not the catalog
         for s in range(0, x.shape[0], _ASSIGN_BLOCK):
             r = self.latent(x[s : s + _ASSIGN_BLOCK], encoder)
-            for level, (c, price) in enumerate(zip(books, self._price_tensors())):
+            for level, (c, price) in enumerate(zip(books, prices)):
                 out[s : s + _ASSIGN_BLOCK, level] = subtract_nearest_(r, c, price).numpy()
         return out
 

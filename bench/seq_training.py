@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict] = {
     "window-ls0.1-dropout0.2": {"tasks": {"seqrec_mode": "window"}, "train": {"label_smoothing": 0.1},
                                 "model": {"lora": {"dropout": 0.2}}},
     "window-20-layers": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": 20}},
+    # more capacity per token at the same cost: LoRA rank 32 (alpha 64 keeps alpha/sqrt(r) near rank 8's 32/sqrt(8))
+    "window-lora32": {"tasks": {"seqrec_mode": "window"}, "model": {"lora": {"r": 32, "alpha": 64}}},
     # issue 11 item 6, the other collaborative source: the same-run SASRec's item table instead of co-occurrence PPMI-SVD
     "window-hybrid-sasrec": {"tasks": {"seqrec_mode": "window"}, "index": {"embedding": "hybrid", "hybrid": {"source": "sasrec"}}},
     "window-20-layers-sasrec": {"tasks": {"seqrec_mode": "window"}, "model": {"layers": 20},

@@ -150,7 +150,7 @@ def run_size(n_users: int, args, workdir: Path) -> dict:
     report = stage("decoding", lambda: stages.evaluate(rec, instr, bundle, cfg))
     users = report.metrics.get("test/users", 1) + report.metrics.get("valid/users", 0)
     out["stages"]["decoding"]["per_1000_users_s"] = round(out["stages"]["decoding"]["seconds"] * 1000 / max(users, 1), 1)
-    base = stage("sasrec", lambda: stages.baselines(ds, cfg))
+    base = stage("sasrec", lambda: stages.baselines(ds, cfg, reuse=False))  # timed: always trained
     out["sasrec"] = {k.split("/")[-1]: v for k, v in base.items() if k.startswith("baseline/sasrec/") and "/valid/" not in k}
     return out
 

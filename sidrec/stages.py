@@ -108,7 +108,8 @@ def collab_features(ds, cfg: RunConfig) -> np.ndarray:
         from sidrec.evaluation.evaluate import same_run_sasrec
 
         set_threads(cfg)
-        model, _ = same_run_sasrec(ds, cfg.baselines.sasrec, cfg.seed, cfg.data.max_history, progress_enabled())
+        model, _ = same_run_sasrec(ds, cfg.baselines.sasrec, cfg.seed, cfg.data.max_history, progress_enabled(),
+                                   sasrec_store())
         return model.item_weights().detach().float().numpy().copy()
     from sidrec.index.collab import cooccurrence_vectors
 
@@ -323,14 +324,23 @@ def evaluate(rec: TrainedRecommender, instructions: InstructionSet, bundle: Inde
 
 
 # 8. baselines -------------------------------------------------------------------------------
-def baselines(ds, cfg: RunConfig) -> dict[str, float]:
+def baselines(ds, cfg: RunConfig, reuse: bool = True) -> dict[str, float]:
+    """Popularity and the same-run SASRec (``reuse``: take a stored SASRec trained on the same data and
+    settings, see :func:`sasrec_store`; False: always train, as a benchmark that times it must)."""
     from sidrec.evaluation.evaluate import evaluate_baselines
 
     set_threads(cfg)
     seed_everything(cfg.seed)
     return evaluate_baselines(ds, cfg.baselines, cfg.eval.ks, cfg.seed, cfg.data.max_history, progress_enabled(),
                               max_users={"valid": cfg.eval.valid_max_users, "test": cfg.eval.test_max_users},
-                              exclude_history=cfg.eval.exclude_history)
+                              exclude_history=cfg.eval.exclude_history, store=sasrec_store() if reuse else None)
+
+
+def sasrec_store():
+    """Where same-run SASRec models are kept (``$SIDREC_HOME/cache/sasrec``): trained once per data and settings."""
+    from sidrec.evaluation.sasrec_store import SasrecStore
+
+    return SasrecStore(state_home() / "cache" / "sasrec")
 
 
 def png_bytes(fig) -> bytes:

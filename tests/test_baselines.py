@@ -174,3 +174,34 @@ def test_same_run_baseline_says_whether_it_converged(ml100k_dir):
     m = evaluate_baselines(ds, patient, [10], seed=0, max_history=20, progress=False)
     assert m["baseline/sasrec/converged"] == 1.0 and m["baseline/sasrec/epochs_run"] < 200
     assert baseline_notes(m) == []
+
+
+def test_same_run_sasrec_is_trained_once_per_data_and_settings(ml100k_dir, tmp_path):
+    """The hybrid index's ``source: sasrec`` and the baselines step ask for the same SASRec: the store
+    trains it once; another seed, other data or a damaged entry train anew; a time-capped run is not kept."""
+    from sidrec.config import SASRecConfig, DataConfig
+    from sidrec.data.dataset import load_dataset
+    from sidrec.evaluation.evaluate import same_run_sasrec
+    from sidrec.evaluation.sasrec_store import SasrecStore
+
+    ds = load_dataset(DataConfig(format="recbole", path=str(ml100k_dir), max_users=60, kcore=3))
+    cfg = SASRecConfig(hidden=16, layers=1, heads=1, max_len=20, batch_size=64, max_epochs=3, patience=2)
+    store = SasrecStore(tmp_path / "sasrec")
+    first, info = same_run_sasrec(ds, cfg, 0, 20, progress=False, store=store)
+    assert not info.get("reused") and len(list(store.root.iterdir())) == 1
+    again, info2 = same_run_sasrec(ds, cfg, 0, 20, progress=False, store=store)
+    assert info2["reused"] and info2["best_epoch"] == info["best_epoch"]
+    assert torch.equal(again.item_weights(), first.item_weights())
+    other, info3 = same_run_sasrec(ds, cfg, 1, 20, progress=False, store=store)  # another seed: another model
+    assert not info3.get("reused") and not torch.equal(other.item_weights(), first.item_weights())
+    fewer = load_dataset(DataConfig(format="recbole", path=str(ml100k_dir), max_users=50, kcore=3))
+    assert not same_run_sasrec(fewer, cfg, 0, 20, progress=False, store=store)[1].get("reused")
+    assert len(list(store.root.iterdir())) == 3
+    for entry in store.root.iterdir():  # damaged weights: retrained, never trusted
+        (entry / "model.safetensors").write_bytes(b"not a model")
+    assert not same_run_sasrec(ds, cfg, 0, 20, progress=False, store=store)[1].get("reused")
+    assert same_run_sasrec(ds, cfg, 0, 20, progress=False, store=store)[1]["reused"]  # stored again, whole
+    capped = cfg.model_copy(update={"max_epochs": 50, "max_minutes": 1e-6})
+    store2 = SasrecStore(tmp_path / "capped")
+    assert same_run_sasrec(ds, capped, 0, 20, progress=False, store=store2)[1]["stopped"] == "time_cap"
+    assert not store2.root.exists() or not any(store2.root.iterdir())

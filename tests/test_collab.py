@@ -186,6 +186,7 @@ def test_sasrec_vectors_are_the_run_baselines_item_table_and_never_see_test_item
     assert vec.shape == (len(ml.items), 16) and vec.dtype == np.float32
     model, info = same_run_sasrec(ml, cfg.baselines.sasrec, cfg.seed, cfg.data.max_history, progress=False)
     assert np.array_equal(vec, model.item_weights().detach().numpy())  # one model: the baseline's
+    assert stages.baselines(ml, cfg)["baseline/sasrec/reused"] == 1.0  # and the baselines step does not retrain it
     assert info["epochs_run"] >= 1
     # rewrite every user's test item (the last): nothing in the vectors may move
     rng = np.random.default_rng(1)

@@ -34,7 +34,7 @@ def _run(cfg, out):
     instr = stages.instruct(ds, bundle, cfg)
     rec = stages.finetune(instr, bundle, cfg, out)
     report = stages.evaluate(rec, instr, bundle, cfg)
-    base = stages.baselines(ds, cfg)
+    base = stages.baselines(ds, cfg, reuse=False)  # trained in each run: its determinism is under test
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     weights["sid"] = load_file(str(out / "sid_embeddings.safetensors"))["sid_embeddings"]
     return {

@@ -95,24 +95,35 @@ def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams
     return score
 
 
-def same_run_sasrec(ds, cfg, seed: int, max_history: int, progress: bool = True):
+def same_run_sasrec(ds, cfg, seed: int, max_history: int, progress: bool = True, store=None):
     """``(model, info)``: SASRec (``cfg``: ``baselines.sasrec``) trained on ``ds``'s training split, early-stopped
     on valid NDCG@10 over every valid user; items in ``ds.item_index()`` order. The run's baseline and the
-    hybrid index's ``source: sasrec`` vectors are this one model (same data, settings and seed)."""
+    hybrid index's ``source: sasrec`` vectors are this one model (same data, settings and seed): with a
+    ``store`` (:class:`sidrec.evaluation.sasrec_store.SasrecStore`) it is trained once and reused
+    (``info["reused"]``)."""
     from sidrec.evaluation.baselines import train_sasrec
+    from sidrec.evaluation.sasrec_store import sasrec_key
 
     index = ds.item_index()
     train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]
     # early stopping looks at every valid user; the reported valid metrics use the sampled ones
     full = ds.split("valid", max(max_history, cfg.max_len))
     stop_on = ([[index[i] for i in h] for h in full["history"]], np.array([index[t] for t in full["target"]]))
-    return train_sasrec(train, len(index), cfg, seed, valid=stop_on, progress=progress, max_minutes=cfg.max_minutes)
+    key = sasrec_key(train, len(index), stop_on, cfg.model_dump(mode="json"), seed) if store is not None else None
+    if key is not None and (hit := store.get(key)) is not None:
+        return hit
+    model, info = train_sasrec(train, len(index), cfg, seed, valid=stop_on, progress=progress, max_minutes=cfg.max_minutes)
+    if key is not None:
+        store.put(key, model, info)
+    return model, info
 
 
 def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool = True,
-                       max_users: dict[str, int | None] | None = None, exclude_history: bool = False) -> dict[str, float]:
+                       max_users: dict[str, int | None] | None = None, exclude_history: bool = False,
+                       store=None) -> dict[str, float]:
     """Popularity and SASRec on the same leave-one-out split, full ranking over the catalog
-    (``exclude_history``: without the items each user saw before the target, as for the LLM)."""
+    (``exclude_history``: without the items each user saw before the target, as for the LLM; ``store``: see
+    :func:`same_run_sasrec`)."""
     from sidrec.evaluation.baselines import popularity_ranked, sasrec_topk
 
     index = ds.item_index()
@@ -131,13 +142,14 @@ def evaluate_baselines(ds, cfg, ks, seed: int, max_history: int, progress: bool 
             ranked = popularity_ranked(train, n_items, len(targets[p]), kmax, exclude=seen[p] if seen else None)
             out.update({f"baseline/popularity/{p}/{k}": v for k, v in ranking_metrics(ranked, targets[p], ks).items()})
     if cfg.sasrec.enabled:
-        model, info = same_run_sasrec(ds, cfg.sasrec, seed, max_history, progress)
+        model, info = same_run_sasrec(ds, cfg.sasrec, seed, max_history, progress, store)
         for p in parts:
             ranked = sasrec_topk(model, hists[p], kmax, exclude=seen[p] if seen else None)
             out.update({f"baseline/sasrec/{p}/{k}": v for k, v in ranking_metrics(ranked, targets[p], ks).items()})
         out["baseline/sasrec/best_epoch"] = info.get("best_epoch", -1)
         out["baseline/sasrec/train_seconds"] = info.get("train_seconds", float("nan"))
         out["baseline/sasrec/epochs_run"] = info.get("epochs_run", -1)
+        out["baseline/sasrec/reused"] = float(bool(info.get("reused")))  # 1: the same model, trained earlier
         # converged: stopped by its patience on valid NDCG@10; a time cap or max_epochs reached first is not
         out["baseline/sasrec/converged"] = float(info.get("stopped") == "early_stopping")
     return out

@@ -66,6 +66,9 @@ VARIANTS: dict[str, dict] = {
     "static-balanced": {"index": {"balance": "last"}},  # issue 14 item 4: the last level balanced (index.balance)
     "dynamic-items": {"index": {"mode": "dynamic"}},
     "dynamic-dual": {"index": {"mode": "dynamic", "entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
+    # ED2's user tasks at a third of their weight (issue 13: with them the dual index is 0.72x static, without 1.04x)
+    "dynamic-dual-light-user": {"index": {"mode": "dynamic", "entities": "items+users"}, "tasks": {"user_pred": 0.03, "text_to_user": 0.015}},
+    "static-dual-light-user": {"index": {"entities": "items+users"}, "tasks": {"user_pred": 0.03, "text_to_user": 0.015}},
     "static-dual": {"index": {"entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
     "static-dual-no-prompt-sid": {"index": {"entities": "items+users"},
                                   "tasks": {"user_pred": 0.1, "text_to_user": 0.05, "user_sid_in_prompt": False}},

@@ -68,6 +68,8 @@ VARIANTS: dict[str, dict] = {
     "dynamic-dual": {"index": {"mode": "dynamic", "entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
     # ED2's user tasks at a third of their weight (issue 13: with them the dual index is 0.72x static, without 1.04x)
     "dynamic-dual-light-user": {"index": {"mode": "dynamic", "entities": "items+users"}, "tasks": {"user_pred": 0.03, "text_to_user": 0.015}},
+    "dynamic-dual-light-user-20-layers": {"index": {"mode": "dynamic", "entities": "items+users"}, "model": {"layers": 20},
+                                          "tasks": {"user_pred": 0.03, "text_to_user": 0.015}},
     "static-dual-light-user": {"index": {"entities": "items+users"}, "tasks": {"user_pred": 0.03, "text_to_user": 0.015}},
     "static-dual": {"index": {"entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
     "static-dual-no-prompt-sid": {"index": {"entities": "items+users"},

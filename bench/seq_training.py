@@ -75,6 +75,8 @@ VARIANTS: dict[str, dict] = {
     "static-dual-no-prompt-sid": {"index": {"entities": "items+users"},
                                   "tasks": {"user_pred": 0.1, "text_to_user": 0.05, "user_sid_in_prompt": False}},
     "dynamic-items-fast-tok": {"index": {"mode": "dynamic", "dynamic": {"tokenizer_lr": 3.0e-3}}},
+    # issue 13's collision target: the dynamic index from the balanced static one, prices refitted at each refresh
+    "dynamic-items-fast-tok-balanced": {"index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}}},
     "dynamic-dual-fast-tok": {"index": {"mode": "dynamic", "entities": "items+users", "dynamic": {"tokenizer_lr": 3.0e-3}},
                               "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
 }

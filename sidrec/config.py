@@ -160,7 +160,8 @@ class IndexConfig(_Strict):
         "item costs M tokens (rq_kmeans / rq_vae only)")
     balance: Literal["none", "last"] = Field(
         "none", description="last: the last level's codes are balanced by per-code prices fitted on the catalog and kept in "
-        "the quantizer (new items are placed by the same rule): fewer raw collisions (rq_kmeans, static index only)")
+        "the quantizer (new items are placed by the same rule): fewer raw collisions (rq_kmeans; a dynamic index starts from "
+        "the balanced static one and refits the prices at each refresh)")
     keywords_per_token: int = Field(5, ge=1, description="TS-Rec: TF-IDF keywords kept per SID token/prefix")
     embedding: Literal["text", "hybrid"] = Field(
         "text", description="what the static quantizer indexes: text (the item text embedding) or hybrid (text + a "
@@ -189,10 +190,10 @@ class IndexConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _balance_is_static_rq_kmeans(self):
-        if self.balance != "none" and (self.quantizer != "rq_kmeans" or self.mode != "static"):
-            raise ValueError(f"index.balance {self.balance!r} balances a static RQ-KMeans index (quantizer {self.quantizer!r}, "
-                             f"mode {self.mode!r}); use balance: none, or quantizer: rq_kmeans with mode: static")
+    def _balance_is_rq_kmeans(self):
+        if self.balance != "none" and self.quantizer != "rq_kmeans":
+            raise ValueError(f"index.balance {self.balance!r} balances an RQ-KMeans index (quantizer {self.quantizer!r}); "
+                             f"use balance: none, or quantizer: rq_kmeans")
         return self
 
 

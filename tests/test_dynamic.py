@@ -72,6 +72,41 @@ def test_learned_quantizer_starts_as_the_static_index(collab_x, collisions, tmp_
     assert loaded.residual and np.array_equal(loaded.assign(collab_x), res.state.assign(collab_x))
 
 
+def test_a_balanced_dynamic_index_starts_balanced_and_refits_its_prices_as_the_codebooks_move(collab_x, tmp_path):
+    """index.balance: last with the dynamic index: step 0 is the balanced static assignment, a refresh of an
+    unmoved quantizer keeps its prices and codes, and once the encoder moves the refitted prices even out the
+    last level again; the saved state assigns with them."""
+    kw = dict(levels=2, codebook_size=32, collisions="nearest_free", kmeans_iters=10)
+    plain = quantize(collab_x, IndexConfig(**kw), seed=0)
+    res = quantize(collab_x, IndexConfig(**kw, balance="last"), seed=0)
+    assert res.raw_collision_rate < plain.raw_collision_rate  # the prices do something on this catalog
+    lq = LearnedQuantizer(res.state, collab_x, hidden_dim=16, seed=0)
+    assert lq.balanced and not LearnedQuantizer(plain.state, collab_x, hidden_dim=16, seed=0).balanced
+    codes, _ = lq.greedy(lq.encode())
+    assert np.array_equal(codes.numpy(), res.state.assign(collab_x))  # step 0: the balanced static assignment
+    index = SIDIndex(entity_ids=[str(i) for i in range(len(collab_x))], codes=res.codes, level_sizes=res.level_sizes)
+    new, stats = reassign(lq, index, max_churn=0.1, margin=0.05)
+    assert stats["churn"] == 0.0 and np.array_equal(new.codes, res.codes)
+    assert stats["collision_rate_raw"] == pytest.approx(res.raw_collision_rate)
+    assert torch.allclose(lq.price(1), torch.from_numpy(res.state.prices[1]), atol=1e-5)  # refit = the static prices
+
+    def spread(codes):  # the largest last-level code's share of the catalog
+        return np.bincount(codes[:, -1], minlength=32).max() / len(codes)
+
+    with torch.no_grad():  # the encoder moves: the start prices no longer balance the last level
+        torch.manual_seed(0)
+        lq.encoder.layers[-1].weight.normal_(0, 0.5)
+        stale, _ = lq.greedy(lq.encode())
+    before = lq.price(1).clone()
+    reassign(lq, index, max_churn=0.1, margin=0.05)
+    assert not torch.equal(lq.price(1), before)
+    with torch.no_grad():
+        refit, _ = lq.greedy(lq.encode())
+    assert spread(refit.numpy()) < spread(stale.numpy())
+    lq.state().save(tmp_path / "q")  # the saved state places new entities by the refitted prices
+    assert np.array_equal(QuantizerState.load(tmp_path / "q").assign(collab_x), refit.numpy())
+
+
 @pytest.mark.parametrize("collisions", ["nearest_free", "extra_level"])
 def test_reassign_bounds_churn_moves_the_largest_gains_and_stays_unique(collab_x, collisions):
     res = quantize(collab_x, IndexConfig(levels=2, codebook_size=32, collisions=collisions, kmeans_iters=10), seed=0)
@@ -219,7 +254,8 @@ def _model_tensors(path):
     return out
 
 
-def test_a_crashed_dynamic_run_resumes_to_the_uninterrupted_result(ml, tmp_path):
+@pytest.mark.parametrize("balance", ["none", "last"])
+def test_a_crashed_dynamic_run_resumes_to_the_uninterrupted_result(ml, tmp_path, balance):
     cfg, ds = ml
 
     class Crash(Exception):
@@ -230,14 +266,15 @@ def test_a_crashed_dynamic_run_resumes_to_the_uninterrupted_result(ml, tmp_path)
             raise Crash
 
     ck = tmp_path / "ck"
-    resumable = _cfg(cfg.data.path, tmp=ck, train={"checkpoint_every": 4})
+    resumable = _cfg(cfg.data.path, tmp=ck, train={"checkpoint_every": 4}, index={"balance": balance})
     with pytest.raises(Crash):  # mid-way through the second recommender phase, after the refresh at step 12
         _run(resumable, ds, tmp_path / "crashed", log=crash_at_17)
     assert not (tmp_path / "crashed" / "meta.json").exists()
     assert [p.name for p in ck.glob("*/ckpt-*")] == ["ckpt-0000016"]
     resumed, rb, _ = _run(resumable, ds, tmp_path / "resumed")
     assert resumed.meta["train"]["train/resumed_from_step"] == 16
-    fresh, fb, _ = _run(_cfg(cfg.data.path, tmp=tmp_path / "ck2", train={"checkpoint_every": 4}), ds, tmp_path / "fresh")
+    fresh, fb, _ = _run(_cfg(cfg.data.path, tmp=tmp_path / "ck2", train={"checkpoint_every": 4}, index={"balance": balance}),
+                        ds, tmp_path / "fresh")
     assert fresh.meta["train"]["train/resumed_from_step"] == 0
     a, b = _model_tensors(tmp_path / "resumed"), _model_tensors(tmp_path / "fresh")
     assert a.keys() == b.keys()

@@ -346,7 +346,7 @@ def test_balanced_last_level_spreads_a_real_catalog_and_new_items_follow_the_sam
     assert res.collisions == 0 and res.raw_collision_rate == raw_collision_rate(raw_b)
 
 
-@pytest.mark.parametrize("index", [{"quantizer": "rq_vae"}, {"mode": "dynamic"}, {"quantizer": "lsh", "collisions": "extra_level"}])
+@pytest.mark.parametrize("index", [{"quantizer": "rq_vae"}, {"quantizer": "lsh", "collisions": "extra_level"}])
 def test_balance_is_refused_where_it_does_not_apply(index):
     from sidrec.config import parse_config
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from sidrec.index.collisions import nearest_free_last
+from sidrec.index.kmeans import balance_prices, nearest
 from sidrec.index.sid_index import SIDIndex
 from sidrec.model.sid_model import SIDRecModel
 from sidrec.index.quantize import MLP, QuantizerState, code_stats, mlp_state, raw_collision_rate
@@ -83,7 +84,9 @@ class LearnedQuantizer(nn.Module):
     """``z = x + enc(x)`` on the standardised static input, residual codebooks, ``x_hat = q + dec(q)``.
 
     Starts as the static RQ-KMeans state ``state`` (both MLPs' last layers are zero, the codebooks are
-    copies), so :meth:`greedy` gives exactly ``state.assign(x)`` before any training."""
+    copies), so :meth:`greedy` gives exactly ``state.assign(x)`` before any training. A balanced state
+    (``index.balance: last``) brings its per-code prices: the assignment adds them to the squared distances
+    as the static one does, and :meth:`rebalance` refits them under the moved codebooks at each refresh."""
 
     def __init__(self, state: QuantizerState, x: np.ndarray, hidden_dim: int, seed: int):
         super().__init__()
@@ -99,6 +102,10 @@ class LearnedQuantizer(nn.Module):
         self.codebooks = nn.ParameterList([nn.Parameter(torch.from_numpy(cb.copy())) for cb in state.codebooks])
         for lv, cb in enumerate(state.codebooks):
             self.register_buffer(f"start_{lv}", torch.from_numpy(cb.copy()))
+        self.balanced = bool(state.prices)
+        for lv, cb in enumerate(state.codebooks):
+            price = state.prices[lv] if state.prices else np.zeros(cb.shape[0], dtype=np.float32)
+            self.register_buffer(f"price_{lv}", torch.from_numpy(np.asarray(price, dtype=np.float32).copy()))
 
     @property
     def levels(self) -> int:
@@ -106,6 +113,10 @@ class LearnedQuantizer(nn.Module):
 
     def start(self, level: int) -> torch.Tensor:
         return getattr(self, f"start_{level}")
+
+    def price(self, level: int) -> torch.Tensor:
+        """Level ``level``'s per-code prices (zeros unless the index is balanced)."""
+        return getattr(self, f"price_{level}")
 
     def encode(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.x if rows is None else self.x[rows]
@@ -120,15 +131,26 @@ class LearnedQuantizer(nn.Module):
 
     @torch.no_grad()
     def greedy(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest-codeword residual assignment: codes [n, levels] and the residual entering the last level."""
+        """Nearest-codeword residual assignment (squared distance + price, the static quantizer's rule):
+        codes [n, levels] and the residual entering the last level."""
         r, out = z.clone(), []
         for lv, cb in enumerate(self.codebooks):
             if lv == self.levels - 1:
                 last = r.clone()
-            c = torch.cdist(r, cb).argmin(1)
+            c = nearest(r, cb.detach(), self.price(lv) if self.balanced else None)
             out.append(c)
             r = r - cb[c]
         return torch.stack(out, 1), last
+
+    @torch.no_grad()
+    def rebalance(self, z: torch.Tensor) -> None:
+        """Refit the last level's prices (:func:`sidrec.index.kmeans.balance_prices`) on the residuals of ``z``
+        under the current codebooks: the prices fitted on the start codebooks stop balancing once they move.
+        A deterministic function of the encoder and codebooks, so an unmoved quantizer keeps its prices."""
+        if not self.balanced:
+            return
+        _, last = self.greedy(z)
+        self.price(self.levels - 1).copy_(balance_prices(last, self.codebooks[-1].detach()))
 
     def regulator(self, rows: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token-level alignment, reconstruction) on some entities with their current ``codes``.
@@ -151,7 +173,8 @@ class LearnedQuantizer(nn.Module):
         """The trained quantizer as a saveable state (assigns new entities later: ``state.assign``)."""
         return QuantizerState(kind="rq_vae", codebooks=[cb.detach().float().cpu().numpy().copy() for cb in self.codebooks],
                               mean=self.mean, scale=self.scale, encoder=mlp_state(self.encoder),
-                              decoder=mlp_state(self.decoder), residual=True)
+                              decoder=mlp_state(self.decoder), residual=True,
+                              prices=[self.price(lv).numpy().copy() for lv in range(self.levels)] if self.balanced else [])
 
 
 # ---------------------------------------------------------------------------------------------- re-assignment
@@ -171,10 +194,13 @@ def reassign(q: LearnedQuantizer, index: SIDIndex, max_churn: float, margin: flo
 
     An entity moves only if the quantization error of its new code is below ``(1 - margin)`` of its
     current code's, at most ``floor(max_churn * n)`` entities move (largest error reductions first),
-    and only to a code no other entity holds. Returns the new index and its refresh statistics."""
+    and only to a code no other entity holds. A balanced quantizer refits its prices first
+    (:meth:`LearnedQuantizer.rebalance`), so the new codes are balanced under the current codebooks.
+    Returns the new index and its refresh statistics."""
     n, m = index.codes.shape[0], q.levels
     with torch.no_grad():
         z = q.encode()
+        q.rebalance(z)
         old = index.codes.copy()
         err_old = ((z - q.quantized(torch.from_numpy(old))) ** 2).sum(1)
         raw, last_res = q.greedy(z)
@@ -512,12 +538,17 @@ class DynamicIndexHooks(TrainHooks):
     # -- checkpoints
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"codes/{f.name}": torch.from_numpy(f.index.codes.copy()) for f in self.families}
+        for f in self.families:  # refitted at each refresh (a balanced index): not a trainable tensor
+            tensors.update({f"prices/{f.name}/{lv}": f.quantizer.price(lv).clone() for lv in range(f.quantizer.levels)})
         return tensors, {"refresh_log": self.refresh_log}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         for f in self.families:
             f.set_index(SIDIndex(entity_ids=f.index.entity_ids, codes=tensors[f"codes/{f.name}"].numpy(),
                                  level_sizes=f.index.level_sizes, prefix=f.index.prefix))
+            for lv in range(f.quantizer.levels):
+                if f"prices/{f.name}/{lv}" in tensors:  # checkpoints written before prices were kept have none
+                    f.quantizer.price(lv).copy_(tensors[f"prices/{f.name}/{lv}"])
         self.refresh_log = list(meta.get("refresh_log", []))
         self.rows = self.render(self._indices())
         self._restored, self._kind, self._selector = True, None, None

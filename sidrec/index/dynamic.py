@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from sidrec.index.collisions import nearest_free_last
-from sidrec.index.kmeans import balance_prices, nearest
+from sidrec.index.kmeans import balance_prices, subtract_nearest_
 from sidrec.index.sid_index import SIDIndex
 from sidrec.model.sid_model import SIDRecModel
 from sidrec.index.quantize import MLP, QuantizerState, code_stats, mlp_state, raw_collision_rate
@@ -137,9 +137,7 @@ class LearnedQuantizer(nn.Module):
         for lv, cb in enumerate(self.codebooks):
             if lv == self.levels - 1:
                 last = r.clone()
-            c = nearest(r, cb.detach(), self.price(lv) if self.balanced else None)
-            out.append(c)
-            r = r - cb[c]
+            out.append(subtract_nearest_(r, cb.detach(), self.price(lv) if self.balanced else None))
         return torch.stack(out, 1), last
 
     @torch.no_grad()
@@ -538,8 +536,9 @@ class DynamicIndexHooks(TrainHooks):
     # -- checkpoints
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"codes/{f.name}": torch.from_numpy(f.index.codes.copy()) for f in self.families}
-        for f in self.families:  # refitted at each refresh (a balanced index): not a trainable tensor
-            tensors.update({f"prices/{f.name}/{lv}": f.quantizer.price(lv).clone() for lv in range(f.quantizer.levels)})
+        for f in self.families:  # a balanced index refits its prices at each refresh: buffers, not parameters
+            if f.quantizer.balanced:
+                tensors.update({f"prices/{f.name}/{lv}": f.quantizer.price(lv).clone() for lv in range(f.quantizer.levels)})
         return tensors, {"refresh_log": self.refresh_log}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:

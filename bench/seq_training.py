@@ -64,6 +64,7 @@ VARIANTS: dict[str, dict] = {
     # issue 13: the base config as it is (static), and the dynamic index (sidrec.index.dynamic) on top of it
     "static": {},
     "static-balanced": {"index": {"balance": "last"}},  # issue 14 item 4: the last level balanced (index.balance)
+    "static-balanced-20-layers": {"index": {"balance": "last"}, "model": {"layers": 20}},
     "dynamic-items": {"index": {"mode": "dynamic"}},
     "dynamic-dual": {"index": {"mode": "dynamic", "entities": "items+users"}, "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
     # ED2's user tasks at a third of their weight (issue 13: with them the dual index is 0.72x static, without 1.04x)
@@ -77,6 +78,8 @@ VARIANTS: dict[str, dict] = {
     "dynamic-items-fast-tok": {"index": {"mode": "dynamic", "dynamic": {"tokenizer_lr": 3.0e-3}}},
     # issue 13's collision target: the dynamic index from the balanced static one, prices refitted at each refresh
     "dynamic-items-fast-tok-balanced": {"index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}}},
+    "dynamic-items-fast-tok-balanced-20-layers": {"index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}},
+                                                  "model": {"layers": 20}},
     "dynamic-dual-fast-tok": {"index": {"mode": "dynamic", "entities": "items+users", "dynamic": {"tokenizer_lr": 3.0e-3}},
                               "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
 }

@@ -6,6 +6,13 @@ optimiser are the library's (:mod:`sidrec.evaluation.baselines`), with ``baselin
     .venv/bin/python bench/sasrec_epoch.py --users 50000 --epochs 3 --runs 256 128 64 1024:2e-3 256:bucketed
 
 A run is ``BATCH[:LR][:bucketed]``. Run it alone on the machine. JSON under bench/results.
+
+With ``--converge`` each run (``BATCH[:LR]``) is instead trained as the pipeline trains the same-run SASRec
+(:func:`sidrec.evaluation.baselines.train_sasrec`: early stopping on valid NDCG@10 with ``baselines.sasrec``'s
+patience, the best epoch kept) and scored on the test split (Recall@10, NDCG@10): the wall time to
+convergence and the quality it converges to, per batch size.
+
+    .venv/bin/python bench/sasrec_epoch.py --users 50000 --converge --runs 256 128 --out sasrec_converge
 """
 from __future__ import annotations
 
@@ -40,11 +47,25 @@ def bucketed_epoch(model, opt, inp, tgt, batch_size, gen) -> float:
     return tot / max(cnt, 1)
 
 
+def converge(run: str, train, n_items: int, sc, valid, test) -> dict:
+    """Train SASRec as the pipeline does, with run ``BATCH[:LR]``'s batch size and learning rate; score on test."""
+    from sidrec.evaluation.metrics import ranking_metrics
+
+    parts = run.split(":")
+    cfg = sc.model_copy(update={"batch_size": int(parts[0]), "lr": float(parts[1]) if len(parts) > 1 else sc.lr})
+    model, info = B.train_sasrec(train, n_items, cfg, seed=0, valid=valid, progress=False)
+    m = ranking_metrics(B.sasrec_topk(model, test[0], 10), test[1], ks=(10,))
+    return {**info, "seconds_per_epoch": round(info["train_seconds"] / max(info["epochs_run"], 1), 1),
+            "test_recall_at_10": round(m["recall_at_10"], 4), "test_ndcg_at_10": round(m["ndcg_at_10"], 4)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--runs", nargs="+", default=["256", "128", "64", "1024:2e-3", "256:bucketed"])
+    ap.add_argument("--converge", action="store_true",
+                    help="train each run to early stopping and score it on test, instead of --epochs epochs")
     ap.add_argument("--out", default="sasrec_epoch")
     args = ap.parse_args(argv)
 
@@ -69,6 +90,17 @@ def main(argv=None) -> int:
     result = {"env": common.env_info(), "users": len(train), "items": len(index),
               "supervised_positions": int((tgt > 0).sum()), "runs": {}}
     print({k: result[k] for k in ("users", "items", "supervised_positions")}, flush=True)
+    if args.converge:
+        test = ds.split("test", sc.max_len)
+        result["test_users"] = len(test["target"])
+        result["patience"] = sc.patience
+        for run in args.runs:
+            result["runs"][run] = converge(run, train, len(index), sc, valid,
+                                           ([[index[i] for i in h] for h in test["history"]],
+                                            np.array([index[t] for t in test["target"]])))
+            print(run, result["runs"][run], flush=True)
+            common.write_json(common.RESULTS / f"{args.out}.json", result)
+        return 0
     for run in args.runs:
         parts = run.split(":")
         bs = int(parts[0])

@@ -47,12 +47,21 @@ def bucketed_epoch(model, opt, inp, tgt, batch_size, gen) -> float:
     return tot / max(cnt, 1)
 
 
+def parse_run(run: str, default_lr: float) -> tuple[int, float, bool]:
+    """``BATCH[:LR][:bucketed]`` -> (batch size, learning rate, bucketed)."""
+    parts = run.split(":")
+    lr = next((float(p) for p in parts[1:] if p != "bucketed"), default_lr)
+    return int(parts[0]), lr, "bucketed" in parts
+
+
 def converge(run: str, train, n_items: int, sc, valid, test) -> dict:
     """Train SASRec as the pipeline does, with run ``BATCH[:LR]``'s batch size and learning rate; score on test."""
     from sidrec.evaluation.metrics import ranking_metrics
 
-    parts = run.split(":")
-    cfg = sc.model_copy(update={"batch_size": int(parts[0]), "lr": float(parts[1]) if len(parts) > 1 else sc.lr})
+    bs, lr, bucketed = parse_run(run, sc.lr)
+    if bucketed:
+        raise SystemExit(f"--converge trains as the pipeline does (no length-bucketed batches): drop ':bucketed' from {run!r}")
+    cfg = sc.model_copy(update={"batch_size": bs, "lr": lr})
     model, info = B.train_sasrec(train, n_items, cfg, seed=0, valid=valid, progress=False)
     m = ranking_metrics(B.sasrec_topk(model, test[0], 10), test[1], ks=(10,))
     return {**info, "seconds_per_epoch": round(info["train_seconds"] / max(info["epochs_run"], 1), 1),
@@ -85,27 +94,28 @@ def main(argv=None) -> int:
     train = [[index[i] for i in s] for s in ds.train_sequences().values()]
     sc = cfg.baselines.sasrec
     inp, tgt = B._training_arrays(train, sc.max_len)
-    full = ds.split("valid", sc.max_len)
-    valid = ([[index[i] for i in h] for h in full["history"]], np.array([index[t] for t in full["target"]]))
+
+    def indexed(part: str):
+        """(histories, targets) of the ``part`` split as item indices."""
+        rows = ds.split(part, sc.max_len)
+        return [[index[i] for i in h] for h in rows["history"]], np.array([index[t] for t in rows["target"]])
+
+    valid = indexed("valid")
     result = {"env": common.env_info(), "users": len(train), "items": len(index),
               "supervised_positions": int((tgt > 0).sum()), "runs": {}}
     print({k: result[k] for k in ("users", "items", "supervised_positions")}, flush=True)
     if args.converge:
-        test = ds.split("test", sc.max_len)
-        result["test_users"] = len(test["target"])
+        test = indexed("test")
+        result["test_users"] = len(test[1])
         result["patience"] = sc.patience
         for run in args.runs:
-            result["runs"][run] = converge(run, train, len(index), sc, valid,
-                                           ([[index[i] for i in h] for h in test["history"]],
-                                            np.array([index[t] for t in test["target"]])))
+            result["runs"][run] = converge(run, train, len(index), sc, valid, test)
             print(run, result["runs"][run], flush=True)
             common.write_json(common.RESULTS / f"{args.out}.json", result)
         return 0
     for run in args.runs:
-        parts = run.split(":")
-        bs = int(parts[0])
-        lr = next((float(p) for p in parts[1:] if p != "bucketed"), sc.lr)
-        epoch_fn = bucketed_epoch if "bucketed" in parts else B._train_epoch
+        bs, lr, bucketed = parse_run(run, sc.lr)
+        epoch_fn = bucketed_epoch if bucketed else B._train_epoch
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
         model = B.SASRec.from_config(len(index), sc)

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,6 +29,7 @@ import common  # noqa: E402
 from scale import synth_catalog  # noqa: E402
 
 from sidrec.evaluation import baselines as B  # noqa: E402
+from sidrec.evaluation.evaluate import indexed_split  # noqa: E402
 
 
 def bucketed_epoch(model, opt, inp, tgt, batch_size, gen) -> float:
@@ -94,18 +94,12 @@ def main(argv=None) -> int:
     train = [[index[i] for i in s] for s in ds.train_sequences().values()]
     sc = cfg.baselines.sasrec
     inp, tgt = B._training_arrays(train, sc.max_len)
-
-    def indexed(part: str):
-        """(histories, targets) of the ``part`` split as item indices."""
-        rows = ds.split(part, sc.max_len)
-        return [[index[i] for i in h] for h in rows["history"]], np.array([index[t] for t in rows["target"]])
-
-    valid = indexed("valid")
+    valid = indexed_split(ds, "valid", sc.max_len)
     result = {"env": common.env_info(), "users": len(train), "items": len(index),
               "supervised_positions": int((tgt > 0).sum()), "runs": {}}
     print({k: result[k] for k in ("users", "items", "supervised_positions")}, flush=True)
     if args.converge:
-        test = indexed("test")
+        test = indexed_split(ds, "test", sc.max_len)
         result["test_users"] = len(test[1])
         result["patience"] = sc.patience
         for run in args.runs:

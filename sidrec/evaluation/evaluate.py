@@ -95,6 +95,14 @@ def valid_selector(encoder, index, valid_rows: pd.DataFrame, n_users: int, beams
     return score
 
 
+def indexed_split(ds, part: str, max_len: int | None) -> tuple[list[list[int]], np.ndarray]:
+    """``(histories, targets)`` of ``ds``'s ``part`` split (``ds.split(part, max_len)``) as item indices in
+    ``ds.item_index()`` order: what SASRec's early stopping and scoring read."""
+    index = ds.item_index()
+    rows = ds.split(part, max_len)
+    return [[index[i] for i in h] for h in rows["history"]], np.array([index[t] for t in rows["target"]])
+
+
 def same_run_sasrec(ds, cfg, seed: int, max_history: int, progress: bool = True, store=None):
     """``(model, info)``: SASRec (``cfg``: ``baselines.sasrec``) trained on ``ds``'s training split, early-stopped
     on valid NDCG@10 over every valid user; items in ``ds.item_index()`` order. The run's baseline and the
@@ -107,8 +115,7 @@ def same_run_sasrec(ds, cfg, seed: int, max_history: int, progress: bool = True,
     index = ds.item_index()
     train = [[index[i] for i in seq] for seq in ds.train_sequences().values()]
     # early stopping looks at every valid user; the reported valid metrics use the sampled ones
-    full = ds.split("valid", max(max_history, cfg.max_len))
-    stop_on = ([[index[i] for i in h] for h in full["history"]], np.array([index[t] for t in full["target"]]))
+    stop_on = indexed_split(ds, "valid", max(max_history, cfg.max_len))
     key = sasrec_key(train, len(index), stop_on, cfg.model_dump(mode="json"), seed) if store is not None else None
     if key is not None and (hit := store.get(key)) is not None:
         return hit

@@ -82,6 +82,10 @@ VARIANTS: dict[str, dict] = {
                                                   "model": {"layers": 20}},
     "dynamic-dual-fast-tok": {"index": {"mode": "dynamic", "entities": "items+users", "dynamic": {"tokenizer_lr": 3.0e-3}},
                               "tasks": {"user_pred": 0.1, "text_to_user": 0.05}},
+    # issue 13's dual target: the balanced item index that moves (fast tokenizer) with users' SIDs and the light user tasks
+    "dynamic-dual-fast-tok-balanced-light-user": {"index": {"mode": "dynamic", "entities": "items+users", "balance": "last",
+                                                            "dynamic": {"tokenizer_lr": 3.0e-3}},
+                                                  "tasks": {"user_pred": 0.03, "text_to_user": 0.015}},
 }
 
 

@@ -28,6 +28,10 @@ CACHE = ROOT / ".sidrec" / "bench-cache"
 RESULTS = ROOT / "bench" / "results"
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
+from sidrec.runtime import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()  # a benchmark's log shows its progress and results, not transformers' deprecations
+
 
 # --------------------------------------------------------------------------- environment
 

@@ -42,11 +42,10 @@ def setup_environment() -> None:
     if not sys.stdout.isatty():  # no colour codes in logs, pipes and CI
         os.environ.setdefault("ZENML_LOGGING_COLORS_DISABLED", "true")
     import logging
-    import warnings
 
-    # third-party deprecation notices a user can do nothing about (issue 14: a clean console)
-    for message in (r".*is_gradient_checkpointing.* is deprecated", r"You are using a Python version .* google"):
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    from sidrec.runtime import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
 
     for name in ("great_expectations", "mlflow", "alembic", "urllib3", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)

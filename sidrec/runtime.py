@@ -24,6 +24,18 @@ def state_home() -> Path:
     return Path(os.environ.get("SIDREC_HOME") or REPO_ROOT / ".sidrec")
 
 
+# third-party deprecation notices a user can do nothing about (issue 14: a clean console)
+QUIET_FUTURE_WARNINGS = (r".*is_gradient_checkpointing.* is deprecated", r"You are using a Python version .* google")
+
+
+def quiet_third_party_warnings() -> None:
+    """Hide the FutureWarnings in ``QUIET_FUTURE_WARNINGS`` (the CLI and the benchmarks call it at start)."""
+    import warnings
+
+    for message in QUIET_FUTURE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def set_threads(cfg: RunConfig) -> None:
     import torch
 

@@ -95,3 +95,19 @@ def test_cli_help_lists_commands():
     assert out.returncode == 0 and "train" in out.stdout and "fetch" in out.stdout
     out = _cli("train", "--help")
     assert "--config" in out.stdout and "--metrics-out" in out.stdout
+
+
+def test_only_the_listed_third_party_future_warnings_are_hidden():
+    import warnings
+
+    from sidrec.runtime import quiet_third_party_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_third_party_warnings()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated", DeprecationWarning)  # another category
+        warnings.warn("some other API is deprecated", FutureWarning)
+    assert [(w.category, str(w.message)) for w in seen] == [
+        (DeprecationWarning, "`is_gradient_checkpointing` is deprecated"),
+        (FutureWarning, "some other API is deprecated")]

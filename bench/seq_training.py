@@ -86,6 +86,11 @@ VARIANTS: dict[str, dict] = {
     "dynamic-dual-fast-tok-balanced-light-user": {"index": {"mode": "dynamic", "entities": "items+users", "balance": "last",
                                                             "dynamic": {"tokenizer_lr": 3.0e-3}},
                                                   "tasks": {"user_pred": 0.03, "text_to_user": 0.015}},
+    # the same dual index without the user tasks: users' SIDs only at the head of the prompts
+    "dynamic-dual-fast-tok-balanced-no-user-tasks": {"index": {"mode": "dynamic", "entities": "items+users", "balance": "last",
+                                                               "dynamic": {"tokenizer_lr": 3.0e-3}}},
+    # issue 11: LoRA dropout 0.2 instead of 0.05 (the model overfits the training windows within a few epochs)
+    "static-lora-dropout0.2": {"model": {"lora": {"dropout": 0.2}}},
 }
 
 

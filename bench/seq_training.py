@@ -89,6 +89,11 @@ VARIANTS: dict[str, dict] = {
     # the same dual index without the user tasks: users' SIDs only at the head of the prompts
     "dynamic-dual-fast-tok-balanced-no-user-tasks": {"index": {"mode": "dynamic", "entities": "items+users", "balance": "last",
                                                                "dynamic": {"tokenizer_lr": 3.0e-3}}},
+    # the dual index with the users' SIDs only in the light user tasks, not at the head of the prompts (Scientific: the
+    # prompt's user SID, not the user tasks, is what cost the dual index)
+    "dynamic-dual-fast-tok-balanced-light-user-no-prompt-sid": {
+        "index": {"mode": "dynamic", "entities": "items+users", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}},
+        "tasks": {"user_pred": 0.03, "text_to_user": 0.015, "user_sid_in_prompt": False}},
     # issue 11: LoRA dropout 0.2 instead of 0.05 (the model overfits the training windows within a few epochs)
     "static-lora-dropout0.2": {"model": {"lora": {"dropout": 0.2}}},
 }

@@ -96,6 +96,9 @@ VARIANTS: dict[str, dict] = {
         "index": _DUAL_BALANCED_FAST_TOK, "tasks": {"user_pred": 0.03, "text_to_user": 0.015, "user_sid_in_prompt": False}},
     # issue 11: LoRA dropout 0.2 instead of 0.05 (does it help a model that overfitted at 12 epochs? at 4: no change)
     "static-lora-dropout0.2": {"model": {"lora": {"dropout": 0.2}}},
+    # issue 11: the item-level head (sidrec.model.item_head) trained beside the SID head, fused into the beam ranking
+    "item-head": {"model": {"item_head": 1.0}},
+    "item-head-0.3": {"model": {"item_head": 0.3}},
 }
 
 
@@ -103,6 +106,61 @@ def _merge(a: dict, b: dict) -> dict:
     out = copy.deepcopy(a)
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def fusion_sweep(rec, instr, bundle, cfg, weights=FUSION_WEIGHTS) -> dict:
+    """The item head's share of the ranking, measured on one model: one constrained decode of the valid
+    sample and of the test users with the beams as searched (fusion 0), the item head's log-probability of
+    every beam from the prompt's last state, then Recall/NDCG@K of ``beam + w * item`` for each ``w`` and of
+    the item head alone over the whole catalog (no beam search). Valid picks a ``w``; test reports all."""
+    import numpy as np
+    import torch
+
+    from sidrec.evaluation.evaluate import _sample
+    from sidrec.evaluation.metrics import ranking_metrics
+    from sidrec.model.decode import _left_pad, recommend
+    from sidrec.model.sid_model import Encoder, load_recommender
+
+    model, tok, _ = load_recommender(Path(rec.path), cfg.model.backbone)
+    head = model.item_head
+    head.fusion.fill_(0.0)
+    enc = Encoder(tok, model.vocab)
+    from sidrec.runtime import compute_dtype
+
+    dtype = compute_dtype(cfg)
+    trie = bundle.items.build_trie()
+    out: dict = {}
+    for part, limit in (("valid", cfg.eval.valid_max_users), ("test", cfg.eval.test_max_users)):
+        rows = _sample(instr.part(part), limit, cfg.seed)
+        prompts = [enc.encode(p) for p in rows["prompt"]]
+        targets = np.array([bundle.items.row_of(t) for t in rows["target_item"]])
+        ranked, scores, _ = recommend(model, prompts, bundle.items, cfg.eval.beams, cfg.eval.batch_size, trie,
+                                      enc.pad_id, dtype, progress=False)
+        item_lp = np.full(ranked.shape, -np.inf, dtype=np.float32)
+        alone = np.zeros((len(prompts), cfg.eval.beams), dtype=np.int64)
+        with torch.no_grad():
+            for s0 in range(0, len(prompts), cfg.eval.batch_size):
+                ids, mask = _left_pad(prompts[s0:s0 + cfg.eval.batch_size], enc.pad_id)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    h, _ = model.hidden(ids, attention_mask=mask, position_ids=pos)
+                lp = torch.log_softmax(head.logits(h[:, -1]).float(), -1).numpy()
+                r = ranked[s0:s0 + len(lp)]
+                item_lp[s0:s0 + len(lp)] = np.where(r >= 0, np.take_along_axis(lp, np.maximum(r, 0), 1), -np.inf)
+                alone[s0:s0 + len(lp)] = np.argsort(-lp, axis=1)[:, : cfg.eval.beams]
+        for w in weights:
+            fused = np.where(np.isfinite(scores), scores + w * item_lp, -np.inf)
+            order = np.argsort(-fused, axis=1, kind="stable")
+            m = ranking_metrics(np.take_along_axis(ranked, order, 1), targets, cfg.eval.ks)
+            out[f"{part}/fusion_{w}"] = {k: round(float(v), 5) for k, v in m.items()}
+        m = ranking_metrics(alone, targets, cfg.eval.ks)
+        out[f"{part}/item_head_alone"] = {k: round(float(v), 5) for k, v in m.items()}
+    best = max(weights, key=lambda w: out[f"valid/fusion_{w}"]["recall_at_10"])
+    out["best_valid_weight"] = best
     return out
 
 
@@ -114,6 +172,9 @@ def main(argv=None) -> int:
                     help="extra overrides for every variant, dotted keys, YAML values (e.g. train.epochs=2)")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="repeat every variant with these seeds")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--unfused", action="store_true",
+                    help="variants with an item head: also score the same model with other fusion weights and the item head alone "
+                         "(fusion_sweep)")
     ap.add_argument("--out", default="seq_training")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
@@ -182,6 +243,9 @@ def main(argv=None) -> int:
                 t3 = time.perf_counter()
                 report = stages.evaluate(rec, instr, bundle, vcfg)
                 ev_s = time.perf_counter() - t3
+                sweep = None
+                if args.unfused and vcfg.model.item_head > 0:  # the same model: beams alone, fused, the item head alone
+                    sweep = fusion_sweep(rec, instr, bundle, vcfg)
             train = rec.meta["train"]
             entry = {
                 "overrides": over, "fine_tune_seconds": round(ft_s, 1), "eval_seconds": round(ev_s, 1),
@@ -190,11 +254,15 @@ def main(argv=None) -> int:
                 "train": train, "loss_curve": rec.meta["loss_curve"], "select_curve": rec.meta.get("select_curve", []),
                 "dynamic_log": rec.meta.get("dynamic_log", []),
                 "metrics": {k: v for k, v in report.metrics.items()},
+                **({"fusion_sweep": sweep} if sweep is not None else {}),
             }
             result["variants"][label] = entry
             print(f"{label}: fine-tune {ft_s:.0f}s eval {ev_s:.0f}s tokens {train['train/tokens']} "
                   f"first_loss {train.get('train/first_loss')} test R@10 {report.metrics['test/recall_at_10']:.4f} "
-                  f"N@10 {report.metrics['test/ndcg_at_10']:.4f} best_step {train.get('train/best_step')}", flush=True)
+                  f"N@10 {report.metrics['test/ndcg_at_10']:.4f} best_step {train.get('train/best_step')}"
+                  + (" | " + " ".join(f"{k.split('/')[1]} {v['recall_at_10']:.4f}/{v['ndcg_at_10']:.4f}"
+                                      for k, v in sweep.items() if k.startswith("test/")) if sweep else ""),
+                  flush=True)
             common.write_json(common.RESULTS / f"{args.out}.json", result)
     plot(result, common.RESULTS / f"{args.out}.png")
     return 0

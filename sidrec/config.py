@@ -247,6 +247,10 @@ class ModelConfig(_Strict):
     sid_init: Literal["text", "keywords", "random"] = Field(
         "text", description="SID token rows at step 0: text (each code's row is the centred mean input embedding of the texts of "
         "the items that carry it, rescaled to the vocabulary's spread), keywords (TS-Rec SA-Init) or random (vocabulary mean + noise)")
+    item_head: float = Field(0.0, ge=0, description="weight of the item-level head's full-softmax loss (sidrec.model.item_head: every "
+                             "item scored from the state before it, item vectors summed from per-code rows); 0: no item head")
+    item_head_fusion: float = Field(1.0, ge=0, description="with an item head, decoding re-ranks the constrained beams by beam "
+                                    "log-probability + this weight x the item head's log-probability (0: beams as searched)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
@@ -393,6 +397,9 @@ class RunConfig(_Strict):
             if self.model.device == "cuda":
                 raise ValueError("model.device 'cuda' is not supported with index.mode 'dynamic' (the learned index trains "
                                  "on the CPU; evaluation still uses the GPU); use 'auto' or 'cpu'")
+            if self.model.item_head > 0:
+                raise ValueError("model.item_head is not supported with index.mode 'dynamic' (its item vectors follow a fixed "
+                                 "catalog of SIDs); set model.item_head: 0 or index.mode: static")
         return self
 
     def flat(self) -> dict[str, object]:

@@ -1,14 +1,16 @@
 """The LLM recommender: backbone + LoRA + SID vocabulary and embeddings.
 
 ``sid_model`` (loading, truncation, SID rows, save/load), ``sid_init`` (semantic initialisation of the
-SID rows), ``decode`` (trie-constrained beam search), ``assets`` (fetching the backbone and demo data).
+SID rows), ``item_head`` (the item-level head: every item scored at once, fused into the beam ranking),
+``decode`` (trie-constrained beam search), ``assets`` (fetching the backbone and demo data).
 May import: foundations.
 """
 from sidrec.exports import lazy_exports
 
-MODULES = ['assets', 'decode', 'sid_init', 'sid_model']
+MODULES = ['assets', 'decode', 'item_head', 'sid_init', 'sid_model']
 __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'Encoder': 'sid_model',
+    'ItemHead': 'item_head',
     'MODELS_DIR': 'sid_model',
     'REPO_ROOT': 'sid_model',
     'SIDRecModel': 'sid_model',
@@ -23,8 +25,11 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'check_backbone_folder': 'sid_model',
     'convert_gguf': 'sid_model',
     'fetch_all': 'assets',
+    'fuse_beams': 'item_head',
     'generate_codes': 'decode',
     'inner_model': 'sid_model',
+    'item_head_loss': 'item_head',
+    'item_targets': 'item_head',
     'item_text_vectors': 'sid_init',
     'load_backbone': 'sid_model',
     'load_recommender': 'sid_model',

@@ -5,6 +5,8 @@ One prefill of the (left-padded) prompts, then one incremental step per SID leve
 token rows only; the prefix trie (``PrefixTrie.allowed``) masks every hypothesis in one tensor
 operation, so only SIDs that exist can be emitted. With ``trie=None`` the same search runs
 unconstrained (used by the benchmark to measure the cost of the constraint and the invalid rate).
+A model with an item head (``sidrec.model.item_head``) re-ranks the finished beams of a constrained search
+by ``beam score + fusion * log p_item``, the item head's log-probability from the state after the prompt.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def beam_search_batch(
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
     h = h[:, -1]  # [B, H]
+    h_prompt = h  # the state before the item: what the item head (if any) scores every item from
     next_pos = pos[:, -1] + 1
 
     scores = torch.zeros(B, 1, device=dev)  # one live hypothesis per prompt to start
@@ -93,6 +96,12 @@ def beam_search_batch(
             h, cache = model.hidden(tok, attention_mask=mask, position_ids=next_pos.unsqueeze(1), cache=cache, use_cache=True)
         h = h[:, -1]
         next_pos = next_pos + 1
+    head = getattr(model, "item_head", None)
+    if head is not None and trie is not None:  # re-rank the candidates with the item head (sidrec.model.item_head)
+        from sidrec.model.item_head import fuse_beams
+
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            codes, scores = fuse_beams(head, h_prompt, codes, scores)
     if scores.shape[1] < beams:  # tiny catalogs: pad to the requested width
         pad = beams - scores.shape[1]
         scores = torch.cat([scores, torch.full((B, pad), NEG_INF, device=dev)], 1)

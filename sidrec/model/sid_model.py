@@ -309,6 +309,18 @@ class SIDRecModel(nn.Module):
         self.sid_embeddings = nn.Parameter(init.clone().float())
         # per-level factor on SID logits (1: plain tied head); set once by `calibrate_sid_logits` before training
         self.register_buffer("sid_logit_scale", torch.ones(max(len(vocab.level_sizes), 1)))
+        self.item_head = None  # optional item-level head (sidrec.model.item_head), see `attach_item_head`
+
+    def attach_item_head(self, item_codes, item_level_sizes: list[int], fusion: float = 1.0, loss_weight: float = 1.0):
+        """Add the item-level head over a catalog (``item_codes`` [n_items, levels]: the item index's SIDs);
+        its rows start from the item levels' SID rows as they are now (so after the SID init)."""
+        from sidrec.model.item_head import ItemHead
+
+        n = sum(int(s) for s in item_level_sizes)
+        self.item_head = ItemHead(torch.as_tensor(item_codes), list(item_level_sizes), self.sid_embeddings.detach()[:n],
+                                  fusion).to(self.sid_embeddings.device)
+        self.item_head.loss_weight = float(loss_weight)
+        return self.item_head
 
     def base_embeddings(self) -> nn.Embedding:
         return self.lm.get_input_embeddings()
@@ -351,7 +363,7 @@ class SIDRecModel(nn.Module):
 
 @torch.no_grad()
 def calibrate_sid_logits(model: SIDRecModel, encoder: Encoder, prompts: list[str], target_std: float = 1.0,
-                         max_prompts: int = 32) -> list[float]:
+                         max_prompts: int = 32, sid: bool = True) -> list[float]:
     """Set ``model.sid_logit_scale`` so that at step 0 each level's SID logits have a standard
     deviation of ``target_std`` across its codes (averaged over the positions of a few prompts).
 
@@ -359,7 +371,8 @@ def calibrate_sid_logits(model: SIDRecModel, encoder: Encoder, prompts: list[str
     an output row. Hidden states of a pretrained (or truncated) decoder are large, so rows at the
     vocabulary's scale give logits spread over tens of nats: the first loss is far above a uniform
     guess (ln N) and the first steps only undo it. The scale fixes the output side without shrinking
-    the inputs. Returns the raw (unscaled) logit standard deviation per level."""
+    the inputs. The item head (if any) gets the same treatment over its items; ``sid=False`` calibrates only
+    it (a warm-started model keeps its SID scales). Returns the raw (unscaled) logit standard deviation per level."""
     ids = [encoder.encode(p)[-64:] for p in prompts[:max_prompts] if p]
     if not ids:
         return []
@@ -375,11 +388,16 @@ def calibrate_sid_logits(model: SIDRecModel, encoder: Encoder, prompts: list[str
     h, _ = model.hidden(tok.to(dev), attention_mask=mask.to(dev))
     h = h[mask.to(dev).bool()].float()
     raw = []
-    for level in range(len(model.vocab.level_sizes)):
+    for level in range(len(model.vocab.level_sizes) if sid else 0):
         w = model.sid_table()[model.vocab.level_slice(level)].float()
         std = float((h @ w.T).std(dim=1).mean()) if w.shape[0] > 1 else 0.0
         raw.append(std)
         model.sid_logit_scale[level] = target_std / std if std > 1e-6 else 1.0
+    if getattr(model, "item_head", None) is not None:  # the item head's logits at the same unit spread
+        head = model.item_head
+        head.scale.fill_(1.0)
+        std = float(head.logits(h).float().std(dim=1).mean())
+        head.scale.fill_(target_std / std if std > 1e-6 else 1.0)
     model.train(was_training)
     return raw
 
@@ -402,9 +420,17 @@ def save_recommender(model: SIDRecModel, tokenizer, out_dir: Path, meta: dict) -
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.lm.save_pretrained(out_dir / "adapter", safe_serialization=True)
-    save_file({"sid_embeddings": model.sid_embeddings.detach().float().cpu().contiguous(),
-               "sid_logit_scale": model.sid_logit_scale.detach().float().cpu().contiguous()},
-              str(out_dir / "sid_embeddings.safetensors"))
+    tensors = {"sid_embeddings": model.sid_embeddings.detach().float().cpu().contiguous(),
+               "sid_logit_scale": model.sid_logit_scale.detach().float().cpu().contiguous()}
+    head = getattr(model, "item_head", None)
+    if head is not None:  # the item-level head: its rows, its catalog's SIDs, logit scale and fusion weight
+        tensors.update({"item_head.rows": head.rows.detach().float().cpu().contiguous(),
+                        "item_head.item_rows": head.item_rows.detach().float().cpu().contiguous(),
+                        "item_head.codes": head.codes.detach().cpu().contiguous(),
+                        "item_head.level_sizes": torch.tensor(head.level_sizes, dtype=torch.long),
+                        "item_head.scale": head.scale.detach().float().cpu().reshape(1),
+                        "item_head.fusion": head.fusion.detach().float().cpu().reshape(1)})
+    save_file(tensors, str(out_dir / "sid_embeddings.safetensors"))
     tok = _copy_tokenizer(tokenizer)
     tok.add_tokens(model.vocab.tokens)
     tok.save_pretrained(out_dir / "tokenizer")
@@ -436,5 +462,14 @@ def load_recommender(model_dir: Path, backbone: str, merge: bool = True):
     model = SIDRecModel(lm, vocab, init=tensors["sid_embeddings"])
     if "sid_logit_scale" in tensors:  # models saved before the calibration have a plain tied head (1.0)
         model.sid_logit_scale.copy_(tensors["sid_logit_scale"])
+    if "item_head.rows" in tensors:  # a model trained with the item-level head (sidrec.model.item_head)
+        from sidrec.model.item_head import ItemHead
+
+        head = ItemHead(tensors["item_head.codes"], tensors["item_head.level_sizes"].tolist(), tensors["item_head.rows"],
+                        float(tensors["item_head.fusion"][0]))
+        head.scale.fill_(float(tensors["item_head.scale"][0]))
+        with torch.no_grad():
+            head.item_rows.copy_(tensors["item_head.item_rows"])
+        model.item_head = head
     model.eval()
     return model, tok, meta

@@ -289,7 +289,31 @@ def warm_start_model(model, champion_recommender: Path, cfg: RunConfig) -> dict:
     with torch.no_grad():
         rows_new = torch.tensor([new_ids[t] for t in old_vocab.tokens])
         model.sid_embeddings[rows_new] = old_sid.to(model.sid_embeddings.dtype)
-    return {"warm": True, "reason": "champion adapter + SID embeddings loaded", "copied_sid_rows": len(old_vocab.tokens)}
+    out = {"warm": True, "reason": "champion adapter + SID embeddings loaded", "copied_sid_rows": len(old_vocab.tokens)}
+    if getattr(model, "item_head", None) is not None:
+        out["item_head_warm"] = _warm_item_head(model.item_head, old_tensors, rows_new)
+    return out
+
+
+def _warm_item_head(head, old: dict, sid_rows_new) -> bool:
+    """The champion's item head into the new model's: code rows by token, item rows by SID (a retrain keeps
+    the champion's quantizer, so an item keeps its SID), its logit scale. False when the champion has none
+    (the caller calibrates the new head instead)."""
+    import torch
+
+    if "item_head.rows" not in old:
+        return False
+    n_old = old["item_head.rows"].shape[0]
+    rows_new = sid_rows_new[:n_old]  # the item levels come first in a SID vocabulary
+    if int(rows_new.max()) >= head.rows.shape[0]:
+        return False
+    with torch.no_grad():
+        head.rows[rows_new] = old["item_head.rows"].to(head.rows.dtype)
+        new_rows = head.rows_of(old["item_head.codes"].to(head.codes.device))
+        keep = new_rows >= 0
+        head.item_rows[new_rows[keep]] = old["item_head.item_rows"][keep].to(head.item_rows.dtype)
+        head.scale.fill_(float(old["item_head.scale"][0]))
+    return True
 
 
 def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None):
@@ -315,6 +339,11 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None)
             info["from_version"] = parts["version"] if info["warm"] else ""
     if not info["warm"]:  # a fresh model: calibrate its SID head (a warm one keeps the champion's)
         calibrate(model, encoder, instructions.part("train"), cfg)
+    elif getattr(model, "item_head", None) is not None and not info.get("item_head_warm"):  # a new item head only
+        from sidrec.model.sid_model import calibrate_sid_logits
+
+        head = instructions.part("train").head(32)
+        calibrate_sid_logits(model, encoder, list(head["prompt"] + head["target"]), sid=False)
     losses, _log = recording_log(log)
     res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled())
     meta = recommender_meta(cfg, model, res.summary(), losses, warm_start=info)

@@ -36,6 +36,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from sidrec.model.item_head import item_head_loss
+
 log_ = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
@@ -93,7 +95,8 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int):
 def target_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor,
                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over target tokens: SID tokens against their level's rows (``label_smoothing``
-    spreads that share of each SID token's target over its level's other codes), text against the vocab."""
+    spreads that share of each SID token's target over its level's other codes), text against the vocab;
+    with an item head, plus its weight times the mean item-level cross-entropy of the batch's target items."""
     vocab = model.vocab
     # position p predicts token p+1
     pred_mask = tgt[:, 1:]
@@ -114,7 +117,11 @@ def target_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor,
     if (~is_sid).any():
         logits = model.text_logits(hs[~is_sid]).float()
         total = total + torch.nn.functional.cross_entropy(logits, labels[~is_sid], reduction="sum")
-    return total / max(n, 1), n
+    loss = total / max(n, 1)
+    item = item_head_loss(model, h, ids, tgt)  # the item-level head's full softmax (sidrec.model.item_head), if any
+    if item is not None:
+        loss = loss + model.item_head.loss_weight * item
+    return loss, n
 
 
 def train_steps(cfg, n_rows: int) -> int:
@@ -187,11 +194,12 @@ class TrainHooks:
         return trainable_parameters(model)
 
     def param_groups(self, model, cfg) -> list[dict]:
-        """AdamW groups; group 0 is the SID table (the SID-only warm-up trains only it)."""
+        """AdamW groups; group 0 is the SID table and the item head's rows (the SID-only warm-up trains only it)."""
         params = [p for _, p in self.parameters(model)]
-        groups = [{"params": params[:1], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
-        if params[1:]:
-            groups.append({"params": params[1:], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        n_tables = 1 + 2 * (getattr(model, "item_head", None) is not None)  # the SID table (and the item head's rows)
+        groups = [{"params": params[:n_tables], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
+        if params[n_tables:]:
+            groups.append({"params": params[n_tables:], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
         return groups
 
     def before_step(self, step: int, model) -> Optional[pd.DataFrame]:
@@ -241,7 +249,11 @@ def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype, param
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [("sid_embeddings", model.sid_embeddings)] + [(n, p) for n, p in model.lm.named_parameters() if p.requires_grad]
+    head = getattr(model, "item_head", None)
+    tables = [("sid_embeddings", model.sid_embeddings)]
+    if head is not None:
+        tables += [("item_head.rows", head.rows), ("item_head.item_rows", head.item_rows)]
+    return tables + [(n, p) for n, p in model.lm.named_parameters() if p.requires_grad]
 
 
 def _ckpt_dirs(run_dir: Path) -> list[Path]:

@@ -99,6 +99,7 @@ VARIANTS: dict[str, dict] = {
     # issue 11: the item-level head (sidrec.model.item_head) trained beside the SID head, fused into the beam ranking
     "item-head": {"model": {"item_head": 1.0}},
     "item-head-0.3": {"model": {"item_head": 0.3}},
+    "item-head-20-layers": {"model": {"item_head": 1.0, "layers": 20}},
 }
 
 
@@ -216,6 +217,8 @@ def main(argv=None) -> int:
     for name in args.variants:
         for seed in args.seeds or [cfg.seed]:
             over = _merge(VARIANTS[name], {"seed": seed})
+            if over.get("index", {}).get("mode") == "dynamic":  # the item head is static-only (sidrec.model.item_head)
+                over = _merge(over, {"model": {"item_head": 0.0}})
             vcfg = parse_config(_merge(base, over), f"variant {name}")
             key = json.dumps([vcfg.index.model_dump(mode="json"), vcfg.seed], sort_keys=True)
             vfeat = features

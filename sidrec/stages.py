@@ -231,13 +231,17 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
 
 
 def calibrate(model, encoder, train_rows, cfg: RunConfig) -> None:
-    """``model.sid_logit_scale`` from the first training rows (``sidrec.model.sid_model.calibrate_sid_logits``)."""
+    """``model.sid_logit_scale`` (and the item head's scale) from the first training rows
+    (``sidrec.model.sid_model.calibrate_sid_logits``)."""
     from sidrec.model.sid_model import calibrate_sid_logits
 
-    if not cfg.model.calibrate_sid_logits:
-        return
     head = train_rows.head(32)  # the prompts calibrate_sid_logits reads
-    model.sid_logit_raw_std = calibrate_sid_logits(model, encoder, list(head["prompt"] + head["target"]), max_prompts=32)
+    prompts = list(head["prompt"] + head["target"])
+    if not cfg.model.calibrate_sid_logits:  # the SID head as it is; an item head is always brought to unit spread
+        if getattr(model, "item_head", None) is not None:
+            calibrate_sid_logits(model, encoder, prompts, max_prompts=32, sid=False)
+        return
+    model.sid_logit_raw_std = calibrate_sid_logits(model, encoder, prompts, max_prompts=32)
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:

@@ -196,3 +196,16 @@ def test_warm_start_carries_the_item_head_to_the_extended_catalog(tmp_path):
         assert not head.item_rows[ext.items.row_of(e)].any()
     n = champ.item_head.rows.shape[0]
     assert torch.equal(head.rows[:n], champ.item_head.rows.detach())
+
+
+def test_item_head_brought_to_unit_spread_even_with_an_uncalibrated_sid_head(index, rows):
+    from sidrec.config import parse_config
+    from sidrec.stages import calibrate
+
+    tr = rows[(rows["split"] == "train") & (rows["task"] == "seqrec")].reset_index(drop=True)
+    for flag in (True, False):
+        model, enc, _ = _model(index)
+        cfg = parse_config({"model": {"backbone": "tiny", "item_head": 1.0, "calibrate_sid_logits": flag}})
+        calibrate(model, enc, tr, cfg)
+        assert float(model.item_head.scale) != 1.0
+        assert (model.sid_logit_scale != 1.0).any() == flag  # the SID head's scales only when asked

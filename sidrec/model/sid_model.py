@@ -317,7 +317,8 @@ class SIDRecModel(nn.Module):
         from sidrec.model.item_head import ItemHead
 
         n = sum(int(s) for s in item_level_sizes)
-        self.item_head = ItemHead(torch.as_tensor(item_codes), list(item_level_sizes), self.sid_embeddings.detach()[:n],
+        codes = torch.tensor(item_codes.tolist() if hasattr(item_codes, "tolist") else item_codes, dtype=torch.long)  # a copy
+        self.item_head = ItemHead(codes, list(item_level_sizes), self.sid_embeddings.detach()[:n],
                                   fusion).to(self.sid_embeddings.device)
         self.item_head.loss_weight = float(loss_weight)
         return self.item_head

@@ -125,13 +125,12 @@ def fusion_sweep(rec, instr, bundle, cfg, weights=FUSION_WEIGHTS) -> dict:
     from sidrec.evaluation.metrics import ranking_metrics
     from sidrec.model.decode import _left_pad, recommend
     from sidrec.model.sid_model import Encoder, load_recommender
+    from sidrec.runtime import compute_dtype
 
     model, tok, _ = load_recommender(Path(rec.path), cfg.model.backbone)
     head = model.item_head
     head.fusion.fill_(0.0)
     enc = Encoder(tok, model.vocab)
-    from sidrec.runtime import compute_dtype
-
     dtype = compute_dtype(cfg)
     trie = bundle.items.build_trie()
     out: dict = {}

@@ -230,14 +230,15 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
     return model.to(device or resolve_device(cfg)), tok, Encoder(tok, vocab)
 
 
-def calibrate(model, encoder, train_rows, cfg: RunConfig) -> None:
+def calibrate(model, encoder, train_rows, cfg: RunConfig, sid: bool = True) -> None:
     """``model.sid_logit_scale`` (and the item head's scale) from the first training rows
-    (``sidrec.model.sid_model.calibrate_sid_logits``)."""
+    (``sidrec.model.sid_model.calibrate_sid_logits``); ``sid=False``: the item head's only (a warm start keeps
+    the champion's SID scales)."""
     from sidrec.model.sid_model import calibrate_sid_logits
 
     head = train_rows.head(32)  # the prompts calibrate_sid_logits reads
     prompts = list(head["prompt"] + head["target"])
-    if not cfg.model.calibrate_sid_logits:  # the SID head as it is; an item head is always brought to unit spread
+    if not (sid and cfg.model.calibrate_sid_logits):  # the SID head as it is; an item head is always brought to unit spread
         if getattr(model, "item_head", None) is not None:
             calibrate_sid_logits(model, encoder, prompts, max_prompts=32, sid=False)
         return

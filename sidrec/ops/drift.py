@@ -339,11 +339,8 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None)
             info["from_version"] = parts["version"] if info["warm"] else ""
     if not info["warm"]:  # a fresh model: calibrate its SID head (a warm one keeps the champion's)
         calibrate(model, encoder, instructions.part("train"), cfg)
-    elif getattr(model, "item_head", None) is not None and not info.get("item_head_warm"):  # a new item head only
-        from sidrec.model.sid_model import calibrate_sid_logits
-
-        head = instructions.part("train").head(32)
-        calibrate_sid_logits(model, encoder, list(head["prompt"] + head["target"]), sid=False)
+    elif not info.get("item_head_warm"):  # a new item head only (none: nothing to do)
+        calibrate(model, encoder, instructions.part("train"), cfg, sid=False)
     losses, _log = recording_log(log)
     res = train(model, encoder, instructions.part("train"), cfg.train, cfg.seed, compute_dtype(cfg), _log, progress_enabled())
     meta = recommender_meta(cfg, model, res.summary(), losses, warm_start=info)

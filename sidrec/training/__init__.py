@@ -23,6 +23,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'target_loss': 'loop',
     'train': 'loop',
     'train_steps': 'loop',
+    'table_parameters': 'loop',
     'trainable_parameters': 'loop',
     'world_info': 'parallel',
 })

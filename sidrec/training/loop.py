@@ -196,7 +196,7 @@ class TrainHooks:
     def param_groups(self, model, cfg) -> list[dict]:
         """AdamW groups; group 0 is the SID table and the item head's rows (the SID-only warm-up trains only it)."""
         params = [p for _, p in self.parameters(model)]
-        n_tables = 1 + 2 * (getattr(model, "item_head", None) is not None)  # the SID table (and the item head's rows)
+        n_tables = len(table_parameters(model))  # they come first in `parameters`
         groups = [{"params": params[:n_tables], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
         if params[n_tables:]:
             groups.append({"params": params[n_tables:], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
@@ -248,12 +248,18 @@ def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype, param
     return h.hexdigest()[:16]
 
 
-def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+def table_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The embedding tables (SID rows, and the item head's rows if any): trained at ``embedding_lr``, first in
+    :func:`trainable_parameters`."""
     head = getattr(model, "item_head", None)
     tables = [("sid_embeddings", model.sid_embeddings)]
     if head is not None:
         tables += [("item_head.rows", head.rows), ("item_head.item_rows", head.item_rows)]
-    return tables + [(n, p) for n, p in model.lm.named_parameters() if p.requires_grad]
+    return tables
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return table_parameters(model) + [(n, p) for n, p in model.lm.named_parameters() if p.requires_grad]
 
 
 def _ckpt_dirs(run_dir: Path) -> list[Path]:

@@ -251,6 +251,9 @@ class ModelConfig(_Strict):
                              "item scored from the state before it, item vectors summed from per-code rows); 0: no item head")
     item_head_fusion: float = Field(1.0, ge=0, description="with an item head, decoding re-ranks the constrained beams by beam "
                                     "log-probability + this weight x the item head's log-probability (0: beams as searched)")
+    item_head_candidates: int = Field(0, ge=0, description="with an item head, this many of its own top items (those not already "
+                                      "among the beams) join the beams before the re-ranking, each scored by the SID head by "
+                                      "teacher forcing; 0: only the beams are re-ranked")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 

@@ -226,7 +226,8 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
             model.sid_embeddings.copy_(table)
         model.sa_init_share = model.sid_init_share = share
     if cfg.model.item_head > 0:  # the item-level head (sidrec.model.item_head), its rows from the SID rows just set
-        model.attach_item_head(bundle.items.codes, bundle.items.level_sizes, cfg.model.item_head_fusion, cfg.model.item_head)
+        model.attach_item_head(bundle.items.codes, bundle.items.level_sizes, cfg.model.item_head_fusion, cfg.model.item_head,
+                               cfg.model.item_head_candidates)
     return model.to(device or resolve_device(cfg)), tok, Encoder(tok, vocab)
 
 

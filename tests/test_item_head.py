@@ -134,6 +134,56 @@ def test_fusion_reranks_the_constrained_beams(index):
     assert torch.isinf(s[0, -1]) and torch.isfinite(s[0, :-1]).all()
 
 
+def _exhaustive(model, prompt, index, fusion):
+    """Every catalog item's SID log-probability (one forward pass of prompt + SID each) + fusion x log p_item."""
+    n, L = len(index.entity_ids), index.num_levels
+    with torch.no_grad():
+        h, _ = model.hidden(torch.tensor([prompt]))
+        item_lp = torch.log_softmax(model.item_head.logits(h[0, -1]).float(), -1)
+        out = torch.zeros(n)
+        for i in range(n):
+            codes = index.codes[i]
+            toks = [int(model.vocab.code_ids(level, torch.tensor(int(codes[level])))) for level in range(L)]
+            h, _ = model.hidden(torch.tensor([prompt + toks[:-1]]))
+            for level in range(L):
+                lp = torch.log_softmax(model.sid_logits(h[0, len(prompt) - 1 + level], level).float(), -1)
+                out[i] += lp[int(codes[level])]
+    return out + fusion * item_lp
+
+
+def test_item_head_candidates_join_the_beams_with_their_exact_sid_scores(index):
+    """With the head's own top items added (``candidates``), a 3-beam search returns exactly the top 3 of an
+    exhaustive ranking of the whole catalog by SID log-prob + log p_item once every item is a candidate, and
+    each returned score is that sum (the teacher-forced SID score equals what a search would have summed)."""
+    from sidrec.model.decode import beam_search_batch
+
+    model, enc, _ = _model(index, seed=5)
+    with torch.no_grad():  # a head that disagrees with the SID head, so the union matters
+        model.item_head.item_rows.add_(0.5 * torch.randn(model.item_head.item_rows.shape, generator=torch.Generator().manual_seed(0)))
+    model.eval()
+    trie = index.build_trie()
+    n = len(index.entity_ids)
+    prompts = [enc.encode("Items:" + "".join(index.sid(i) for i in range(k))) for k in (1, 4)]
+    model.item_head.candidates = 0
+    c0, s0 = beam_search_batch(model, prompts, index.num_levels, 3, trie, enc.pad_id, torch.float32)
+    model.item_head.candidates = n  # every item not among the beams joins them
+    c1, s1 = beam_search_batch(model, prompts, index.num_levels, 3, trie, enc.pad_id, torch.float32)
+    differs = False
+    for b, p in enumerate(prompts):
+        full = _exhaustive(model, p, index, 1.0)
+        top = full.topk(3)
+        rows1 = model.item_head.rows_of(c1[b])
+        assert rows1.tolist() == top.indices.tolist()
+        np.testing.assert_allclose(s1[b].numpy(), top.values.numpy(), atol=1e-4)
+        differs |= model.item_head.rows_of(c0[b]).tolist() != rows1.tolist()
+    assert differs  # the beams alone missed some of the best fused items
+    # a few candidates: the result is the fused top 3 of the beams and the head's top 5 non-beam items
+    model.item_head.candidates = 5
+    c2, s2 = beam_search_batch(model, prompts[:1], index.num_levels, 3, trie, enc.pad_id, torch.float32)
+    assert len(set(map(tuple, c2[0].tolist()))) == 3 and torch.isfinite(s2).all()
+    assert (s2[0] >= s0[0] - 1e-5).all()  # never worse than the beams alone, rank by rank
+
+
 def test_item_head_saved_and_loaded_with_the_recommender(index, tmp_path):
     from sidrec.model.decode import beam_search_batch
     from sidrec.model.sid_model import load_recommender, save_recommender
@@ -144,6 +194,7 @@ def test_item_head_saved_and_loaded_with_the_recommender(index, tmp_path):
         model.item_head.item_rows.add_(0.01 * torch.randn_like(model.item_head.item_rows))
         model.item_head.scale.fill_(0.37)
         model.item_head.fusion.fill_(0.5)
+    model.item_head.candidates = 7
     model.eval()
     save_recommender(model, tok, tmp_path / "m", {"layers": None})
     loaded, _, _ = load_recommender(tmp_path / "m", "tiny", merge=False)
@@ -152,6 +203,7 @@ def test_item_head_saved_and_loaded_with_the_recommender(index, tmp_path):
     assert torch.equal(head.rows, model.item_head.rows.detach()) and torch.equal(head.codes, model.item_head.codes)
     assert torch.equal(head.item_rows, model.item_head.item_rows.detach())
     assert float(head.scale) == pytest.approx(0.37) and float(head.fusion) == pytest.approx(0.5)
+    assert head.candidates == 7
     trie = index.build_trie()
     p = [enc.encode("Items:" + index.sid(1) + index.sid(2))]
     a = beam_search_batch(model, p, index.num_levels, 6, trie, enc.pad_id, torch.float32)

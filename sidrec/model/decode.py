@@ -6,10 +6,13 @@ token rows only; the prefix trie (``PrefixTrie.allowed``) masks every hypothesis
 operation, so only SIDs that exist can be emitted. With ``trie=None`` the same search runs
 unconstrained (used by the benchmark to measure the cost of the constraint and the invalid rate).
 A model with an item head (``sidrec.model.item_head``) re-ranks the finished beams of a constrained search
-by ``beam score + fusion * log p_item``, the item head's log-probability from the state after the prompt.
+by ``beam score + fusion * log p_item``, the item head's log-probability from the state after the prompt;
+with ``candidates`` set on the head, its own top items join the beams first, each scored by the SID head
+exactly as the search would have scored it (``sid_log_prob``, teacher forcing from the prompt's cache).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -53,6 +56,9 @@ def beam_search_batch(
     h = h[:, -1]  # [B, H]
     h_prompt = h  # the state before the item: what the item head (if any) scores every item from
     next_pos = pos[:, -1] + 1
+    head = getattr(model, "item_head", None) if trie is not None else None
+    extra = int(getattr(head, "candidates", 0) or 0) if head is not None else 0
+    prompt_state = (copy.deepcopy(cache), mask, next_pos) if extra > 0 else None  # the search reorders the cache in place
 
     scores = torch.zeros(B, 1, device=dev)  # one live hypothesis per prompt to start
     nodes = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -96,17 +102,44 @@ def beam_search_batch(
             h, cache = model.hidden(tok, attention_mask=mask, position_ids=next_pos.unsqueeze(1), cache=cache, use_cache=True)
         h = h[:, -1]
         next_pos = next_pos + 1
-    head = getattr(model, "item_head", None)
-    if head is not None and trie is not None:  # re-rank the candidates with the item head (sidrec.model.item_head)
-        from sidrec.model.item_head import fuse_beams
+    if head is not None:  # re-rank the candidates with the item head (sidrec.model.item_head)
+        from sidrec.model.item_head import fuse_beams, head_candidates
 
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            codes, scores = fuse_beams(head, h_prompt, codes, scores)
+            if extra > 0:  # the head's own top items join the beams, scored by the SID head as a search would score them
+                more, real = head_candidates(head, h_prompt, codes, extra)
+                more_scores = sid_log_prob(model, *prompt_state, h_prompt, more).masked_fill(~real, NEG_INF)
+                codes, scores = torch.cat([codes, more], 1), torch.cat([scores, more_scores], 1)
+            codes, scores = fuse_beams(head, h_prompt, codes, scores, sort=extra > 0)
+            codes, scores = codes[:, :beams], scores[:, :beams]
     if scores.shape[1] < beams:  # tiny catalogs: pad to the requested width
         pad = beams - scores.shape[1]
         scores = torch.cat([scores, torch.full((B, pad), NEG_INF, device=dev)], 1)
         codes = torch.cat([codes, torch.zeros(B, pad, codes.shape[-1], dtype=torch.long, device=dev)], 1)
     return codes.cpu(), scores.cpu()
+
+
+@torch.no_grad()
+def sid_log_prob(model, cache, mask: torch.Tensor, next_pos: torch.Tensor, h_prompt: torch.Tensor, codes: torch.Tensor
+                 ) -> torch.Tensor:
+    """The SID head's log-probability of given SIDs after the prompts, level by level as the beam search sums it
+    (teacher forcing): ``codes`` [B, K, L]; ``cache`` the prompts' KV cache after the prefill (consumed),
+    ``mask`` / ``next_pos`` its attention mask and next positions, ``h_prompt`` [B, H] the last prompt state."""
+    B, K, L = codes.shape
+    dev = h_prompt.device
+    score = torch.log_softmax(model.sid_logits(h_prompt, 0).float(), -1).gather(1, codes[:, :, 0])
+    if L == 1 or K == 0:
+        return score
+    cache.batch_repeat_interleave(K)
+    flat = codes.reshape(B * K, L)
+    tok = torch.stack([model.vocab.code_ids(level, flat[:, level]) for level in range(L - 1)], 1)  # [B*K, L-1]
+    mask = torch.cat([mask.repeat_interleave(K, 0), torch.ones(B * K, L - 1, dtype=mask.dtype, device=dev)], 1)
+    pos = next_pos.repeat_interleave(K, 0).unsqueeze(1) + torch.arange(L - 1, device=dev)
+    h, _ = model.hidden(tok, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    for level in range(1, L):
+        lp = torch.log_softmax(model.sid_logits(h[:, level - 1], level).float(), -1)
+        score = score + lp.gather(1, flat[:, level : level + 1]).view(B, K)
+    return score
 
 
 def recommend(

@@ -17,6 +17,9 @@ recommendation", 2024, does with a separate dense model):
   cross-entropy next to the SID tokens' loss (``model.item_head``, its weight);
 - at decoding, the trie-constrained beam search still proposes the candidates; each finished beam's
   score becomes ``log p_SID(item) + fusion * log p_item(item)`` and the beams are re-ranked by it.
+  With ``candidates`` (``model.item_head_candidates``) the head's own top items not among the beams join
+  them first, each with the SID log-probability the search would have given it, so the fused list is no
+  longer capped by what the beams found.
 
 Only the item index's levels take part (a dual index's user SIDs are never items).
 """
@@ -31,9 +34,12 @@ from torch import nn
 class ItemHead(nn.Module):
     """Item vectors composed from per-code rows and per-item rows, over a fixed catalog (``codes``: one SID per item row)."""
 
-    def __init__(self, codes: torch.Tensor, level_sizes: list[int], init_rows: torch.Tensor, fusion: float = 1.0):
-        """``codes`` [n_items, levels]; ``init_rows`` [sum(level_sizes), hidden], the code rows to start from."""
+    def __init__(self, codes: torch.Tensor, level_sizes: list[int], init_rows: torch.Tensor, fusion: float = 1.0,
+                 candidates: int = 0):
+        """``codes`` [n_items, levels]; ``init_rows`` [sum(level_sizes), hidden], the code rows to start from;
+        ``candidates``: how many of the head's own top items join the beams at decoding (0: the beams alone)."""
         super().__init__()
+        self.candidates = int(candidates)
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[1] != len(level_sizes):
             raise ValueError(f"item head: codes of shape {tuple(codes.shape)} do not match {len(level_sizes)} levels")
@@ -119,12 +125,30 @@ def item_head_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor)
 
 
 @torch.no_grad()
-def fuse_beams(head: ItemHead, h_prompt: torch.Tensor, codes: torch.Tensor, scores: torch.Tensor
+def head_candidates(head: ItemHead, h_prompt: torch.Tensor, beams: torch.Tensor, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SIDs [B, k, L] of the item head's ``k`` most likely items after each prompt that are not already among
+    ``beams`` [B, K, L], and [B, k] whether each is one (False only when the catalog runs out)."""
+    logits = head.logits(h_prompt).float()  # [B, n_items]
+    taken = head.rows_of(beams)  # [B, K], -1 for dead beams
+    count = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
+    count.scatter_add_(1, taken.clamp(min=0), (taken >= 0).long())  # dead beams add 0
+    logits = logits.masked_fill(count > 0, float("-inf"))
+    top, rows = logits.topk(min(k, logits.shape[1]), dim=-1)
+    return head.codes[rows], torch.isfinite(top)
+
+
+@torch.no_grad()
+def fuse_beams(head: ItemHead, h_prompt: torch.Tensor, codes: torch.Tensor, scores: torch.Tensor, sort: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-rank finished beams by ``score + fusion * log p_item``: ``codes`` [B, K, L], ``scores`` [B, K],
-    ``h_prompt`` [B, hidden] the state after the prompt. Dead beams (-inf) stay last."""
+    ``h_prompt`` [B, hidden] the state after the prompt. Dead beams (-inf) stay last. With fusion 0 the beams stay
+    as they are, sorted by score when ``sort``."""
     if float(head.fusion) == 0.0:
-        return codes, scores
+        if not sort:
+            return codes, scores
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        return codes.gather(1, order.unsqueeze(-1).expand_as(codes)), scores.gather(1, order)
     logp = torch.log_softmax(head.logits(h_prompt).float(), dim=-1)  # [B, n_items]
     rows = head.rows_of(codes)  # [B, K]
     item = logp.gather(1, rows.clamp(min=0))

@@ -14,6 +14,8 @@ may follow, logits are ``h @ sid_embeddings[level_t].T`` -- a few hundred rows i
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -188,6 +190,13 @@ def _load_backbone(spec: str):
     return model, tok
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(decoder_cls: type) -> str:
+    """The KV-cache argument (and output field) of a decoder's ``forward``: ``cache`` in recent transformers 5.x,
+    ``past_key_values`` before (transformers 5.17, which a GPU image may carry, still uses the older name)."""
+    return "cache" if "cache" in inspect.signature(decoder_cls.forward).parameters else "past_key_values"
+
+
 def inner_model(causal_lm: nn.Module) -> nn.Module:
     """The decoder stack (``LlamaModel``) inside a causal LM, peft-wrapped or not."""
     m = causal_lm
@@ -311,7 +320,8 @@ class SIDRecModel(nn.Module):
         self.register_buffer("sid_logit_scale", torch.ones(max(len(vocab.level_sizes), 1)))
         self.item_head = None  # optional item-level head (sidrec.model.item_head), see `attach_item_head`
 
-    def attach_item_head(self, item_codes, item_level_sizes: list[int], fusion: float = 1.0, loss_weight: float = 1.0):
+    def attach_item_head(self, item_codes, item_level_sizes: list[int], fusion: float = 1.0, loss_weight: float = 1.0,
+                         candidates: int = 0):
         """Add the item-level head over a catalog (``item_codes`` [n_items, levels]: the item index's SIDs);
         its rows start from the item levels' SID rows as they are now (so after the SID init)."""
         from sidrec.model.item_head import ItemHead
@@ -319,7 +329,7 @@ class SIDRecModel(nn.Module):
         n = sum(int(s) for s in item_level_sizes)
         codes = torch.tensor(item_codes.tolist() if hasattr(item_codes, "tolist") else item_codes, dtype=torch.long)  # a copy
         self.item_head = ItemHead(codes, list(item_level_sizes), self.sid_embeddings.detach()[:n],
-                                  fusion).to(self.sid_embeddings.device)
+                                  fusion, candidates).to(self.sid_embeddings.device)
         self.item_head.loss_weight = float(loss_weight)
         return self.item_head
 
@@ -344,14 +354,16 @@ class SIDRecModel(nn.Module):
         return emb
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
-        out = inner_model(self.lm)(
+        decoder = inner_model(self.lm)
+        kw = _cache_keyword(type(decoder))
+        out = decoder(
             inputs_embeds=self.embed(input_ids),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
+            **{kw: cache},
         )
-        return out.last_hidden_state, (out.cache if use_cache else None)
+        return out.last_hidden_state, (getattr(out, kw) if use_cache else None)
 
     def sid_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         w = self.sid_table()[self.vocab.level_slice(level)]
@@ -430,7 +442,8 @@ def save_recommender(model: SIDRecModel, tokenizer, out_dir: Path, meta: dict) -
                         "item_head.codes": head.codes.detach().cpu().contiguous(),
                         "item_head.level_sizes": torch.tensor(head.level_sizes, dtype=torch.long),
                         "item_head.scale": head.scale.detach().float().cpu().reshape(1),
-                        "item_head.fusion": head.fusion.detach().float().cpu().reshape(1)})
+                        "item_head.fusion": head.fusion.detach().float().cpu().reshape(1),
+                        "item_head.candidates": torch.tensor([head.candidates], dtype=torch.long)})
     save_file(tensors, str(out_dir / "sid_embeddings.safetensors"))
     tok = _copy_tokenizer(tokenizer)
     tok.add_tokens(model.vocab.tokens)
@@ -467,7 +480,8 @@ def load_recommender(model_dir: Path, backbone: str, merge: bool = True):
         from sidrec.model.item_head import ItemHead
 
         head = ItemHead(tensors["item_head.codes"], tensors["item_head.level_sizes"].tolist(), tensors["item_head.rows"],
-                        float(tensors["item_head.fusion"][0]))
+                        float(tensors["item_head.fusion"][0]),
+                        int(tensors["item_head.candidates"][0]) if "item_head.candidates" in tensors else 0)
         head.scale.fill_(float(tensors["item_head.scale"][0]))
         with torch.no_grad():
             head.item_rows.copy_(tensors["item_head.item_rows"])

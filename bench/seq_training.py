@@ -18,6 +18,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -100,6 +101,9 @@ VARIANTS: dict[str, dict] = {
     "item-head": {"model": {"item_head": 1.0}},
     "item-head-0.3": {"model": {"item_head": 0.3}},
     "item-head-20-layers": {"model": {"item_head": 1.0, "layers": 20}},
+    "item-head-3": {"model": {"item_head": 3.0}},
+    "item-head-8ep": {"model": {"item_head": 1.0}, "train": {"epochs": 8}},
+    "item-head-hi-lr": {"model": {"item_head": 1.0}, "train": {"lr": 4.0e-3, "embedding_lr": 2.0e-2}},
 }
 
 
@@ -176,6 +180,8 @@ def main(argv=None) -> int:
                     help="variants with an item head: also score the same model with other fusion weights and the item head alone "
                          "(fusion_sweep)")
     ap.add_argument("--out", default="seq_training")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="copy every variant's fine-tuned model to DIR/<variant> (for decoding experiments on a saved model)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     if args.list:
@@ -248,6 +254,11 @@ def main(argv=None) -> int:
                 sweep = None
                 if args.unfused and vcfg.model.item_head > 0:  # the same model: beams alone, fused, the item head alone
                     sweep = fusion_sweep(rec, instr, bundle, vcfg)
+                if args.keep:
+                    kept = Path(args.keep) / label.replace("/", "-")
+                    rec.save(kept / "model")
+                    bundle.save(kept / "index")
+                    instr.save(kept / "instructions")
             train = rec.meta["train"]
             entry = {
                 "overrides": over, "fine_tune_seconds": round(ft_s, 1), "eval_seconds": round(ev_s, 1),

@@ -102,6 +102,9 @@ VARIANTS: dict[str, dict] = {
     "item-head-0.3": {"model": {"item_head": 0.3}},
     "item-head-20-layers": {"model": {"item_head": 1.0, "layers": 20}},
     "item-head-3": {"model": {"item_head": 3.0}},
+    # the balanced dynamic item index with the item head (re-pointed at every refresh)
+    "dynamic-items-fast-tok-balanced-item-head": {"index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}},
+                                                  "model": {"item_head": 1.0}},
     "item-head-8ep": {"model": {"item_head": 1.0}, "train": {"epochs": 8}},
     "item-head-hi-lr": {"model": {"item_head": 1.0}, "train": {"lr": 4.0e-3, "embedding_lr": 2.0e-2}},
 }
@@ -222,8 +225,8 @@ def main(argv=None) -> int:
     for name in args.variants:
         for seed in args.seeds or [cfg.seed]:
             over = _merge(VARIANTS[name], {"seed": seed})
-            if over.get("index", {}).get("mode") == "dynamic":  # the item head is static-only (sidrec.model.item_head)
-                over = _merge(over, {"model": {"item_head": 0.0}})
+            if over.get("index", {}).get("mode") == "dynamic" and "item_head" not in over.get("model", {}):
+                over = _merge(over, {"model": {"item_head": 0.0}})  # the dynamic variants compare SID heads unless they say
             vcfg = parse_config(_merge(base, over), f"variant {name}")
             key = json.dumps([vcfg.index.model_dump(mode="json"), vcfg.seed], sort_keys=True)
             vfeat = features

@@ -400,9 +400,6 @@ class RunConfig(_Strict):
             if self.model.device == "cuda":
                 raise ValueError("model.device 'cuda' is not supported with index.mode 'dynamic' (the learned index trains "
                                  "on the CPU; evaluation still uses the GPU); use 'auto' or 'cpu'")
-            if self.model.item_head > 0:
-                raise ValueError("model.item_head is not supported with index.mode 'dynamic' (its item vectors follow a fixed "
-                                 "catalog of SIDs); set model.item_head: 0 or index.mode: static")
         return self
 
     def flat(self) -> dict[str, object]:

@@ -213,7 +213,7 @@ def _run(cfg, ds, out, log=None):
 
 def test_dynamic_finetune_refreshes_after_tokenizer_phases_and_targets_follow_the_index(ml, tmp_path):
     cfg, ds = ml
-    cfg = _cfg(cfg.data.path, train={"eval_every": 4, "select_users": 10})
+    cfg = _cfg(cfg.data.path, train={"eval_every": 4, "select_users": 10}, model={"item_head": 1.0})
     logged = []
     rec, bundle, instr = _run(cfg, ds, tmp_path / "m", log=lambda s, m: logged.append((s, m)))
     dlog = rec.meta["dynamic_log"]
@@ -244,6 +244,13 @@ def test_dynamic_finetune_refreshes_after_tokenizer_phases_and_targets_follow_th
     for r in rows[rows.split == "test"].itertuples():
         assert r.prompt.startswith(bundle.users.sid_of(r.user_id))
     assert bundle.state.residual and np.isfinite(rec.meta["train"]["train/final_loss"])
+    # the item head followed the refreshes: the saved model's head scores the items by their final SIDs
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "m" / "sid_embeddings.safetensors"))
+    assert np.array_equal(saved["item_head.codes"].numpy(), bundle.items.codes)
+    assert bundle.report["index/changed_vs_static"] > 0  # so the head was re-pointed, not left as it started
+    assert saved["item_head.item_rows"].abs().sum() > 0  # and it trained
 
 
 def _model_tensors(path):
@@ -254,8 +261,8 @@ def _model_tensors(path):
     return out
 
 
-@pytest.mark.parametrize("balance", ["none", "last"])
-def test_a_crashed_dynamic_run_resumes_to_the_uninterrupted_result(ml, tmp_path, balance):
+@pytest.mark.parametrize("balance,item_head", [("none", 0.0), ("last", 1.0)])
+def test_a_crashed_dynamic_run_resumes_to_the_uninterrupted_result(ml, tmp_path, balance, item_head):
     cfg, ds = ml
 
     class Crash(Exception):
@@ -266,15 +273,16 @@ def test_a_crashed_dynamic_run_resumes_to_the_uninterrupted_result(ml, tmp_path,
             raise Crash
 
     ck = tmp_path / "ck"
-    resumable = _cfg(cfg.data.path, tmp=ck, train={"checkpoint_every": 4}, index={"balance": balance})
+    resumable = _cfg(cfg.data.path, tmp=ck, train={"checkpoint_every": 4}, index={"balance": balance},
+                     model={"item_head": item_head})
     with pytest.raises(Crash):  # mid-way through the second recommender phase, after the refresh at step 12
         _run(resumable, ds, tmp_path / "crashed", log=crash_at_17)
     assert not (tmp_path / "crashed" / "meta.json").exists()
     assert [p.name for p in ck.glob("*/ckpt-*")] == ["ckpt-0000016"]
     resumed, rb, _ = _run(resumable, ds, tmp_path / "resumed")
     assert resumed.meta["train"]["train/resumed_from_step"] == 16
-    fresh, fb, _ = _run(_cfg(cfg.data.path, tmp=tmp_path / "ck2", train={"checkpoint_every": 4}, index={"balance": balance}),
-                        ds, tmp_path / "fresh")
+    fresh, fb, _ = _run(_cfg(cfg.data.path, tmp=tmp_path / "ck2", train={"checkpoint_every": 4}, index={"balance": balance},
+                             model={"item_head": item_head}), ds, tmp_path / "fresh")
     assert fresh.meta["train"]["train/resumed_from_step"] == 0
     a, b = _model_tensors(tmp_path / "resumed"), _model_tensors(tmp_path / "fresh")
     assert a.keys() == b.keys()

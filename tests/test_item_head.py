@@ -212,9 +212,25 @@ def test_item_head_saved_and_loaded_with_the_recommender(index, tmp_path):
     np.testing.assert_allclose(a[1].numpy(), b[1].numpy(), atol=1e-5)
 
 
-def test_item_head_refused_with_a_dynamic_index():
-    with pytest.raises(ValueError, match="model.item_head is not supported with index.mode 'dynamic'"):
-        RunConfig.model_validate({"index": {"mode": "dynamic"}, "model": {"item_head": 1.0}})
+def test_item_head_follows_new_codes_of_the_same_items(index):
+    """A dynamic index's refresh re-points the head (set_codes): each item keeps its own row, sums its new codes'
+    rows, and the code -> item lookup follows."""
+    model, _, _ = _model(index)
+    head = model.item_head
+    with torch.no_grad():
+        head.item_rows.normal_(generator=torch.Generator().manual_seed(1))
+    own = head.item_rows.detach().clone()
+    codes = torch.as_tensor(index.codes).clone()
+    new = codes.clone()
+    new[[0, 1]] = codes[[1, 0]]  # two items swap SIDs
+    head.set_codes(new)
+    assert head.rows_of(codes[[0, 1]]).tolist() == [1, 0]
+    assert torch.equal(head.rows_of(new), torch.arange(len(new)))
+    v = head.item_vectors()
+    manual = sum(head.rows[int(head.offsets[l]) + int(new[0, l])] for l in range(index.num_levels)) + own[0]
+    assert torch.allclose(v[0], manual)
+    with pytest.raises(ValueError, match="new codes of shape"):
+        head.set_codes(new[:-1])
     assert RunConfig.model_validate({"model": {"item_head": 1.0}}).model.item_head == 1.0
 
 

@@ -40,7 +40,7 @@ from sidrec.index.kmeans import balance_prices, subtract_nearest_
 from sidrec.index.sid_index import SIDIndex
 from sidrec.model.sid_model import SIDRecModel
 from sidrec.index.quantize import MLP, QuantizerState, code_stats, mlp_state, raw_collision_rate
-from sidrec.training.loop import TrainHooks, trainable_parameters
+from sidrec.training.loop import TrainHooks, table_parameters, trainable_parameters
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -289,6 +289,7 @@ class LearnedIndexModel(SIDRecModel):
         nn.Module.__init__(self)
         self.base = [base]  # not a submodule: its parameters are this model's own (shared)
         self.lm, self.vocab, self.sid_embeddings = base.lm, base.vocab, base.sid_embeddings
+        self.item_head = base.item_head  # shared (sidrec.model.item_head); DynamicIndexHooks re-points it at each refresh
         self.register_buffer("sid_logit_scale", base.sid_logit_scale)
         self.families = families
         self.quantizers = nn.ModuleList(f.quantizer for f in families)
@@ -390,9 +391,10 @@ class DynamicIndexHooks(TrainHooks):
 
     def param_groups(self, model, cfg):
         static = [p for _, p in self._static]
-        groups = [{"params": static[:1], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
-        if static[1:]:
-            groups.append({"params": static[1:], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        n_tables = len(table_parameters(model))  # the SID rows and the item head's tables lead _static
+        groups = [{"params": static[:n_tables], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
+        if static[n_tables:]:
+            groups.append({"params": static[n_tables:], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
         groups.append({"params": [p for _, p in self._index_params(model)], "lr": self.tokenizer_lr, "weight_decay": 0.0})
         groups.append({"params": [p for _, p in self._head_params()], "lr": cfg.lr, "weight_decay": 0.0})
         return groups
@@ -423,11 +425,19 @@ class DynamicIndexHooks(TrainHooks):
         rows = None
         if self._restored:
             rows, self._restored = self.part("train"), False
+            self._repoint_item_head(model)
         if step > 0 and self.phase_at(step - 1).kind == "tok" and self.phase_at(step).kind != "tok":
             self._set_phase(model, "rec")  # offsets frozen at the tokenizer phase's end state
             rows = self.refresh(step)
+            self._repoint_item_head(model)
         self._set_phase(model, self.phase_at(step).kind)
         return rows
+
+    def _repoint_item_head(self, model) -> None:
+        """The item head (if any) scores the items by their current SIDs."""
+        head = getattr(model, "item_head", None)
+        if head is not None:
+            head.set_codes(self.families[0].index.codes[:, : head.num_levels])
 
     def selectable(self, step: int) -> bool:
         return step >= self.final_start

@@ -21,7 +21,8 @@ recommendation", 2024, does with a separate dense model):
   them first, each with the SID log-probability the search would have given it, so the fused list is no
   longer capped by what the beams found.
 
-Only the item index's levels take part (a dual index's user SIDs are never items).
+Only the item index's levels take part (a dual index's user SIDs are never items). With a dynamic index the
+head follows every refresh (``set_codes``): an item keeps its own row and sums the rows of its new codes.
 """
 from __future__ import annotations
 
@@ -59,11 +60,25 @@ class ItemHead(nn.Module):
         radix = torch.ones(len(level_sizes), dtype=torch.long)
         for i in range(len(level_sizes) - 2, -1, -1):
             radix[i] = radix[i + 1] * int(level_sizes[i + 1])
-        keys = (codes * radix).sum(1)
-        order = torch.argsort(keys)
         self.register_buffer("_radix", radix, persistent=False)
-        self.register_buffer("_keys", keys[order], persistent=False)
-        self.register_buffer("_order", order, persistent=False)
+        self.register_buffer("_keys", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("_order", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._index_codes()
+
+    def _index_codes(self) -> None:
+        keys = (self.codes * self._radix).sum(1)
+        order = torch.argsort(keys)
+        self._keys, self._order = keys[order], order
+
+    @torch.no_grad()
+    def set_codes(self, codes) -> None:
+        """Re-point the head at new SIDs of the same items (a dynamic index's refresh): item ``i`` keeps its own row
+        and now sums the rows of its new codes."""
+        codes = torch.as_tensor(codes, dtype=torch.long).to(self.codes.device)
+        if codes.shape != self.codes.shape:
+            raise ValueError(f"item head: new codes of shape {tuple(codes.shape)} for a head over {tuple(self.codes.shape)}")
+        self.codes.copy_(codes)
+        self._index_codes()
 
     @property
     def num_levels(self) -> int:

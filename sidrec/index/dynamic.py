@@ -437,7 +437,7 @@ class DynamicIndexHooks(TrainHooks):
         """The item head (if any) scores the items by their current SIDs."""
         head = getattr(model, "item_head", None)
         if head is not None:
-            head.set_codes(self.families[0].index.codes[:, : head.num_levels])
+            head.set_codes(self.families[0].index.codes)  # the item index's SIDs, as the head was built on them
 
     def selectable(self, step: int) -> bool:
         return step >= self.final_start

@@ -57,7 +57,7 @@ def beam_search_batch(
     h_prompt = h  # the state before the item: what the item head (if any) scores every item from
     next_pos = pos[:, -1] + 1
     head = getattr(model, "item_head", None) if trie is not None else None
-    extra = int(getattr(head, "candidates", 0) or 0) if head is not None else 0
+    extra = head.candidates if head is not None else 0
     prompt_state = (copy.deepcopy(cache), mask, next_pos) if extra > 0 else None  # the search reorders the cache in place
 
     scores = torch.zeros(B, 1, device=dev)  # one live hypothesis per prompt to start
@@ -103,14 +103,16 @@ def beam_search_batch(
         h = h[:, -1]
         next_pos = next_pos + 1
     if head is not None:  # re-rank the candidates with the item head (sidrec.model.item_head)
-        from sidrec.model.item_head import fuse_beams, head_candidates
+        from sidrec.model.item_head import fuse_beams, head_candidates, item_log_prob
 
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            # once, for the candidates and the fusion (neither needs it with fusion 0 and no candidates)
+            item_logp = item_log_prob(head, h_prompt) if extra > 0 or float(head.fusion) != 0.0 else None
             if extra > 0:  # the head's own top items join the beams, scored by the SID head as a search would score them
-                more, real = head_candidates(head, h_prompt, codes, extra)
+                more, real = head_candidates(head, item_logp, codes, extra)
                 more_scores = sid_log_prob(model, *prompt_state, h_prompt, more).masked_fill(~real, NEG_INF)
                 codes, scores = torch.cat([codes, more], 1), torch.cat([scores, more_scores], 1)
-            codes, scores = fuse_beams(head, h_prompt, codes, scores, sort=extra > 0)
+            codes, scores = fuse_beams(head, h_prompt, codes, scores, sort=extra > 0, item_logp=item_logp)
             codes, scores = codes[:, :beams], scores[:, :beams]
     if scores.shape[1] < beams:  # tiny catalogs: pad to the requested width
         pad = beams - scores.shape[1]

@@ -139,12 +139,18 @@ def item_head_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor)
     return torch.nn.functional.cross_entropy(head.logits(hs).float(), rows)
 
 
+def item_log_prob(head: ItemHead, h_prompt: torch.Tensor) -> torch.Tensor:
+    """[B, n_items]: the head's log-probability of every item from the states ``h_prompt`` [B, hidden]."""
+    return torch.log_softmax(head.logits(h_prompt).float(), dim=-1)
+
+
 @torch.no_grad()
-def head_candidates(head: ItemHead, h_prompt: torch.Tensor, beams: torch.Tensor, k: int
+def head_candidates(head: ItemHead, item_logp: torch.Tensor, beams: torch.Tensor, k: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SIDs [B, k, L] of the item head's ``k`` most likely items after each prompt that are not already among
-    ``beams`` [B, K, L], and [B, k] whether each is one (False only when the catalog runs out)."""
-    logits = head.logits(h_prompt).float()  # [B, n_items]
+    """The SIDs [B, k, L] of the item head's ``k`` most likely items after each prompt (``item_logp`` [B, n_items], its
+    log-probabilities) that are not already among ``beams`` [B, K, L], and [B, k] whether each is one (False only
+    when the catalog runs out)."""
+    logits = item_logp
     taken = head.rows_of(beams)  # [B, K], -1 for dead beams
     count = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
     count.scatter_add_(1, taken.clamp(min=0), (taken >= 0).long())  # dead beams add 0
@@ -154,17 +160,18 @@ def head_candidates(head: ItemHead, h_prompt: torch.Tensor, beams: torch.Tensor,
 
 
 @torch.no_grad()
-def fuse_beams(head: ItemHead, h_prompt: torch.Tensor, codes: torch.Tensor, scores: torch.Tensor, sort: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_beams(head: ItemHead, h_prompt: torch.Tensor, codes: torch.Tensor, scores: torch.Tensor, sort: bool = False,
+               item_logp: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-rank finished beams by ``score + fusion * log p_item``: ``codes`` [B, K, L], ``scores`` [B, K],
-    ``h_prompt`` [B, hidden] the state after the prompt. Dead beams (-inf) stay last. With fusion 0 the beams stay
-    as they are, sorted by score when ``sort``."""
+    ``h_prompt`` [B, hidden] the state after the prompt (or ``item_logp`` [B, n_items], the head's log-probabilities
+    from it, when the caller has them). Dead beams (-inf) stay last. With fusion 0 the beams stay as they are, sorted
+    by score when ``sort``."""
     if float(head.fusion) == 0.0:
         if not sort:
             return codes, scores
         order = scores.argsort(dim=1, descending=True, stable=True)
         return codes.gather(1, order.unsqueeze(-1).expand_as(codes)), scores.gather(1, order)
-    logp = torch.log_softmax(head.logits(h_prompt).float(), dim=-1)  # [B, n_items]
+    logp = item_log_prob(head, h_prompt) if item_logp is None else item_logp  # [B, n_items]
     rows = head.rows_of(codes)  # [B, K]
     item = logp.gather(1, rows.clamp(min=0))
     fused = torch.where((rows >= 0) & torch.isfinite(scores), scores + float(head.fusion) * item,

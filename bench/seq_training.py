@@ -106,6 +106,8 @@ VARIANTS: dict[str, dict] = {
     "dynamic-items-fast-tok-balanced-item-head": {"index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}},
                                                   "model": {"item_head": 1.0}},
     "item-head-8ep": {"model": {"item_head": 1.0}, "train": {"epochs": 8}},
+    # the item's own head row also read at its SID's last token in the input (model.item_head_input)
+    "item-head-input": {"model": {"item_head": 1.0, "item_head_input": True}},
     "item-head-hi-lr": {"model": {"item_head": 1.0}, "train": {"lr": 4.0e-3, "embedding_lr": 2.0e-2}},
 }
 

@@ -254,6 +254,9 @@ class ModelConfig(_Strict):
     item_head_candidates: int = Field(0, ge=0, description="with an item head, this many of its own top items (those not already "
                                       "among the beams) join the beams before the re-ranking, each scored by the SID head by "
                                       "teacher forcing; 0: only the beams are re-ranked")
+    item_head_input: bool = Field(False, description="with an item head, each item's own row is also added to the input "
+                                  "embedding at the last token of its SID wherever it appears (history, windows), as "
+                                  "SASRec reads and predicts one item table; zero at step 0")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 

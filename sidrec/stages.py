@@ -227,7 +227,7 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
         model.sa_init_share = model.sid_init_share = share
     if cfg.model.item_head > 0:  # the item-level head (sidrec.model.item_head), its rows from the SID rows just set
         model.attach_item_head(bundle.items.codes, bundle.items.level_sizes, cfg.model.item_head_fusion, cfg.model.item_head,
-                               cfg.model.item_head_candidates)
+                               cfg.model.item_head_candidates, cfg.model.item_head_input)
     return model.to(device or resolve_device(cfg)), tok, Encoder(tok, vocab)
 
 

@@ -80,6 +80,33 @@ def test_item_head_trains_on_the_position_before_each_target_item_only(ml, index
     assert item_targets(ids_t, tgt_t[:, 1:], model.vocab.base_vocab, model.item_head)[1].numel() == 0
 
 
+def test_item_input_reads_each_items_row_at_the_last_token_of_its_sid(ml, index, rows):
+    """``item_input``: every item of a window (the context item too) adds its own row to the input embedding at its
+    SID's last token, and nothing else changes; with the rows at zero (step 0) the input is exactly as without it."""
+    from sidrec.training.loop import collate, encode_rows
+
+    model, enc_, _ = _model(index)
+    tr = rows[(rows["split"] == "train") & (rows["task"] == "seqrec")].head(8).reset_index(drop=True)
+    enc = encode_rows(enc_, tr)
+    ids, _, _ = collate(enc, np.arange(len(tr)), enc_.pad_id)
+    with torch.no_grad():
+        plain = model.embed(ids)
+        model.item_head.item_input = True
+        assert torch.equal(model.embed(ids), plain)  # zero rows: the model starts where it would without them
+        model.item_head.item_rows.normal_(generator=torch.Generator().manual_seed(1))
+        diff = model.embed(ids) - plain
+    row_of = {e: i for i, e in enumerate(index.entity_ids)}
+    L = index.num_levels
+    for j, items in enumerate(train_windows(ml, H).head(8)["items"]):
+        start = enc.target_start[j]
+        where = [start - 1 + k * L for k in range(len(items))]  # the last SID token of each item, context included
+        assert diff[j].abs().sum(-1).nonzero().flatten().tolist() == where
+        expect = model.item_head.item_rows[[row_of[x] for x in items]]
+        assert torch.allclose(diff[j, where], expect, atol=1e-6)
+    # a decoding step that feeds one token has no SID to complete
+    assert model.item_head.input_rows(ids[:, :1], model.vocab.base_vocab) is None
+
+
 def test_item_head_learns_and_gets_its_own_gradient(index, rows):
     from sidrec.model.sid_model import calibrate_sid_logits
     from sidrec.training.loop import collate, encode_rows, train, trainable_parameters
@@ -151,13 +178,16 @@ def _exhaustive(model, prompt, index, fusion):
     return out + fusion * item_lp
 
 
-def test_item_head_candidates_join_the_beams_with_their_exact_sid_scores(index):
+@pytest.mark.parametrize("item_input", [False, True])
+def test_item_head_candidates_join_the_beams_with_their_exact_sid_scores(index, item_input):
     """With the head's own top items added (``candidates``), a 3-beam search returns exactly the top 3 of an
     exhaustive ranking of the whole catalog by SID log-prob + log p_item once every item is a candidate, and
-    each returned score is that sum (the teacher-forced SID score equals what a search would have summed)."""
+    each returned score is that sum (the teacher-forced SID score equals what a search would have summed).
+    With ``item_input`` the prompt's items read their rows, in the cached search as in one full pass."""
     from sidrec.model.decode import beam_search_batch
 
     model, enc, _ = _model(index, seed=5)
+    model.item_head.item_input = item_input
     with torch.no_grad():  # a head that disagrees with the SID head, so the union matters
         model.item_head.item_rows.add_(0.5 * torch.randn(model.item_head.item_rows.shape, generator=torch.Generator().manual_seed(0)))
     model.eval()
@@ -184,11 +214,13 @@ def test_item_head_candidates_join_the_beams_with_their_exact_sid_scores(index):
     assert (s2[0] >= s0[0] - 1e-5).all()  # never worse than the beams alone, rank by rank
 
 
-def test_item_head_saved_and_loaded_with_the_recommender(index, tmp_path):
+@pytest.mark.parametrize("item_input", [False, True])
+def test_item_head_saved_and_loaded_with_the_recommender(index, tmp_path, item_input):
     from sidrec.model.decode import beam_search_batch
     from sidrec.model.sid_model import load_recommender, save_recommender
 
     model, enc, tok = _model(index, seed=4)
+    model.item_head.item_input = item_input
     with torch.no_grad():
         model.item_head.rows.add_(0.01 * torch.randn_like(model.item_head.rows))
         model.item_head.item_rows.add_(0.01 * torch.randn_like(model.item_head.item_rows))
@@ -203,7 +235,7 @@ def test_item_head_saved_and_loaded_with_the_recommender(index, tmp_path):
     assert torch.equal(head.rows, model.item_head.rows.detach()) and torch.equal(head.codes, model.item_head.codes)
     assert torch.equal(head.item_rows, model.item_head.item_rows.detach())
     assert float(head.scale) == pytest.approx(0.37) and float(head.fusion) == pytest.approx(0.5)
-    assert head.candidates == 7
+    assert head.candidates == 7 and head.item_input == item_input
     trie = index.build_trie()
     p = [enc.encode("Items:" + index.sid(1) + index.sid(2))]
     a = beam_search_batch(model, p, index.num_levels, 6, trie, enc.pad_id, torch.float32)

@@ -20,6 +20,11 @@ recommendation", 2024, does with a separate dense model):
   With ``candidates`` (``model.item_head_candidates``) the head's own top items not among the beams join
   them first, each with the SID log-probability the search would have given it, so the fused list is no
   longer capped by what the beams found.
+- with ``item_input`` (``model.item_head_input``) the item's own row is also *read*: it is added to the input
+  embedding of the last SID token of every complete catalog SID in the input, i.e. at the state that predicts the
+  next item, as SASRec's item table is both its input and its output. Zero at step 0 (the rows start at zero), so
+  the model starts exactly where it would without it; prompts, training windows and decoding all go through
+  ``SIDRecModel.embed``, so they see the same rows.
 
 Only the item index's levels take part (a dual index's user SIDs are never items). With a dynamic index the
 head follows every refresh (``set_codes``): an item keeps its own row and sums the rows of its new codes.
@@ -36,11 +41,13 @@ class ItemHead(nn.Module):
     """Item vectors composed from per-code rows and per-item rows, over a fixed catalog (``codes``: one SID per item row)."""
 
     def __init__(self, codes: torch.Tensor, level_sizes: list[int], init_rows: torch.Tensor, fusion: float = 1.0,
-                 candidates: int = 0):
+                 candidates: int = 0, item_input: bool = False):
         """``codes`` [n_items, levels]; ``init_rows`` [sum(level_sizes), hidden], the code rows to start from;
-        ``candidates``: how many of the head's own top items join the beams at decoding (0: the beams alone)."""
+        ``candidates``: how many of the head's own top items join the beams at decoding (0: the beams alone);
+        ``item_input``: add each item's own row to the input at its SID's last token (see :meth:`input_rows`)."""
         super().__init__()
         self.candidates = int(candidates)
+        self.item_input = bool(item_input)
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[1] != len(level_sizes):
             raise ValueError(f"item head: codes of shape {tuple(codes.shape)} do not match {len(level_sizes)} levels")
@@ -92,6 +99,22 @@ class ItemHead(nn.Module):
         """[..., n_items] item logits from hidden states ``h`` [..., hidden]."""
         w = self.item_vectors()
         return (h @ w.to(h.dtype).T) * self.scale.to(h.dtype)
+
+    def input_rows(self, input_ids: torch.Tensor, base_vocab: int) -> Optional[torch.Tensor]:
+        """[B, T, hidden]: at the last token of every complete catalog SID in ``input_ids`` [B, T] (its ``levels``
+        tokens consecutive, each in its level's range), that item's own row; zero elsewhere. None when the input is
+        shorter than one SID (a decoding step that feeds one token: no SID completes there that is read again)."""
+        L = self.num_levels
+        if input_ids.shape[1] < L:
+            return None
+        sid = input_ids - base_vocab  # SID-table offsets (negative: text)
+        windows = sid.unfold(1, L, 1)  # [B, T - L + 1, L]: the L tokens ending at each position from L - 1 on
+        rows = self.rows_of(windows - self.offsets)
+        out = torch.zeros(*input_ids.shape, self.item_rows.shape[1], dtype=self.item_rows.dtype, device=input_ids.device)
+        found = rows >= 0
+        if found.any():
+            out[:, L - 1:][found] = self.item_rows[rows[found]]
+        return out
 
     def rows_of(self, codes: torch.Tensor) -> torch.Tensor:
         """Item rows of code tuples ``codes`` [..., levels]; -1 where no item carries the tuple."""

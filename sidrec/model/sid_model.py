@@ -321,7 +321,7 @@ class SIDRecModel(nn.Module):
         self.item_head = None  # optional item-level head (sidrec.model.item_head), see `attach_item_head`
 
     def attach_item_head(self, item_codes, item_level_sizes: list[int], fusion: float = 1.0, loss_weight: float = 1.0,
-                         candidates: int = 0):
+                         candidates: int = 0, item_input: bool = False):
         """Add the item-level head over a catalog (``item_codes`` [n_items, levels]: the item index's SIDs);
         its rows start from the item levels' SID rows as they are now (so after the SID init)."""
         from sidrec.model.item_head import ItemHead
@@ -329,7 +329,7 @@ class SIDRecModel(nn.Module):
         n = sum(int(s) for s in item_level_sizes)
         codes = torch.tensor(item_codes.tolist() if hasattr(item_codes, "tolist") else item_codes, dtype=torch.long)  # a copy
         self.item_head = ItemHead(codes, list(item_level_sizes), self.sid_embeddings.detach()[:n],
-                                  fusion, candidates).to(self.sid_embeddings.device)
+                                  fusion, candidates, item_input).to(self.sid_embeddings.device)
         self.item_head.loss_weight = float(loss_weight)
         return self.item_head
 
@@ -351,6 +351,11 @@ class SIDRecModel(nn.Module):
         if is_sid.any():
             sid = self.sid_table()[(input_ids - base).clamp(min=0)]
             emb = torch.where(is_sid.unsqueeze(-1), sid.to(emb.dtype), emb)
+            head = self.item_head
+            if head is not None and head.item_input:  # each item's own row, read at its SID's last token
+                rows = head.input_rows(input_ids, base)
+                if rows is not None:
+                    emb = emb + rows.to(emb.dtype)
         return emb
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
@@ -443,7 +448,8 @@ def save_recommender(model: SIDRecModel, tokenizer, out_dir: Path, meta: dict) -
                         "item_head.level_sizes": torch.tensor(head.level_sizes, dtype=torch.long),
                         "item_head.scale": head.scale.detach().float().cpu().reshape(1),
                         "item_head.fusion": head.fusion.detach().float().cpu().reshape(1),
-                        "item_head.candidates": torch.tensor([head.candidates], dtype=torch.long)})
+                        "item_head.candidates": torch.tensor([head.candidates], dtype=torch.long),
+                        "item_head.item_input": torch.tensor([int(head.item_input)], dtype=torch.long)})
     save_file(tensors, str(out_dir / "sid_embeddings.safetensors"))
     tok = _copy_tokenizer(tokenizer)
     tok.add_tokens(model.vocab.tokens)
@@ -481,7 +487,8 @@ def load_recommender(model_dir: Path, backbone: str, merge: bool = True):
 
         head = ItemHead(tensors["item_head.codes"], tensors["item_head.level_sizes"].tolist(), tensors["item_head.rows"],
                         float(tensors["item_head.fusion"][0]),
-                        int(tensors["item_head.candidates"][0]) if "item_head.candidates" in tensors else 0)
+                        int(tensors["item_head.candidates"][0]) if "item_head.candidates" in tensors else 0,
+                        bool(tensors["item_head.item_input"][0]) if "item_head.item_input" in tensors else False)
         head.scale.fill_(float(tensors["item_head.scale"][0]))
         with torch.no_grad():
             head.item_rows.copy_(tensors["item_head.item_rows"])

@@ -276,6 +276,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of each SID token's target spread over its level's "
                                    "other codes (a regulariser against a peaked, memorised next-item distribution)")
+    ema: Optional[float] = Field(None, gt=0, lt=1, description="keep a moving average of the trainable weights with this "
+                                 "decay per step (e.g. 0.995); model selection scores it and the saved model is it. None: the "
+                                 "live weights")
     log_every: int = Field(10, ge=1)
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: all cores)")
     processes: int = Field(1, ge=1, description="data-parallel fine-tuning processes (torchrun; one per GPU, or gloo on CPU); "
@@ -400,6 +403,9 @@ class RunConfig(_Strict):
             if self.train.processes > 1:
                 raise ValueError("train.processes > 1 is not supported with index.mode 'dynamic' (the index refresh is "
                                  "not distributed); use processes: 1")
+            if self.train.ema:
+                raise ValueError("train.ema is not supported with index.mode 'dynamic' (a refresh moves the SID rows under "
+                                 "the average); leave it unset")
             if self.model.device == "cuda":
                 raise ValueError("model.device 'cuda' is not supported with index.mode 'dynamic' (the learned index trains "
                                  "on the CPU; evaluation still uses the GPU); use 'auto' or 'cpu'")

@@ -1,14 +1,15 @@
 """Fine-tuning: ``loop`` (THE training loop: batching, collate, loss, LR schedule, checkpoints,
-TrainHooks) and ``parallel`` (data-parallel primitives and the torchrun launcher). May import:
-foundations, ``model``.
+TrainHooks), ``ema`` (the moving average of the trained weights) and ``parallel`` (data-parallel
+primitives and the torchrun launcher). May import: foundations, ``model``.
 """
 from sidrec.exports import lazy_exports
 
-MODULES = ['loop', 'parallel']
+MODULES = ['ema', 'loop', 'parallel']
 __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'Encoded': 'loop',
     'TrainHooks': 'loop',
     'TrainResult': 'loop',
+    'WeightAverage': 'ema',
     'average_gradients': 'parallel',
     'broadcast_parameters': 'parallel',
     'bucketed_batches': 'loop',

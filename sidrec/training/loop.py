@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sidrec.model.item_head import item_head_loss
+from sidrec.training.ema import WeightAverage
 
 log_ = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -270,7 +271,7 @@ def _ckpt_dirs(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", key: str,
                     best: Optional[dict[str, torch.Tensor]] = None, params=None,
-                    hooks_state: Optional[tuple[dict, dict]] = None) -> Path:
+                    hooks_state: Optional[tuple[dict, dict]] = None, ema: Optional[WeightAverage] = None) -> Path:
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,6 +294,9 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
     hook_tensors, hook_meta = hooks_state or ({}, {})
     for name, t in hook_tensors.items():
         tensors[f"hooks/{name}"] = t.detach().cpu().contiguous().clone()
+    ema_tensors, ema_updates = ema.state() if ema is not None else ({}, 0)
+    for name, t in ema_tensors.items():
+        tensors[f"ema/{name}"] = t.detach().cpu().contiguous().clone()
     tensors["rng/torch"] = torch.get_rng_state().clone()
     np_state = np.random.get_state()
     tensors["rng/numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy())
@@ -306,6 +310,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, res: "TrainResult", ke
         "padded_tokens": res.padded_tokens, "seconds": res.seconds, "first_loss": res.first_loss,
         "select_curve": [[int(a), float(b)] for a, b in res.select_curve], "best_step": res.best_step,
         "best_score": res.best_score, "select_seconds": res.select_seconds, "hooks": hook_meta,
+        "ema_updates": int(ema_updates),
     }
     tmp = run_dir / f".tmp-ckpt-{step:07d}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -359,6 +364,7 @@ def load_checkpoint(run_dir: Path, model, opt, key: str, params=None) -> Optiona
         meta["path"] = str(ck)
         meta["best"] = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
         meta["hook_tensors"] = {k[6:]: v for k, v in tensors.items() if k.startswith("hooks/")}
+        meta["ema"] = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
         return meta
     return None
 
@@ -394,13 +400,21 @@ class LRSchedule:
 
 class _Selection:
     """Model selection during training: scores the model with ``select`` (valid users only), records the
-    curve in the :class:`TrainResult` and keeps a copy of the best-scoring trainable weights."""
+    curve in the :class:`TrainResult` and keeps a copy of the best-scoring trainable weights. With a weight
+    average (``ema``) it is the average that is scored and kept."""
 
-    def __init__(self, select, named, res: "TrainResult", log):
-        self.select, self.named, self.res, self.log = select, named, res, log
+    def __init__(self, select, named, res: "TrainResult", log, ema: Optional[WeightAverage] = None):
+        self.select, self.named, self.res, self.log, self.ema = select, named, res, log, ema
         self.best: dict[str, torch.Tensor] = {}
 
     def __call__(self, model, step: int) -> None:
+        if self.ema is None:
+            self._score(model, step)
+        else:
+            with self.ema.applied():
+                self._score(model, step)
+
+    def _score(self, model, step: int) -> None:
         res = self.res
         t_sel = time.perf_counter()
         score = float(self.select(model))
@@ -423,7 +437,8 @@ class _Selection:
             log_.info("fine-tune: kept step %d (valid Recall@10 %.4f) of %d", self.res.best_step, self.res.best_score, n_steps)
 
 
-def _resume(meta: dict, res: "TrainResult", selection: _Selection, hooks, log, cfg, schedule: LRSchedule) -> int:
+def _resume(meta: dict, res: "TrainResult", selection: _Selection, hooks, log, cfg, schedule: LRSchedule,
+            ema: Optional[WeightAverage] = None) -> int:
     """Restore the run's progress from a checkpoint's ``meta`` into ``res`` / ``selection`` / ``hooks``
     (the weights and optimizer were loaded by :func:`load_checkpoint`), replay the logged loss curve up to
     it, and return the step to continue from."""
@@ -437,6 +452,8 @@ def _resume(meta: dict, res: "TrainResult", selection: _Selection, hooks, log, c
     res.select_seconds = float(meta.get("select_seconds", 0.0))
     selection.best.update(meta.get("best", {}))
     hooks.restore(meta["hook_tensors"], meta.get("hooks", {}))
+    if ema is not None:
+        ema.load_state(meta["ema"], meta.get("ema_updates", 0))
     log_.warning("fine-tune: resuming from %s (step %d of %d)", meta["path"], start, schedule.n_steps)
     if log is not None:  # replay the logged curve up to the checkpoint
         for step in range(start):
@@ -462,6 +479,8 @@ def train(
     Model selection: with ``select`` (model -> score, higher is better; built on valid users only,
     see ``sidrec.evaluation.evaluate.valid_selector``) and ``cfg.eval_every``, the model is scored every
     ``eval_every`` steps and after the last one; the best-scoring weights are restored at the end.
+    Weight average: with ``cfg.ema`` (a decay per step) the moving average of the trainable weights
+    (:class:`sidrec.training.ema.WeightAverage`) is what selection scores and what the model ends with.
     ``hooks`` (:class:`TrainHooks`) adapt the loop to another kind of model (the dynamic index)."""
     from sidrec.training.parallel import average_gradients, broadcast_parameters, world_info
 
@@ -486,7 +505,9 @@ def train(
 
     model.train()
     res = TrainResult(rows=len(rows), planned_steps=n_steps)
-    selection = _Selection(select, named, res, log)
+    ema_decay = getattr(cfg, "ema", None)
+    ema = WeightAverage(named, ema_decay) if ema_decay else None
+    selection = _Selection(select, named, res, log, ema)
     every = getattr(cfg, "checkpoint_every", None)
     run_dir = None
     start = 0
@@ -495,7 +516,7 @@ def train(
         run_dir = Path(checkpoint_dir) / key
         meta = load_checkpoint(run_dir, model, opt, key, named)
         if meta is not None:
-            start = _resume(meta, res, selection, hooks, log, cfg, schedule)
+            start = _resume(meta, res, selection, hooks, log, cfg, schedule, ema)
     t0 = time.perf_counter() - res.seconds
     bar = tqdm(range(start, len(batches)), desc="fine-tune", disable=not progress, unit="step", initial=start, total=len(batches))
     for step in bar:
@@ -520,6 +541,8 @@ def train(
             average_gradients(trainable)
         torch.nn.utils.clip_grad_norm_([p for p in clipped if p.grad is not None], 1.0)
         opt.step()
+        if ema is not None:
+            ema.update()
         res.record(loss.item(), len(idx), mask)
         if step % cfg.log_every == 0 or step == len(batches) - 1:
             avg = float(np.mean(res.losses[-cfg.log_every :]))
@@ -531,8 +554,11 @@ def train(
             selection(model, step + 1)
         if run_dir is not None and rank == 0 and (step + 1) % every == 0 and step + 1 < len(batches):
             res.seconds = time.perf_counter() - t0
-            save_checkpoint(run_dir, step + 1, model, opt, res, key, selection.best, named, hooks.checkpoint_state())
+            save_checkpoint(run_dir, step + 1, model, opt, res, key, selection.best, named, hooks.checkpoint_state(),
+                            ema)
     hooks.after_training(model, len(batches))
+    if ema is not None:  # the average is the model (the last selection, if any, scored exactly it)
+        ema.copy_to_model()
     res.seconds = time.perf_counter() - t0
     selection.restore_best(len(batches))  # model selection: keep the best-scoring weights
     if run_dir is not None and rank == 0:

@@ -105,9 +105,13 @@ VARIANTS: dict[str, dict] = {
     # the balanced dynamic item index with the item head (re-pointed at every refresh)
     "dynamic-items-fast-tok-balanced-item-head": {"index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}},
                                                   "model": {"item_head": 1.0}},
+    "dynamic-items-fast-tok-balanced-item-head-input": {
+        "index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}},
+        "model": {"item_head": 1.0, "item_head_input": True}},
     "item-head-8ep": {"model": {"item_head": 1.0}, "train": {"epochs": 8}},
     # the item's own head row also read at its SID's last token in the input (model.item_head_input)
     "item-head-input": {"model": {"item_head": 1.0, "item_head_input": True}},
+    # ... with the moving average of the weights scored and kept (train.ema)
     "item-head-input-ema": {"model": {"item_head": 1.0, "item_head_input": True}, "train": {"ema": 0.995}},
     "item-head-hi-lr": {"model": {"item_head": 1.0}, "train": {"lr": 4.0e-3, "embedding_lr": 2.0e-2}},
 }

@@ -107,14 +107,19 @@ class ItemHead(nn.Module):
         L = self.num_levels
         if input_ids.shape[1] < L:
             return None
-        sid = input_ids - base_vocab  # SID-table offsets (negative: text)
-        windows = sid.unfold(1, L, 1)  # [B, T - L + 1, L]: the L tokens ending at each position from L - 1 on
-        rows = self.rows_of(windows - self.offsets)
+        rows = self.rows_starting(input_ids - base_vocab)  # [B, T - L + 1]: the SID starting at t ends at t + L - 1
         out = torch.zeros(*input_ids.shape, self.item_rows.shape[1], dtype=self.item_rows.dtype, device=input_ids.device)
         found = rows >= 0
         if found.any():
             out[:, L - 1:][found] = self.item_rows[rows[found]]
         return out
+
+    def rows_starting(self, sid: torch.Tensor) -> torch.Tensor:
+        """[B, T - levels + 1]: the item row of the SID whose ``levels`` tokens start at each position of ``sid``
+        [B, T] (token ids minus the base vocabulary: SID-table offsets, negative for text); -1 where those tokens
+        spell no catalog item (text, a partial SID, codes of the wrong levels). ``T >= levels``."""
+        windows = sid.unfold(1, self.num_levels, 1)  # [B, T - L + 1, L]
+        return self.rows_of(windows - self.offsets)
 
     def rows_of(self, codes: torch.Tensor) -> torch.Tensor:
         """Item rows of code tuples ``codes`` [..., levels]; -1 where no item carries the tuple."""
@@ -132,22 +137,12 @@ def item_targets(ids: torch.Tensor, pred_mask: torch.Tensor, base_vocab: int, he
     ``ids`` [B, T] are the token ids, ``pred_mask`` [B, T-1] the supervised predictions (position p
     predicts token p + 1). A position counts when it predicts an item-level-0 SID token and the next
     ``levels`` tokens, all supervised, form the SID of a catalog item; its row is that item's."""
-    B, T = ids.shape
     L = head.num_levels
-    labels = ids[:, 1:] - base_vocab  # what position p predicts, as a SID-table offset (negative: text)
-    first = pred_mask & (labels >= 0) & (labels < head.level_sizes[0])
-    pos = first.nonzero()  # [M, 2] (batch, position)
-    if pos.numel() == 0:
-        return pos, pos.new_zeros(0)
-    cols = pos[:, 1:2] + torch.arange(L, device=ids.device)  # label columns of the item's L tokens
-    inside = (cols < T - 1).all(1)
-    pos, cols = pos[inside], cols[inside]
-    rows_b = pos[:, 0:1].expand_as(cols)
-    codes = labels[rows_b, cols] - head.offsets  # each level's code (out of range when not that level)
-    supervised = pred_mask[rows_b, cols].all(1)
-    rows = head.rows_of(codes)
-    keep = supervised & (rows >= 0)
-    return pos[keep], rows[keep]
+    if ids.shape[1] - 1 < L:
+        return torch.zeros(0, 2, dtype=torch.long, device=ids.device), torch.zeros(0, dtype=torch.long, device=ids.device)
+    rows = head.rows_starting(ids[:, 1:] - base_vocab)  # [B, T - L]: the item whose SID position p starts predicting
+    keep = (rows >= 0) & pred_mask.unfold(1, L, 1).all(-1)  # ... with all L of its tokens supervised
+    return keep.nonzero(), rows[keep]
 
 
 def item_head_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor) -> Optional[torch.Tensor]:

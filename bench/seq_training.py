@@ -178,6 +178,88 @@ def fusion_sweep(rec, instr, bundle, cfg, weights=FUSION_WEIGHTS) -> dict:
     return out
 
 
+CANDIDATES = (0, 10, 20, 30, 50)
+RERANK_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def rerank_sweep(rec, instr, bundle, cfg, valid_users: int = 2000, candidates=CANDIDATES, weights=RERANK_WEIGHTS) -> dict:
+    """How many of the item head's own items should join the beams, and at what fusion weight, measured on one
+    model: each user's prompt is decoded once (the constrained beams as searched, fusion 0), the head's top
+    ``max(candidates)`` items that the beams missed are scored by the SID head by teacher forcing (as decoding scores
+    them), and the list ``beams + the head's first C`` re-ranked by ``beam + w * log p_item`` is scored for every
+    ``(C, w)``. ``valid_users`` valid users pick the pair (Recall@10); test reports every pair. The grid is the
+    library's own decoding (``item_head_candidates``, ``item_head_fusion``) replayed offline."""
+    import numpy as np
+    import torch
+
+    from sidrec.evaluation.evaluate import _sample
+    from sidrec.evaluation.metrics import ranking_metrics
+    from sidrec.model.decode import NEG_INF, _left_pad, beam_search_batch, sid_log_prob
+    from sidrec.model.item_head import head_candidates, item_log_prob
+    from sidrec.model.sid_model import Encoder, load_recommender
+    from sidrec.runtime import compute_dtype
+
+    model, tok, _ = load_recommender(Path(rec.path), cfg.model.backbone)
+    model.eval()
+    head = model.item_head
+    head.fusion.fill_(0.0)
+    head.candidates = 0  # plain beams from the search; the candidates are added below, up to the largest C
+    enc = Encoder(tok, model.vocab)
+    dtype = compute_dtype(cfg)
+    trie = bundle.items.build_trie()
+    beams, c_max, bs = cfg.eval.beams, max(candidates), 16
+    out: dict = {}
+    for part, limit in (("valid", valid_users), ("test", cfg.eval.test_max_users)):
+        t0 = time.perf_counter()
+        rows = _sample(instr.part(part), limit, cfg.seed)
+        prompts = [enc.encode(p) for p in rows["prompt"]]
+        targets = np.array([bundle.items.row_of(t) for t in rows["target_item"]])
+        U, W = len(prompts), beams + c_max
+        pool = np.full((U, W), -1, dtype=np.int64)
+        sid = np.full((U, W), -np.inf, dtype=np.float32)
+        item = np.full((U, W), -np.inf, dtype=np.float32)
+        alone = np.zeros((U, beams), dtype=np.int64)
+        order = np.argsort([len(p) for p in prompts], kind="stable")
+        with torch.no_grad():
+            for s0 in range(0, U, bs):
+                idx = order[s0:s0 + bs]
+                batch = [prompts[i] for i in idx]
+                codes, sc = beam_search_batch(model, batch, bundle.items.num_levels, beams, trie, enc.pad_id, dtype)
+                ids, mask = _left_pad(batch, enc.pad_id)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+                    h_prompt = h[:, -1]
+                    lp = item_log_prob(head, h_prompt)
+                    more, real = head_candidates(head, lp, codes, c_max)
+                    more_sc = sid_log_prob(model, cache, mask, pos[:, -1] + 1, h_prompt, more).masked_fill(~real, NEG_INF)
+                all_codes = torch.cat([codes, more], 1)
+                r = head.rows_of(all_codes)
+                s = torch.cat([sc, more_sc.float()], 1)
+                pool[idx] = r.numpy()
+                sid[idx] = torch.where(r >= 0, s, torch.full_like(s, -np.inf)).numpy()
+                item[idx] = torch.where(r >= 0, lp.float().gather(1, r.clamp(min=0)), torch.full_like(s, -np.inf)).numpy()
+                alone[idx] = lp.float().topk(beams, dim=-1).indices.numpy()
+        for c in candidates:
+            width = beams + c
+            for w in weights:
+                fused = sid[:, :width] + w * item[:, :width]
+                fused = np.where(np.isfinite(fused), fused, -np.inf)
+                o = np.argsort(-fused, axis=1, kind="stable")[:, :beams]
+                m = ranking_metrics(np.take_along_axis(pool[:, :width], o, 1), targets, cfg.eval.ks)
+                out[f"{part}/c{c}/fusion_{w}"] = {k: round(float(v), 5) for k, v in m.items()}
+        m = ranking_metrics(alone, targets, cfg.eval.ks)
+        out[f"{part}/item_head_alone"] = {k: round(float(v), 5) for k, v in m.items()}
+        out[f"{part}/users"] = U
+        out[f"{part}/seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"rerank sweep {part}: {U} users, {out[f'{part}/seconds']:.0f}s", flush=True)
+    grid = [(c, w) for c in candidates for w in weights]
+    best = max(grid, key=lambda cw: (out[f"valid/c{cw[0]}/fusion_{cw[1]}"]["recall_at_10"],
+                                     out[f"valid/c{cw[0]}/fusion_{cw[1]}"]["ndcg_at_10"]))
+    out["best_valid"] = {"candidates": best[0], "fusion": best[1], "test": out[f"test/c{best[0]}/fusion_{best[1]}"]}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(common.QUICKSTART))
@@ -189,6 +271,9 @@ def main(argv=None) -> int:
     ap.add_argument("--unfused", action="store_true",
                     help="variants with an item head: also score the same model with other fusion weights and the item head alone "
                          "(fusion_sweep)")
+    ap.add_argument("--rerank", type=int, default=None, metavar="VALID_USERS",
+                    help="variants with an item head: also replay the decoding's candidates x fusion grid on the same model "
+                         "(rerank_sweep), the pair picked on this many valid users")
     ap.add_argument("--out", default="seq_training")
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="copy every variant's fine-tuned model to DIR/<variant> (for decoding experiments on a saved model)")
@@ -264,6 +349,9 @@ def main(argv=None) -> int:
                 sweep = None
                 if args.unfused and vcfg.model.item_head > 0:  # the same model: beams alone, fused, the item head alone
                     sweep = fusion_sweep(rec, instr, bundle, vcfg)
+                rerank = None
+                if args.rerank and vcfg.model.item_head > 0:
+                    rerank = rerank_sweep(rec, instr, bundle, vcfg, valid_users=args.rerank)
                 if args.keep:
                     kept = Path(args.keep) / label.replace("/", "-")
                     rec.save(kept / "model")
@@ -278,6 +366,7 @@ def main(argv=None) -> int:
                 "dynamic_log": rec.meta.get("dynamic_log", []),
                 "metrics": {k: v for k, v in report.metrics.items()},
                 **({"fusion_sweep": sweep} if sweep is not None else {}),
+                **({"rerank_sweep": rerank} if rerank is not None else {}),
             }
             result["variants"][label] = entry
             print(f"{label}: fine-tune {ft_s:.0f}s eval {ev_s:.0f}s tokens {train['train/tokens']} "
@@ -286,6 +375,10 @@ def main(argv=None) -> int:
                   + (" | " + " ".join(f"{k.split('/')[1]} {v['recall_at_10']:.4f}/{v['ndcg_at_10']:.4f}"
                                       for k, v in sweep.items() if k.startswith("test/")) if sweep else ""),
                   flush=True)
+            if rerank is not None:
+                b = rerank["best_valid"]
+                print(f"{label}: rerank best on valid C={b['candidates']} w={b['fusion']}: test R@10 "
+                      f"{b['test']['recall_at_10']:.4f} N@10 {b['test']['ndcg_at_10']:.4f}", flush=True)
             common.write_json(common.RESULTS / f"{args.out}.json", result)
     plot(result, common.RESULTS / f"{args.out}.png")
     return 0

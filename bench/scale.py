@@ -112,7 +112,7 @@ def run_size(n_users: int, args, workdir: Path) -> dict:
         "features": {"embedder": "backbone", "batch_size": 64, "cache": False},
         "index": {"quantizer": "rq_kmeans", "levels": 3, "codebook_size": "auto", "collisions": "nearest_free"},
         "tasks": {"seqrec_mode": "window", "text_to_sid": 0.1, "sid_to_text": 0.05, "titles_to_sid": 0.0},
-        "model": {"backbone": args.backbone, "layers": args.layers, "sid_init": "text", "dtype": "bfloat16"},
+        "model": {"backbone": args.backbone, "layers": args.layers, "sid_init": "text", "dtype": "auto"},
         "train": {"steps": args.steps, "batch_size": 16, "checkpoint_every": None},
         "eval": {"beams": 20, "batch_size": 32, "test_max_users": args.decode_users, "valid_max_users": 32},
         "baselines": {"sasrec": {"max_epochs": 200, "patience": 5, "max_minutes": args.sasrec_minutes}},

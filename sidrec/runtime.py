@@ -43,9 +43,74 @@ def set_threads(cfg: RunConfig) -> None:
 
 
 def compute_dtype(cfg: RunConfig) -> "torch.dtype":
+    """The autocast dtype of ``model.dtype`` on this run's device (``dtype_named``)."""
     import torch
 
-    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    cuda = cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available())
+    return dtype_named(cfg.model.dtype, "cuda" if cuda else "cpu")
+
+
+def dtype_named(name: str, device: str = "cpu") -> "torch.dtype":
+    """``float32``, ``bfloat16``, or ``auto``: bfloat16 where this hardware computes it natively (a CUDA GPU that
+    supports it; a CPU whose bfloat16 matmul is at most ``BF16_SLOWDOWN_LIMIT`` x the float32 one, measured once per
+    process), else float32. A CPU without native bfloat16 (AVX2 only) emulates it at ~1 GFLOP/s, 100x and more below
+    float32 (BENCHMARKS, "bfloat16 on a CPU without it"), which turns the quickstart's minutes into hours. An explicit
+    ``bfloat16`` is obeyed, with a warning where it is that slow."""
+    import torch
+
+    if name == "float32":
+        return torch.float32
+    if device == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    else:
+        fast = cpu_bf16_slowdown() <= BF16_SLOWDOWN_LIMIT
+    if name == "bfloat16":
+        if not fast:
+            _warn_slow_bf16(device)
+        return torch.bfloat16
+    if name != "auto":
+        raise ValueError(f"model.dtype: unknown value {name!r} (float32, bfloat16 or auto)")
+    return torch.bfloat16 if fast else torch.float32
+
+
+BF16_SLOWDOWN_LIMIT = 2.0  # natively 0.3-1x float32's time; emulated on AVX2, 100x and more
+_BF16_SLOWDOWN: list[float] = []
+_WARNED: set[str] = set()
+
+
+def cpu_bf16_slowdown() -> float:
+    """bfloat16 matmul time / float32 matmul time on this CPU ([128 x 512] @ [512 x 512], best of 3), measured once
+    per process (~5 ms with native bfloat16, ~0.3 s without)."""
+    if not _BF16_SLOWDOWN:
+        import time
+
+        import torch
+
+        a, b = torch.randn(128, 512), torch.randn(512, 512)
+        best = {}
+        for dt in (torch.float32, torch.bfloat16):
+            x, y = a.to(dt), b.to(dt)
+            x @ y  # warm-up
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                x @ y
+                times.append(time.perf_counter() - t0)
+            best[dt] = max(min(times), 1e-9)
+        _BF16_SLOWDOWN.append(best[torch.bfloat16] / best[torch.float32])
+    return _BF16_SLOWDOWN[0]
+
+
+def _warn_slow_bf16(device: str) -> None:
+    if device in _WARNED:
+        return
+    _WARNED.add(device)
+    import logging
+
+    what = "this GPU does not support bfloat16" if device == "cuda" else (
+        f"bfloat16 matmuls run {cpu_bf16_slowdown():.0f}x slower than float32 on this CPU (no native bfloat16)")
+    logging.getLogger("sidrec").warning("model.dtype: bfloat16, but %s; set model.dtype: auto (or float32) to train and "
+                                        "decode in float32 here", what)
 
 
 def resolve_device(cfg: RunConfig) -> "torch.device":
@@ -76,7 +141,7 @@ def progress_enabled() -> bool:
     return os.environ.get("SIDREC_PROGRESS", "1") != "0"
 
 
-__all__ = ["compute_dtype", "progress_enabled", "resolve_device", "seed_everything", "set_threads", "state_home"]
+__all__ = ["compute_dtype", "cpu_bf16_slowdown", "dtype_named", "progress_enabled", "resolve_device", "seed_everything", "set_threads", "state_home"]
 
 
 def file_lock(path: Path):

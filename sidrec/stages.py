@@ -94,7 +94,8 @@ def embedding_cache(cfg: RunConfig):
 
         code = hashlib.sha256(inspect.getsource(backbone_embeddings).encode()).hexdigest()[:12]  # pooling, truncation
         ident = identity(embedder="backbone", weights=folder_fingerprint(backbone_folder(cfg.model.backbone)),
-                         layers=cfg.model.layers, max_tokens=cfg.features.max_text_tokens, dtype=cfg.model.dtype, code=code)
+                         layers=cfg.model.layers, max_tokens=cfg.features.max_text_tokens,
+                         dtype=str(compute_dtype(cfg)).removeprefix("torch."), code=code)  # auto as resolved here
     return EmbeddingCache(state_home() / "cache" / "embeddings", ident)
 
 

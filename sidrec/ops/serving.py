@@ -53,8 +53,6 @@ class Recommender:
     """The loaded model: backbone + adapter (merged) + SID embeddings, the SID index + trie, item titles."""
 
     def __init__(self, recommender_dir, index_dir, items_csv, config: Optional[dict] = None):
-        import torch
-
         from sidrec.artifacts import IndexBundle
         from sidrec.model.sid_model import Encoder, load_recommender
 
@@ -76,7 +74,9 @@ class Recommender:
 
         # the training format (saved with the model); models saved before formats existed used the prefix template
         self.prompt_format = PromptFormat.from_json(cfg.get("prompt_format") or self.meta.get("prompt_format"), self.prompt_history)
-        self.dtype = torch.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else torch.float32
+        from sidrec.runtime import dtype_named
+
+        self.dtype = dtype_named(cfg.get("dtype", "float32"))  # auto: resolved on the serving machine's CPU
 
     def unknown(self, history: Sequence[str]) -> list[str]:
         return [h for h in history if h not in self.index]

@@ -30,7 +30,7 @@ import common  # noqa: E402
 
 def _decode(path: Path, cfg, users: list[str], bs: int = 16):
     """One model's own list and pool for ``users`` (test split order): rows [U, W], fused scores [U, W] over the
-    beams + head candidates, its own top-K rows [U, K]; plus what ``score`` needs to rescore other rows."""
+    beams + head candidates, its own top-K rows [U, K]; plus what ``_rescore`` needs to score other rows."""
     import numpy as np
     import torch
 

@@ -320,7 +320,7 @@ def main(argv=None) -> int:
             if over.get("index", {}).get("mode") == "dynamic" and "item_head" not in over.get("model", {}):
                 over = _merge(over, {"model": {"item_head": 0.0}})  # the dynamic variants compare SID heads unless they say
             vcfg = parse_config(_merge(base, over), f"variant {name}")
-            key = json.dumps([vcfg.index.model_dump(mode="json"), vcfg.seed], sort_keys=True)
+            key = json.dumps([vcfg.index.model_dump(mode="json"), stages.index_seed(vcfg)], sort_keys=True)
             vfeat = features
             if vcfg.index.embedding == "hybrid":  # the training split's co-occurrence vectors, as featurize adds them
                 vfeat = dataclasses.replace(features, item_collab=stages.collab_features(ds, vcfg))

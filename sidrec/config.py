@@ -167,6 +167,9 @@ class IndexConfig(_Strict):
         "text", description="what the static quantizer indexes: text (the item text embedding) or hybrid (text + a "
         "collaborative vector from the training split's item co-occurrence, index.hybrid; items only)")
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    seed: Optional[int] = Field(
+        None, ge=0, description="seed of the static index (its quantizer and collaborative vectors); unset: the run's seed. "
+        "Set it to retrain the recommender with another seed on the same SIDs")
 
     @field_validator("codebook_size")
     @classmethod
@@ -285,6 +288,9 @@ class TrainConfig(_Strict):
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: all cores)")
     processes: int = Field(1, ge=1, description="data-parallel fine-tuning processes (torchrun; one per GPU, or gloo on CPU); "
                            "each takes its own batch of batch_size per step, gradients are averaged")
+    members: int = Field(1, ge=1, le=8, description="a seed ensemble: fine-tune this many recommenders on the same index and "
+                         "instructions, with seeds seed, seed+1, ..., and decode them as one (their log-probabilities "
+                         "averaged at every SID level and in the item head); costs members x the training and decoding time")
     checkpoint_every: Optional[int] = Field(50, ge=1, description="save a resumable checkpoint every N steps (None: never)")
     checkpoint_dir: Optional[str] = Field(None, description="checkpoint folder (default: $SIDREC_HOME/checkpoints/finetune); "
                                           "a run resumes from the latest checkpoint of the same config + data")
@@ -405,6 +411,9 @@ class RunConfig(_Strict):
             if self.train.processes > 1:
                 raise ValueError("train.processes > 1 is not supported with index.mode 'dynamic' (the index refresh is "
                                  "not distributed); use processes: 1")
+            if self.train.members > 1:
+                raise ValueError("train.members > 1 is not supported with index.mode 'dynamic' (each member would learn its "
+                                 "own index, and members must share one); use members: 1")
             if self.train.ema:
                 raise ValueError("train.ema is not supported with index.mode 'dynamic' (a refresh moves the SID rows under "
                                  "the average); leave it unset")

@@ -99,6 +99,11 @@ def embedding_cache(cfg: RunConfig):
     return EmbeddingCache(state_home() / "cache" / "embeddings", ident)
 
 
+def index_seed(cfg: RunConfig) -> int:
+    """The static index's seed: ``index.seed``, or the run's seed when unset."""
+    return cfg.seed if cfg.index.seed is None else cfg.index.seed
+
+
 def collab_features(ds, cfg: RunConfig) -> np.ndarray:
     """Collaborative item vectors (``index.hybrid``), rows in ``ds.items`` order: PPMI-SVD of the training
     split's co-occurrence, or (``source: sasrec``) the item table of the run's SASRec, trained on the
@@ -109,12 +114,12 @@ def collab_features(ds, cfg: RunConfig) -> np.ndarray:
         from sidrec.evaluation.evaluate import same_run_sasrec
 
         set_threads(cfg)
-        model, _ = same_run_sasrec(ds, cfg.baselines.sasrec, cfg.seed, cfg.data.max_history, progress_enabled(),
+        model, _ = same_run_sasrec(ds, cfg.baselines.sasrec, index_seed(cfg), cfg.data.max_history, progress_enabled(),
                                    sasrec_store())
         return model.item_weights().detach().float().numpy().copy()
     from sidrec.index.collab import cooccurrence_vectors
 
-    return cooccurrence_vectors(ds.train_sequences().values(), ds.items["item_id"].tolist(), h.dim, h.window, cfg.seed)
+    return cooccurrence_vectors(ds.train_sequences().values(), ds.items["item_id"].tolist(), h.dim, h.window, index_seed(cfg))
 
 
 def index_inputs(features: EntityFeatures, cfg: RunConfig, collab: Optional[np.ndarray] = None):
@@ -144,7 +149,7 @@ def _static_index(features: EntityFeatures, cfg: RunConfig):
     from sidrec.index.quantize import plot_code_usage, quantize
 
     x, weights = index_inputs(features, cfg)
-    res = quantize(x, cfg.index, cfg.seed, column_weights=weights)  # IndexCapacityError: a ConfigError (exit 2)
+    res = quantize(x, cfg.index, index_seed(cfg), column_weights=weights)  # IndexCapacityError: a ConfigError (exit 2)
     items = SIDIndex(entity_ids=list(features.item_ids), codes=res.codes, level_sizes=list(res.level_sizes))
     report = {
         "index/collision_rate_raw": float(res.raw_collision_rate),
@@ -157,7 +162,7 @@ def _static_index(features: EntityFeatures, cfg: RunConfig):
     }
     users = ures = None
     if cfg.index.entities == "items+users" and features.user_embeddings is not None:
-        ures = quantize(features.user_embeddings, cfg.index, cfg.seed + 1)
+        ures = quantize(features.user_embeddings, cfg.index, index_seed(cfg) + 1)
         users = SIDIndex(entity_ids=list(features.user_ids), codes=ures.codes, level_sizes=list(ures.level_sizes), prefix="u_")
         report["index/users/collision_rate_raw"] = float(ures.raw_collision_rate)
         report["index/users/collisions"] = int(ures.collisions)
@@ -277,6 +282,8 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
     from sidrec.model.sid_model import save_recommender
     from sidrec.training.loop import train
 
+    if cfg.train.members > 1:
+        return finetune_members(instructions, bundle, cfg, out_dir, log, ds)
     if cfg.train.processes > 1:  # data-parallel over torchrun processes (one per GPU, or gloo on CPU)
         from sidrec.training.parallel import finetune_distributed
 
@@ -302,13 +309,41 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
     return TrainedRecommender(path=out_dir, meta=meta)
 
 
+def finetune_members(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
+                     log: Optional[Callable[[int, dict], None]] = None, ds=None) -> TrainedRecommender:
+    """A seed ensemble (``train.members``): member k is ``finetune`` with seed ``seed + k`` (member 0 is the run a
+    single model would be), saved to ``out_dir/members/<k>``; the log gets member 0's metrics as a single run's and
+    member k's under ``member<k>/``. ``meta["train"]`` is member 0's with the members' summed seconds and tokens."""
+    from sidrec.model.sid_model import save_ensemble
+
+    metas = []
+    for k in range(cfg.train.members):
+        mcfg = cfg.model_copy(update={"seed": cfg.seed + k, "train": cfg.train.model_copy(update={"members": 1})})
+        mlog = log
+        if log is not None and k:
+            def mlog(step: int, m: dict, k=k) -> None:
+                log(step, {f"member{k}/{key}": v for key, v in m.items()})
+        metas.append(finetune(instructions, bundle, mcfg, Path(out_dir) / "members" / str(k), mlog, ds).meta)
+    train_sum = dict(metas[0]["train"])
+    for key in ("train/seconds", "train/tokens", "train/select_seconds"):
+        if all(key in m["train"] for m in metas):
+            train_sum[key] = round(sum(m["train"][key] for m in metas), 1)
+    train_sum["train/members"] = len(metas)
+    meta = {**metas[0], "train": train_sum,
+            "members": [{"seed": cfg.seed + k, "train": m["train"]} for k, m in enumerate(metas)]}
+    save_ensemble(Path(out_dir), meta)
+    return TrainedRecommender(path=Path(out_dir), meta=meta)
+
+
 def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra) -> dict:
     """``meta.json`` of a fine-tuned recommender (static, distributed or warm-started training)."""
     from sidrec.data.tasks import PromptFormat
 
     meta = {"backbone": cfg.model.backbone, "layers": cfg.model.layers, "train": summary, "loss_curve": losses,
             "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode,
-            "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(), **extra}
+            "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
+            "compute_dtype": str(compute_dtype(cfg)).removeprefix("torch."),  # model.dtype as resolved where it trained
+            **extra}
     if hasattr(model, "sa_init_share"):
         meta["train"]["train/sa_init_share"] = round(model.sa_init_share, 4)
     if getattr(model, "sid_logit_raw_std", None):

@@ -125,6 +125,26 @@ def test_hybrid_index_end_to_end_and_its_artifact(ml, tmp_path):
     assert stages.build_index(feats, parse_config({"index": {**HYBRID["index"], "embedding": "text"}})).collab is None
 
 
+def test_index_seed_keeps_the_sids_when_the_run_seed_changes(ml):
+    """index.seed fixes the hybrid index (collaborative vectors and quantizer) across run seeds; unset, the index
+    follows the run's seed as before."""
+    from sidrec import stages
+    from sidrec.artifacts import EntityFeatures
+
+    n = len(ml.items)
+
+    def codes(**over):
+        cfg = parse_config({**HYBRID, **over, "index": {**HYBRID["index"], **over.get("index", {})}})
+        feats = EntityFeatures(item_ids=ml.items["item_id"].tolist(), item_texts=[""] * n, item_embeddings=_text(n),
+                               item_collab=stages.collab_features(ml, cfg))
+        return stages.build_index(feats, cfg).items.codes
+
+    pinned = [codes(seed=s, index={"seed": 7}) for s in (1, 2)]
+    assert np.array_equal(pinned[0], pinned[1])
+    assert np.array_equal(codes(seed=7), pinned[0])  # index.seed 7 is the index a run with seed 7 builds
+    assert not np.array_equal(codes(seed=1), codes(seed=2))  # unset: another run seed, another index
+
+
 def test_retrain_places_new_items_in_the_hybrid_champions_basis(ml, tmp_path, monkeypatch):
     import sidrec.ops.drift as drift
     from sidrec import stages

@@ -11,6 +11,7 @@ import pytest
 
 from sidrec.config import PromotionConfig, parse_config
 from sidrec.ops.registry import decide
+from sidrec.runtime import compute_dtype
 
 
 # ------------------------------------------------------------------------------ decide() (pure)
@@ -205,6 +206,8 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     assert _maybe_register(cfg_a, m1, True) == "1"
     assert reg.alias_version(client, name, "challenger") == "1" and reg.alias_version(client, name, "champion") is None
     assert client.get_run(m1["mlflow_run_id"]).data.tags["data_validation"] == "passed"
+    # model.dtype as resolved where it trained (auto -> float32 or bfloat16), on the run page
+    assert client.get_run(m1["mlflow_run_id"]).data.tags["compute_dtype"] == str(compute_dtype(cfg)).removeprefix("torch.")
     assert _zenml_stage(m1["zenml_run_id"]) == "staging"  # the ZenML model version follows the challenger alias
 
     # 2. first model vs popularity: the decision follows the numbers (the tiny random backbone rarely beats it)

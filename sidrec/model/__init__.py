@@ -2,12 +2,13 @@
 
 ``sid_model`` (loading, truncation, SID rows, save/load), ``sid_init`` (semantic initialisation of the
 SID rows), ``item_head`` (the item-level head: every item scored at once, fused into the beam ranking),
-``decode`` (trie-constrained beam search), ``assets`` (fetching the backbone and demo data).
+``decode`` (trie-constrained beam search), ``ensemble`` (seed-ensemble members decoded as one), ``assets``
+(fetching the backbone and demo data).
 May import: foundations.
 """
 from sidrec.exports import lazy_exports
 
-MODULES = ['assets', 'decode', 'item_head', 'sid_init', 'sid_model']
+MODULES = ['assets', 'decode', 'ensemble', 'item_head', 'sid_init', 'sid_model']
 __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'Encoder': 'sid_model',
     'ItemHead': 'item_head',
@@ -18,6 +19,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'SID_TOKEN_RE': 'sid_model',
     'SMOLLM2_DIR': 'sid_model',
     'SMOLLM2_GGUF': 'sid_model',
+    'SeedEnsemble': 'ensemble',
     'add_lora': 'sid_model',
     'backbone_folder': 'sid_model',
     'beam_search_batch': 'decode',
@@ -34,6 +36,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'load_backbone': 'sid_model',
     'load_recommender': 'sid_model',
     'recommend': 'decode',
+    'save_ensemble': 'sid_model',
     'save_recommender': 'sid_model',
     'text_init': 'sid_init',
     'truncate_layers': 'sid_model',

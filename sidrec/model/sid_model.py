@@ -470,6 +470,8 @@ def load_recommender(model_dir: Path, backbone: str, merge: bool = True):
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
+    if (model_dir / "members").is_dir():  # a seed ensemble (train.members > 1): its members, decoded as one
+        return _load_ensemble(model_dir, backbone, merge)
     if not (model_dir / "vocab.json").is_file():
         raise ModelError(f"{model_dir}: not a saved sidrec model (vocab.json missing)")
     meta = json.loads((model_dir / "meta.json").read_text())
@@ -493,5 +495,37 @@ def load_recommender(model_dir: Path, backbone: str, merge: bool = True):
         with torch.no_grad():
             head.item_rows.copy_(tensors["item_head.item_rows"])
         model.item_head = head
+    model.eval()
+    return model, tok, meta
+
+
+def save_ensemble(out_dir: Path, meta: dict) -> None:
+    """The top of a seed ensemble whose members were saved to ``out_dir/members/<k>`` (``save_recommender``): the
+    shared vocabulary and ``meta.json`` (``meta["members"]``: one entry per member), written last, so a folder
+    without it is not a model."""
+    out_dir = Path(out_dir)
+    n = len(meta.get("members", []))
+    missing = [k for k in range(n) if not (out_dir / "members" / str(k) / "meta.json").is_file()]
+    if not n or missing:
+        raise ModelError(f"{out_dir}: seed ensemble members {missing or '(none)'} are not saved")
+    (out_dir / "vocab.json").write_text((out_dir / "members" / "0" / "vocab.json").read_text())
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def _load_ensemble(model_dir: Path, backbone: str, merge: bool):
+    from sidrec.model.ensemble import SeedEnsemble
+
+    if not (model_dir / "meta.json").is_file():
+        raise ModelError(f"{model_dir}: an unfinished seed ensemble (meta.json missing); train it again")
+    meta = json.loads((model_dir / "meta.json").read_text())
+    n = len(meta.get("members", []))
+    if not n:
+        raise ModelError(f"{model_dir}: members/ holds a seed ensemble but meta.json lists no members")
+    members, tok = [], None
+    for k in range(n):
+        m, t, _ = load_recommender(model_dir / "members" / str(k), backbone, merge)
+        members.append(m)
+        tok = tok or t
+    model = SeedEnsemble(members)
     model.eval()
     return model, tok, meta

@@ -40,7 +40,8 @@ def download_champion(cfg: RunConfig, alias: str = "champion") -> Optional[Path]
 
 
 def _find(root: Path, marker: str) -> Optional[Path]:
-    hits = sorted(root.rglob(marker))
+    """The shallowest ``marker`` under ``root`` (a seed ensemble's own vocab.json, not a member's)."""
+    hits = sorted(root.rglob(marker), key=lambda p: (len(p.parts), str(p)))
     return hits[0] if hits else None
 
 
@@ -264,6 +265,8 @@ def warm_start_model(model, champion_recommender: Path, cfg: RunConfig) -> dict:
     from sidrec.model.sid_model import SIDVocab
 
     d = Path(champion_recommender)
+    if (d / "members").is_dir():  # a seed-ensemble champion: its first member (seed = the champion's seed)
+        d = d / "members" / "0"
     meta = json.loads((d / "meta.json").read_text())
     if meta.get("backbone") != cfg.model.backbone:
         return {"warm": False, "reason": f"backbone {meta.get('backbone')} != {cfg.model.backbone}"}
@@ -325,6 +328,13 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None)
     from sidrec.stages import recording_log, build_model, calibrate, recommender_meta
     from sidrec.training.loop import train
 
+    if cfg.train.members > 1:  # each member starts from its own seed; a warm start is one model's
+        from sidrec.stages import finetune
+
+        rec = finetune(instructions, bundle, cfg, out_dir, log)
+        rec.meta["warm_start"] = {"warm": False, "reason": "train.members > 1: a seed ensemble trains fresh"}
+        (Path(out_dir) / "meta.json").write_text(json.dumps(rec.meta, indent=2, default=str))
+        return rec
     set_threads(cfg)
     seed_everything(cfg.seed)
     model, tok, encoder = build_model(cfg, bundle)

@@ -360,6 +360,8 @@ def log_training_run(cfg: RunConfig, *, dataset, quality, bundle, instructions, 
         "config_name": cfg.name,
         "data_validation": "passed" if getattr(quality, "success", False) else "failed",  # read by the promotion gate
     }
+    if recommender.meta.get("compute_dtype"):  # model.dtype: auto as resolved on the machine that trained it
+        tags["compute_dtype"] = recommender.meta["compute_dtype"]
     if "baseline/sasrec/converged" in metrics:
         tags["baseline_sasrec"] = "converged" if metrics["baseline/sasrec/converged"] else "not converged"
     from sidrec.ops.reports import baseline_notes

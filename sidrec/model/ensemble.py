@@ -59,14 +59,6 @@ class EnsembleHead(nn.Module):
     def codes(self) -> torch.Tensor:
         return self.heads[0].codes
 
-    @property
-    def level_sizes(self) -> list[int]:
-        return self.heads[0].level_sizes
-
-    @property
-    def num_levels(self) -> int:
-        return self.heads[0].num_levels
-
     def rows_of(self, codes: torch.Tensor) -> torch.Tensor:
         return self.heads[0].rows_of(codes)
 

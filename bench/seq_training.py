@@ -108,6 +108,10 @@ VARIANTS: dict[str, dict] = {
     "dynamic-items-fast-tok-balanced-item-head-input": {
         "index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}},
         "model": {"item_head": 1.0, "item_head_input": True}},
+    # ... with the moved items' head vectors kept at every refresh (index.dynamic.keep_item_vectors)
+    "dynamic-items-fast-tok-balanced-item-head-input-keep": {
+        "index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3, "keep_item_vectors": True}},
+        "model": {"item_head": 1.0, "item_head_input": True}},
     "item-head-8ep": {"model": {"item_head": 1.0}, "train": {"epochs": 8}},
     # the item's own head row also read at its SID's last token in the input (model.item_head_input)
     "item-head-input": {"model": {"item_head": 1.0, "item_head_input": True}},

@@ -111,6 +111,9 @@ class DynamicConfig(_Strict):
     recon: float = Field(1.0, ge=0, description="reconstruction of the quantizer input from its codewords; 0 disables")
     temperature: float = Field(0.1, gt=0, description="InfoNCE temperature")
     entity_batch: int = Field(64, ge=2, description="entities per tokenizer step for the regulator and reconstruction")
+    keep_item_vectors: bool = Field(False, description="with an item head (model.item_head): at each refresh a moved item's "
+                                    "own head row absorbs the change of its code rows, so the head scores every item as "
+                                    "before the refresh; false: the item's vector becomes its own row plus its new codes' rows")
 
     @model_validator(mode="before")
     @classmethod

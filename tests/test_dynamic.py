@@ -205,6 +205,31 @@ def test_recommendation_gradient_reaches_codebooks_in_tokenizer_phases_only(ml):
     assert torch.equal(learned.folded().sid_embeddings, live)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_refresh_keeps_the_item_heads_vectors_when_asked(ml, keep):
+    """index.dynamic.keep_item_vectors: at a refresh the items that moved keep their item-head vectors (their own rows
+    absorb the change of their code rows), so the head scores every item as before; without it they change."""
+    cfg, ds = ml
+    cfg = cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"item_head": 1.0}),
+        "index": cfg.index.model_copy(update={"dynamic": cfg.index.dynamic.model_copy(update={"keep_item_vectors": keep})})})
+    learned, _, _, hooks, _ = _pieces(cfg, ds)
+    head = learned.item_head
+    with torch.no_grad():
+        head.rows.normal_(generator=torch.Generator().manual_seed(3))
+        for cb in learned.quantizers[0].codebooks:  # the codebooks moved in a tokenizer phase
+            cb.add_(0.3 * torch.randn(cb.shape, generator=torch.Generator().manual_seed(4)))
+    before_codes, before = head.codes.clone(), head.item_vectors().detach().clone()
+    tok = next(ph for ph in hooks.phases if ph.kind == "tok")
+    hooks._set_phase(learned, "tok")
+    assert hooks.before_step(tok.end, learned) is not None  # the refresh
+    moved = (head.codes != before_codes).any(1)
+    assert moved.any() and torch.equal(head.codes, torch.as_tensor(hooks.families[0].index.codes))
+    after = head.item_vectors().detach()
+    assert torch.equal(after[~moved], before[~moved])
+    assert torch.allclose(after[moved], before[moved], atol=1e-5) == keep
+
+
 def _run(cfg, ds, out, log=None):
     from sidrec.stages import dynamic_finetune
 

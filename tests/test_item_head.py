@@ -266,6 +266,32 @@ def test_item_head_follows_new_codes_of_the_same_items(index):
     assert RunConfig.model_validate({"model": {"item_head": 1.0}}).model.item_head == 1.0
 
 
+def test_item_head_keeps_every_vector_across_new_codes_when_asked(index):
+    """``set_codes(keep_vectors=True)`` (a dynamic refresh with ``index.dynamic.keep_item_vectors``): a moved item's own
+    row absorbs the change of its code rows, so every item's vector, and so the head's scores, stay as they were;
+    the items that did not move keep their own rows untouched."""
+    model, _, _ = _model(index)
+    head = model.item_head
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        head.rows.normal_(generator=g)
+        head.item_rows.normal_(generator=g)
+    codes = torch.as_tensor(index.codes).clone()
+    new = codes.clone()
+    new[[0, 1]] = codes[[1, 0]]
+    h = torch.randn(3, head.item_rows.shape[1], generator=g)
+    before_v, before_logits, own = head.item_vectors().detach().clone(), head.logits(h).detach(), head.item_rows.detach().clone()
+    head.set_codes(new, keep_vectors=True)
+    assert torch.equal(head.codes, new) and torch.equal(head.rows_of(new), torch.arange(len(new)))
+    assert torch.allclose(head.item_vectors(), before_v, atol=1e-5)
+    assert torch.allclose(head.logits(h), before_logits, atol=1e-4)
+    assert torch.equal(head.item_rows[2:], own[2:])
+    assert not torch.allclose(head.item_rows[:2], own[:2])
+    kept = head.item_rows.detach().clone()
+    head.set_codes(codes)  # without it the moved items' own rows stay, so their vectors change
+    assert torch.equal(head.item_rows, kept) and not torch.allclose(head.item_vectors()[:2], before_v[:2])
+
+
 def test_warm_start_carries_the_item_head_to_the_extended_catalog(tmp_path):
     """A retrain from a champion with an item head: code rows, the items' own rows (by SID) and the scale carry
     over; the new items keep a zero row of their own."""

@@ -429,15 +429,16 @@ class DynamicIndexHooks(TrainHooks):
         if step > 0 and self.phase_at(step - 1).kind == "tok" and self.phase_at(step).kind != "tok":
             self._set_phase(model, "rec")  # offsets frozen at the tokenizer phase's end state
             rows = self.refresh(step)
-            self._repoint_item_head(model)
+            self._repoint_item_head(model, keep_vectors=self.dcfg.keep_item_vectors)
         self._set_phase(model, self.phase_at(step).kind)
         return rows
 
-    def _repoint_item_head(self, model) -> None:
-        """The item head (if any) scores the items by their current SIDs."""
+    def _repoint_item_head(self, model, keep_vectors: bool = False) -> None:
+        """The item head (if any) scores the items by their current SIDs (``keep_vectors``: a moved item's own row
+        absorbs the change, so the head scores every item as before the refresh; ``ItemHead.set_codes``)."""
         head = getattr(model, "item_head", None)
-        if head is not None:
-            head.set_codes(self.families[0].index.codes)  # the item index's SIDs, as the head was built on them
+        if head is not None:  # the item index's SIDs, as the head was built on them
+            head.set_codes(self.families[0].index.codes, keep_vectors=keep_vectors)
 
     def selectable(self, step: int) -> bool:
         return step >= self.final_start

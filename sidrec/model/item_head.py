@@ -27,7 +27,8 @@ recommendation", 2024, does with a separate dense model):
   ``SIDRecModel.embed``, so they see the same rows.
 
 Only the item index's levels take part (a dual index's user SIDs are never items). With a dynamic index the
-head follows every refresh (``set_codes``): an item keeps its own row and sums the rows of its new codes.
+head follows every refresh (``set_codes``): an item sums the rows of its new codes and keeps its own row, or (with
+``index.dynamic.keep_item_vectors``) its own row absorbs the change, so the head scores it as before the refresh.
 """
 from __future__ import annotations
 
@@ -78,14 +79,19 @@ class ItemHead(nn.Module):
         self._keys, self._order = keys[order], order
 
     @torch.no_grad()
-    def set_codes(self, codes) -> None:
-        """Re-point the head at new SIDs of the same items (a dynamic index's refresh): item ``i`` keeps its own row
-        and now sums the rows of its new codes."""
+    def set_codes(self, codes, keep_vectors: bool = False) -> None:
+        """Re-point the head at new SIDs of the same items (a dynamic index's refresh): item ``i`` now sums the rows
+        of its new codes. Its own row stays as it is, or, with ``keep_vectors``, absorbs the change of its code rows'
+        sum, so that every item's vector (:meth:`item_vectors`, what the head scores it by) is the same after the
+        refresh as before."""
         codes = torch.as_tensor(codes, dtype=torch.long).to(self.codes.device)
         if codes.shape != self.codes.shape:
             raise ValueError(f"item head: new codes of shape {tuple(codes.shape)} for a head over {tuple(self.codes.shape)}")
+        before = self.rows[self.codes + self.offsets].sum(1) if keep_vectors else None
         self.codes.copy_(codes)
         self._index_codes()
+        if before is not None:
+            self.item_rows.add_((before - self.rows[self.codes + self.offsets].sum(1)).to(self.item_rows.dtype))
 
     @property
     def num_levels(self) -> int:

@@ -50,6 +50,11 @@ def compute_dtype(cfg: RunConfig) -> "torch.dtype":
     return dtype_named(cfg.model.dtype, "cuda" if cuda else "cpu")
 
 
+def compute_dtype_name(cfg: RunConfig) -> str:
+    """:func:`compute_dtype` as a plain name (``float32``, ``bfloat16``): what run metadata, tags and cache keys record."""
+    return str(compute_dtype(cfg)).removeprefix("torch.")
+
+
 def dtype_named(name: str, device: str = "cpu") -> "torch.dtype":
     """``float32``, ``bfloat16``, or ``auto``: bfloat16 where this hardware computes it natively (a CUDA GPU that
     supports it; a CPU whose bfloat16 matmul is at most ``BF16_SLOWDOWN_LIMIT`` x the float32 one, measured once per

@@ -14,7 +14,7 @@ import torch
 from sidrec.artifacts import EntityFeatures, EvalReport, IndexBundle, InstructionSet, TrainedRecommender
 from sidrec.config import RunConfig
 # the runtime helpers live in sidrec.runtime (a leaf); re-exported here for the steps and benches
-from sidrec.runtime import compute_dtype, progress_enabled, resolve_device, seed_everything, set_threads, state_home  # noqa: F401
+from sidrec.runtime import compute_dtype, compute_dtype_name, progress_enabled, resolve_device, seed_everything, set_threads, state_home  # noqa: F401
 
 
 # 1. ingestion -------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def embedding_cache(cfg: RunConfig):
         code = hashlib.sha256(inspect.getsource(backbone_embeddings).encode()).hexdigest()[:12]  # pooling, truncation
         ident = identity(embedder="backbone", weights=folder_fingerprint(backbone_folder(cfg.model.backbone)),
                          layers=cfg.model.layers, max_tokens=cfg.features.max_text_tokens,
-                         dtype=str(compute_dtype(cfg)).removeprefix("torch."), code=code)  # auto as resolved here
+                         dtype=compute_dtype_name(cfg), code=code)  # auto as resolved here
     return EmbeddingCache(state_home() / "cache" / "embeddings", ident)
 
 
@@ -310,10 +310,11 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
 
 
 def finetune_members(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
-                     log: Optional[Callable[[int, dict], None]] = None, ds=None) -> TrainedRecommender:
+                     log: Optional[Callable[[int, dict], None]] = None, ds=None, **extra) -> TrainedRecommender:
     """A seed ensemble (``train.members``): member k is ``finetune`` with seed ``seed + k`` (member 0 is the run a
     single model would be), saved to ``out_dir/members/<k>``; the log gets member 0's metrics as a single run's and
-    member k's under ``member<k>/``. ``meta["train"]`` is member 0's with the members' summed seconds and tokens."""
+    member k's under ``member<k>/``. ``meta["train"]`` is member 0's with the members' summed seconds and tokens;
+    ``extra`` goes into the ensemble's meta as it is (e.g. a retrain's ``warm_start``)."""
     from sidrec.model.sid_model import save_ensemble
 
     metas = []
@@ -330,7 +331,7 @@ def finetune_members(instructions: InstructionSet, bundle: IndexBundle, cfg: Run
             train_sum[key] = round(sum(m["train"][key] for m in metas), 1)
     train_sum["train/members"] = len(metas)
     meta = {**metas[0], "train": train_sum,
-            "members": [{"seed": cfg.seed + k, "train": m["train"]} for k, m in enumerate(metas)]}
+            "members": [{"seed": cfg.seed + k, "train": m["train"]} for k, m in enumerate(metas)], **extra}
     save_ensemble(Path(out_dir), meta)
     return TrainedRecommender(path=Path(out_dir), meta=meta)
 
@@ -342,7 +343,7 @@ def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra
     meta = {"backbone": cfg.model.backbone, "layers": cfg.model.layers, "train": summary, "loss_curve": losses,
             "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode,
             "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
-            "compute_dtype": str(compute_dtype(cfg)).removeprefix("torch."),  # model.dtype as resolved where it trained
+            "compute_dtype": compute_dtype_name(cfg),  # model.dtype as resolved where it trained
             **extra}
     if hasattr(model, "sa_init_share"):
         meta["train"]["train/sa_init_share"] = round(model.sa_init_share, 4)

@@ -145,6 +145,15 @@ def test_members_trained_saved_loaded_and_evaluated(ml100k_dir, tmp_path):
     assert isinstance(model, SeedEnsemble) and len(model) == 2 and meta["train"]["train/members"] == 2
     report = stages.evaluate(rec, instr, bundle, c2)
     assert 0.0 <= report.metrics["test/recall_at_10"] <= 1.0 and len(report.predictions) > 0
+    # a scheduled retrain (drift.warm_finetune) of an ensemble trains fresh and says so, in the meta it writes once
+    import json
+
+    from sidrec.ops.drift import warm_finetune
+
+    re = warm_finetune(instr, bundle, c2, tmp_path / "retrain")
+    assert re.meta["warm_start"]["warm"] is False and "members" in re.meta["warm_start"]["reason"]
+    assert json.loads((tmp_path / "retrain" / "meta.json").read_text())["warm_start"] == re.meta["warm_start"]
+    assert torch.equal(weights(tmp_path / "retrain" / "members" / "1"), weights(tmp_path / "ens" / "members" / "1"))
     (tmp_path / "ens" / "meta.json").unlink()  # an ensemble whose training did not finish
     with pytest.raises(ModelError, match="unfinished seed ensemble"):
         load_recommender(tmp_path / "ens", "tiny")

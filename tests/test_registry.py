@@ -11,7 +11,7 @@ import pytest
 
 from sidrec.config import PromotionConfig, parse_config
 from sidrec.ops.registry import decide
-from sidrec.runtime import compute_dtype
+from sidrec.runtime import compute_dtype_name
 
 
 # ------------------------------------------------------------------------------ decide() (pure)
@@ -207,7 +207,7 @@ def test_train_promote_retrain_on_appended_data_gate_rollback(tmp_path, ml100k_d
     assert reg.alias_version(client, name, "challenger") == "1" and reg.alias_version(client, name, "champion") is None
     assert client.get_run(m1["mlflow_run_id"]).data.tags["data_validation"] == "passed"
     # model.dtype as resolved where it trained (auto -> float32 or bfloat16), on the run page
-    assert client.get_run(m1["mlflow_run_id"]).data.tags["compute_dtype"] == str(compute_dtype(cfg)).removeprefix("torch.")
+    assert client.get_run(m1["mlflow_run_id"]).data.tags["compute_dtype"] == compute_dtype_name(cfg)
     assert _zenml_stage(m1["zenml_run_id"]) == "staging"  # the ZenML model version follows the challenger alias
 
     # 2. first model vs popularity: the decision follows the numbers (the tiny random backbone rarely beats it)

@@ -329,12 +329,10 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None)
     from sidrec.training.loop import train
 
     if cfg.train.members > 1:  # each member starts from its own seed; a warm start is one model's
-        from sidrec.stages import finetune
+        from sidrec.stages import finetune_members
 
-        rec = finetune(instructions, bundle, cfg, out_dir, log)
-        rec.meta["warm_start"] = {"warm": False, "reason": "train.members > 1: a seed ensemble trains fresh"}
-        (Path(out_dir) / "meta.json").write_text(json.dumps(rec.meta, indent=2, default=str))
-        return rec
+        return finetune_members(instructions, bundle, cfg, out_dir, log,
+                                warm_start={"warm": False, "reason": "train.members > 1: a seed ensemble trains fresh"})
     set_threads(cfg)
     seed_everything(cfg.seed)
     model, tok, encoder = build_model(cfg, bundle)

@@ -7,7 +7,8 @@ For every test user each model decodes as the library does (the constrained beam
 checked against its saved evaluation. Then every item in the union of the models' candidate pools gets a score from
 *every* model on its own SIDs: an item in the model's own pool keeps the fused score its decoding gave it; any other
 is scored as decoding scores a head candidate (the SID head by teacher forcing from the prompt's KV cache, plus the
-fused item log-probability). For every subset of two or more models, over the union of that subset's pools:
+fused item log-probability). The library does the same for ``train.member_index: own`` (``sidrec.model.fusion``, whose
+pool and rescoring this bench calls). For every subset of two or more models, over the union of that subset's pools:
 
 - ``sum``: the sum of the models' fused scores (a product of the models' probabilities), and, user by user against
   the subset's best single model, the mean difference in hit@10 and NDCG@10 with its standard error (``paired``);
@@ -38,82 +39,51 @@ import common  # noqa: E402
 
 def _decode(path: Path, cfg, users: list[str], bs: int = 16):
     """One model's own list and pool for ``users`` (test split order): rows [U, W], fused scores [U, W] over the
-    beams + head candidates, its own top-K rows [U, K]; plus what ``_rescore`` needs to score other rows."""
+    beams + head candidates (``sidrec.model.fusion.member_pool``), its own top-K rows [U, K]; plus what ``_rescore``
+    needs to score other rows."""
     import numpy as np
-    import torch
 
     from sidrec.artifacts import IndexBundle, InstructionSet
-    from sidrec.model.decode import NEG_INF, _left_pad, beam_search_batch, sid_log_prob
-    from sidrec.model.item_head import head_candidates, item_log_prob
+    from sidrec.model.fusion import member_pool
     from sidrec.model.sid_model import Encoder, load_recommender
     from sidrec.runtime import compute_dtype
 
     model, tok, _ = load_recommender(path / "model", cfg.model.backbone)
     model.eval()
-    head = model.item_head
     bundle = IndexBundle.load(path / "index")
-    instr = InstructionSet.load(path / "instructions")
-    rows = instr.part("test").set_index("user_id").loc[users]
+    rows = InstructionSet.load(path / "instructions").part("test").set_index("user_id").loc[users]
     enc = Encoder(tok, model.vocab)
     dtype = compute_dtype(cfg)
     trie = bundle.items.build_trie()
-    beams, c = cfg.eval.beams, int(head.candidates)
-    w = float(head.fusion)
+    lookup = {tuple(c): i for i, c in enumerate(bundle.items.codes.tolist())}
+    beams = cfg.eval.beams
     prompts = [enc.encode(p) for p in rows["prompt"]]
-    U, W = len(prompts), beams + c
+    U, W = len(prompts), beams + int(model.item_head.candidates)
     pool = np.full((U, W), -1, dtype=np.int64)
     fused = np.full((U, W), -np.inf, dtype=np.float32)
     order = np.argsort([len(p) for p in prompts], kind="stable")
-    with torch.no_grad():
-        for s0 in range(0, U, bs):
-            idx = order[s0:s0 + bs]
-            batch = [prompts[i] for i in idx]
-            head.candidates = 0  # plain beams (fusion 0); the candidates and the fusion are added below
-            head.fusion.fill_(0.0)
-            codes, sc = beam_search_batch(model, batch, bundle.items.num_levels, beams, trie, enc.pad_id, dtype)
-            head.candidates = c
-            head.fusion.fill_(w)
-            ids, mask = _left_pad(batch, enc.pad_id)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
-                lp = item_log_prob(head, h[:, -1])
-                more, real = head_candidates(head, lp, codes, c)
-                more_sc = sid_log_prob(model, cache, mask, pos[:, -1] + 1, h[:, -1], more).masked_fill(~real, NEG_INF)
-            r = head.rows_of(torch.cat([codes, more], 1))
-            s = torch.cat([sc, more_sc.float()], 1) + w * lp.float().gather(1, r.clamp(min=0))
-            pool[idx] = r.numpy()
-            fused[idx] = torch.where(r >= 0, s, torch.full_like(s, -np.inf)).numpy()
+    for s0 in range(0, U, bs):
+        idx = order[s0:s0 + bs]
+        r, s = member_pool(model, [prompts[i] for i in idx], bundle.items, lookup, trie, beams, enc.pad_id, dtype)
+        pool[idx, : r.shape[1]], fused[idx, : s.shape[1]] = r, s
     top = np.take_along_axis(pool, np.argsort(-fused, axis=1, kind="stable")[:, :beams], 1)
-    ctx = dict(model=model, head=head, bundle=bundle, prompts=prompts, enc=enc, dtype=dtype, w=w)
+    ctx = dict(model=model, bundle=bundle, prompts=prompts, enc=enc, dtype=dtype)
     return pool, fused, top, ctx, rows
 
 
 def _rescore(ctx, rows_wanted, bs: int = 8):
-    """[U, K] fused scores of the catalog rows ``rows_wanted`` [U, K] (-1 = padding) by one model, on its own SIDs."""
+    """[U, K] fused scores of the catalog rows ``rows_wanted`` [U, K] (-1 = padding) by one model, on its own SIDs
+    (``sidrec.model.fusion.member_scores``)."""
     import numpy as np
-    import torch
 
-    from sidrec.model.decode import _left_pad, sid_log_prob
-    from sidrec.model.item_head import item_log_prob
+    from sidrec.model.fusion import member_scores
 
-    model, head, prompts, enc, dtype, w = (ctx[k] for k in ("model", "head", "prompts", "enc", "dtype", "w"))
     U, K = rows_wanted.shape
     out = np.full((U, K), -np.inf, dtype=np.float32)
-    with torch.no_grad():
-        for s0 in range(0, U, bs):
-            idx = np.arange(s0, min(U, s0 + bs))
-            batch = [prompts[i] for i in idx]
-            r = torch.from_numpy(rows_wanted[idx])
-            codes = head.codes[r.clamp(min=0)]
-            ids, mask = _left_pad(batch, enc.pad_id)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
-                lp = item_log_prob(head, h[:, -1])
-                sc = sid_log_prob(model, cache, mask, pos[:, -1] + 1, h[:, -1], codes)
-            s = sc.float() + w * lp.float().gather(1, r.clamp(min=0))
-            out[idx] = torch.where(r >= 0, s, torch.full_like(s, -np.inf)).numpy()
+    for s0 in range(0, U, bs):
+        idx = np.arange(s0, min(U, s0 + bs))
+        out[idx] = member_scores(ctx["model"], [ctx["prompts"][i] for i in idx], ctx["bundle"].items, rows_wanted[idx],
+                                 ctx["enc"].pad_id, ctx["dtype"])
     return out
 
 

@@ -117,6 +117,9 @@ VARIANTS: dict[str, dict] = {
     "item-head-input": {"model": {"item_head": 1.0, "item_head_input": True}},
     # ... with the moving average of the weights scored and kept (train.ema)
     "item-head-input-ema": {"model": {"item_head": 1.0, "item_head_input": True}, "train": {"ema": 0.995}},
+    # issue 11: two members, each on its own index (seed, seed + 1), fused at the item level (sidrec.model.fusion);
+    # every member is also evaluated alone on the same users (``members`` in the result)
+    "item-head-input-own2": {"model": {"item_head": 1.0, "item_head_input": True}, "train": {"members": 2, "member_index": "own"}},
     "item-head-hi-lr": {"model": {"item_head": 1.0}, "train": {"lr": 4.0e-3, "embedding_lr": 2.0e-2}},
 }
 
@@ -129,6 +132,43 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def _members_alone(rec, instr, bundle, cfg) -> list[dict]:
+    """Each member of an ensemble evaluated alone, on the run's users (its own index and prompts with
+    ``train.member_index: own``): the metrics ``stages.evaluate`` reports for it."""
+    from sidrec import stages
+    from sidrec.artifacts import IndexBundle, InstructionSet, TrainedRecommender
+
+    out = []
+    for k in range(cfg.train.members):
+        d = Path(rec.path) / "members" / str(k)
+        m_instr, m_bundle = instr, bundle
+        if (d / "index").is_dir():
+            m_instr, m_bundle = InstructionSet.load(d / "instructions"), IndexBundle.load(d / "index")
+        mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"members": 1, "member_index": "shared"})})
+        report = stages.evaluate(TrainedRecommender.load(d), m_instr, m_bundle, mcfg)
+        out.append({k2: v for k2, v in report.metrics.items() if k2.startswith(("test/", "valid/"))})
+        out[-1]["_predictions"] = report.predictions
+    return out
+
+
+def _paired_at_10(preds, single) -> dict:
+    """The ensemble minus one member on the same test users, user by user: mean difference of hit@10 and NDCG@10
+    and the standard error of each (from ``stages.evaluate``'s predictions: the target's rank, 0 = not in the list)."""
+    import numpy as np
+
+    def per_user(p):
+        t = p[p["split"] == "test"].set_index("user_id")["hit_rank"]
+        return t
+
+    a, b = per_user(preds), per_user(single).reindex(per_user(preds).index)
+    out = {}
+    for name, f in (("recall_at_10", lambda r: ((r >= 1) & (r <= 10)).astype(float)),
+                    ("ndcg_at_10", lambda r: np.where((r >= 1) & (r <= 10), 1.0 / np.log2(np.maximum(r, 1) + 1.0), 0.0))):
+        d = f(a.to_numpy()) - f(b.to_numpy())
+        out[name] = {"diff": round(float(d.mean()), 5), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 5)}
+    return out
 
 
 def fusion_sweep(rec, instr, bundle, cfg, weights=FUSION_WEIGHTS) -> dict:
@@ -345,11 +385,18 @@ def main(argv=None) -> int:
                 if dynamic:  # index, instructions and fine-tuning are one stage
                     rec, bundle, instr = stages.dynamic_finetune(ds, vfeat, vcfg, Path(tmp) / "rec")
                 else:
-                    rec = stages.finetune(instr, bundle, vcfg, Path(tmp) / "rec", ds=ds)
+                    rec = stages.finetune(instr, bundle, vcfg, Path(tmp) / "rec", ds=ds, features=vfeat)
                 ft_s = time.perf_counter() - t2
                 t3 = time.perf_counter()
                 report = stages.evaluate(rec, instr, bundle, vcfg)
                 ev_s = time.perf_counter() - t3
+                members = _members_alone(rec, instr, bundle, vcfg) if vcfg.train.members > 1 else None
+                if members:  # paired against the better member on test Recall@10
+                    best = max(range(len(members)), key=lambda k: members[k]["test/recall_at_10"])
+                    for k, mm in enumerate(members):
+                        pp = mm.pop("_predictions")
+                        if k == best:
+                            members_paired = {"against_member": k, **_paired_at_10(report.predictions, pp)}
                 sweep = None
                 if args.unfused and vcfg.model.item_head > 0:  # the same model: beams alone, fused, the item head alone
                     sweep = fusion_sweep(rec, instr, bundle, vcfg)
@@ -370,6 +417,7 @@ def main(argv=None) -> int:
                 "dynamic_log": rec.meta.get("dynamic_log", []),
                 "metrics": {k: v for k, v in report.metrics.items()},
                 **({"fusion_sweep": sweep} if sweep is not None else {}),
+                **({"members": members, "paired_vs_better_member": members_paired} if members is not None else {}),
                 **({"rerank_sweep": rerank} if rerank is not None else {}),
             }
             result["variants"][label] = entry
@@ -379,6 +427,11 @@ def main(argv=None) -> int:
                   + (" | " + " ".join(f"{k.split('/')[1]} {v['recall_at_10']:.4f}/{v['ndcg_at_10']:.4f}"
                                       for k, v in sweep.items() if k.startswith("test/")) if sweep else ""),
                   flush=True)
+            for k, mm in enumerate(members or []):
+                print(f"{label}: member {k} alone: test R@10 {mm['test/recall_at_10']:.4f} N@10 {mm['test/ndcg_at_10']:.4f}",
+                      flush=True)
+            if members:
+                print(f"{label}: paired vs the better member: {json.dumps(members_paired)}", flush=True)
             if rerank is not None:
                 b = rerank["best_valid"]
                 print(f"{label}: rerank best on valid C={b['candidates']} w={b['fusion']}: test R@10 "

@@ -23,7 +23,7 @@ def retrain_pipeline(config: dict) -> None:
     features = text_features(dataset, passed, config=pick(config, "text_features"))
     index = extend_index(features, config=config)
     instructions = instruction_dataset(dataset, index, config=pick(config, "instruction_dataset"))
-    recommender = warm_finetune(instructions, index, config=config)
+    recommender = warm_finetune(dataset, features, instructions, index, config=config)
     report = evaluate(recommender, instructions, index, config=pick(config, "evaluate"))
     base = baselines(dataset, config=pick(config, "baselines"), after="quality_gate")
     metrics = log_to_mlflow(dataset, quality, index, instructions, recommender, report, base, config=config)

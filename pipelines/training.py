@@ -63,7 +63,7 @@ def training_pipeline(config: dict) -> None:
     else:
         index = sid_quantization(features, config=pick(config, "sid_quantization"))
         instructions = instruction_dataset(dataset, index, config=pick(config, "instruction_dataset"))
-        recommender = finetune(dataset, instructions, index, config=pick(config, "finetune"))
+        recommender = finetune(dataset, features, instructions, index, config=pick(config, "finetune"))
     report = evaluate(recommender, instructions, index, config=pick(config, "evaluate"))
     base = baselines(dataset, config=pick(config, "baselines"), after="quality_gate")
     log_to_mlflow(dataset, quality, index, instructions, recommender, report, base, config=config)

@@ -184,3 +184,45 @@ class EvalReport:
             predictions=pd.read_parquet(directory / "predictions.parquet"),
             meta=json.loads((directory / "meta.json").read_text()),
         )
+
+
+def load_model(model_dir: Path, backbone: str, merge: bool = True):
+    """``(model, tokenizer, meta)`` of a saved recommender folder of any kind: one model, a seed ensemble on one index
+    (``SeedEnsemble``, decoded as one search), or members on their own SID indexes (``train.member_index: own``:
+    an ``IndexEnsemble``, fused at the item level by ``sidrec.model.fusion``; each member's index is saved with it
+    under ``members/<k>/index``)."""
+    from sidrec.errors import ModelError
+    from sidrec.model.sid_model import load_recommender
+
+    model_dir = Path(model_dir)
+    meta_file = model_dir / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("member_index") != "own":
+        return load_recommender(model_dir, backbone, merge)
+    from sidrec.model.fusion import IndexEnsemble
+
+    members, indexes, tok = [], [], None
+    for k in range(len(meta.get("members", []))):
+        d = model_dir / "members" / str(k)
+        if not (d / "index").is_dir():
+            raise ModelError(f"{d}: a member without its SID index (index/ missing); train the ensemble again")
+        m, t, _ = load_recommender(d, backbone, merge)
+        members.append(m)
+        indexes.append(IndexBundle.load(d / "index").items)
+        tok = tok or t
+    if not members:
+        raise ModelError(f"{model_dir}: meta.json lists no members")
+    model = IndexEnsemble(members, indexes, tok)
+    model.eval()
+    return model, tok, meta
+
+
+def member_parts(model_dir: Path, parts=("valid", "test")) -> list[dict[str, pd.DataFrame]]:
+    """Per member of an own-index ensemble, its ``valid``/``test`` instruction rows (its prompts: the history in its
+    own SIDs), saved beside its index under ``members/<k>/instructions``."""
+    meta = json.loads((Path(model_dir) / "meta.json").read_text())
+    out = []
+    for k in range(len(meta["members"])):
+        inst = InstructionSet.load(Path(model_dir) / "members" / str(k) / "instructions")
+        out.append({p: inst.part(p) for p in parts})
+    return out

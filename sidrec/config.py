@@ -294,6 +294,10 @@ class TrainConfig(_Strict):
     members: int = Field(1, ge=1, le=8, description="a seed ensemble: fine-tune this many recommenders on the same index and "
                          "instructions, with seeds seed, seed+1, ..., and decode them as one (their log-probabilities "
                          "averaged at every SID level and in the item head); costs members x the training and decoding time")
+    member_index: Literal["shared", "own"] = Field("shared", description="with members > 1: 'shared' (every member on "
+                                                 "the run's index, decoded as one search) or 'own' (member k on its own "
+                                                 "static index, built with index seed + k; the members' lists are fused "
+                                                 "at the item level, sidrec.model.fusion)")
     checkpoint_every: Optional[int] = Field(50, ge=1, description="save a resumable checkpoint every N steps (None: never)")
     checkpoint_dir: Optional[str] = Field(None, description="checkpoint folder (default: $SIDREC_HOME/checkpoints/finetune); "
                                           "a run resumes from the latest checkpoint of the same config + data")
@@ -405,6 +409,12 @@ class RunConfig(_Strict):
     def _llm_sids_need_text_to_sid(self):
         if self.retrain.new_item_sids == "llm" and self.tasks.text_to_sid <= 0:
             raise ValueError("retrain.new_item_sids 'llm' needs tasks.text_to_sid > 0 (the model must learn text -> SID)")
+        return self
+
+    @model_validator(mode="after")
+    def _member_index_needs_members(self):
+        if self.train.member_index == "own" and self.train.members < 2:
+            raise ValueError("train.member_index 'own' needs train.members >= 2 (one model has one index)")
         return self
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import torch
 
 from sidrec.artifacts import EntityFeatures, EvalReport, IndexBundle, InstructionSet, TrainedRecommender
 from sidrec.config import RunConfig
+from sidrec.errors import ModelError
 # the runtime helpers live in sidrec.runtime (a leaf); re-exported here for the steps and benches
 from sidrec.runtime import compute_dtype, compute_dtype_name, progress_enabled, resolve_device, seed_everything, set_threads, state_home  # noqa: F401
 
@@ -278,12 +279,15 @@ def recording_log(log: Optional[Callable[[int, dict], None]]):
 
 
 def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
-             log: Optional[Callable[[int, dict], None]] = None, ds=None) -> TrainedRecommender:
+             log: Optional[Callable[[int, dict], None]] = None, ds=None, features: Optional[EntityFeatures] = None
+             ) -> TrainedRecommender:
+    """LoRA fine-tuning of one recommender (or of ``train.members``; ``features``: what ``train.member_index: own``
+    builds the other members' indexes from)."""
     from sidrec.model.sid_model import save_recommender
     from sidrec.training.loop import train
 
     if cfg.train.members > 1:
-        return finetune_members(instructions, bundle, cfg, out_dir, log, ds)
+        return finetune_members(instructions, bundle, cfg, out_dir, log, ds, features=features)
     if cfg.train.processes > 1:  # data-parallel over torchrun processes (one per GPU, or gloo on CPU)
         from sidrec.training.parallel import finetune_distributed
 
@@ -310,28 +314,52 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
 
 
 def finetune_members(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, out_dir: Path,
-                     log: Optional[Callable[[int, dict], None]] = None, ds=None, **extra) -> TrainedRecommender:
+                     log: Optional[Callable[[int, dict], None]] = None, ds=None, features: Optional[EntityFeatures] = None,
+                     **extra) -> TrainedRecommender:
     """A seed ensemble (``train.members``): member k is ``finetune`` with seed ``seed + k`` (member 0 is the run a
     single model would be), saved to ``out_dir/members/<k>``; the log gets member 0's metrics as a single run's and
     member k's under ``member<k>/``. ``meta["train"]`` is member 0's with the members' summed seconds and tokens;
-    ``extra`` goes into the ensemble's meta as it is (e.g. a retrain's ``warm_start``)."""
+    ``extra`` goes into the ensemble's meta as it is (e.g. a retrain's ``warm_start``).
+
+    ``train.member_index: own``: member k > 0 trains on its own static index, built from ``features`` with index seed
+    ``index_seed + k``, and its own instructions (from ``ds``); every member's index and valid/test rows are saved with
+    it (``members/<k>/index``, ``members/<k>/instructions``), and the members are fused at the item level."""
     from sidrec.model.sid_model import save_ensemble
 
+    own = cfg.train.member_index == "own"
+    if own and (ds is None or features is None):
+        raise ModelError("train.member_index 'own' needs the dataset and the text features (each member builds its own "
+                         "index); pass ds= and features=")
     metas = []
     for k in range(cfg.train.members):
-        mcfg = cfg.model_copy(update={"seed": cfg.seed + k, "train": cfg.train.model_copy(update={"members": 1})})
+        mcfg = cfg.model_copy(update={"seed": cfg.seed + k, "train": cfg.train.model_copy(
+            update={"members": 1, "member_index": "shared"})})
+        m_bundle, m_instr = bundle, instructions
+        if own and k:
+            mcfg = mcfg.model_copy(update={"index": mcfg.index.model_copy(update={"seed": index_seed(cfg) + k})})
+            m_bundle = build_index(features, mcfg)
+            m_instr = instruct(ds, m_bundle, mcfg)
         mlog = log
         if log is not None and k:
             def mlog(step: int, m: dict, k=k) -> None:
                 log(step, {f"member{k}/{key}": v for key, v in m.items()})
-        metas.append(finetune(instructions, bundle, mcfg, Path(out_dir) / "members" / str(k), mlog, ds).meta)
+        d = Path(out_dir) / "members" / str(k)
+        metas.append(finetune(m_instr, m_bundle, mcfg, d, mlog, ds).meta)
+        if own:  # what decoding this member needs beside its model: its index and its valid/test prompts
+            m_bundle.save(d / "index")
+            rows = m_instr.rows[m_instr.rows["split"].isin(["valid", "test"])].reset_index(drop=True)
+            InstructionSet(rows=rows, meta={"member": k}).save(d / "instructions")
+            metas[-1]["index_seed"] = index_seed(mcfg)
+            metas[-1]["index_report"] = {key: v for key, v in m_bundle.report.items() if "collision" in key}
     train_sum = dict(metas[0]["train"])
     for key in ("train/seconds", "train/tokens", "train/select_seconds"):
         if all(key in m["train"] for m in metas):
             train_sum[key] = round(sum(m["train"][key] for m in metas), 1)
     train_sum["train/members"] = len(metas)
-    meta = {**metas[0], "train": train_sum,
-            "members": [{"seed": cfg.seed + k, "train": m["train"]} for k, m in enumerate(metas)], **extra}
+    members = [{"seed": cfg.seed + k, "train": m["train"],
+                **({"index_seed": m["index_seed"], "index": m["index_report"]} if own else {})} for k, m in enumerate(metas)]
+    meta = {**{k: v for k, v in metas[0].items() if k not in ("index_seed", "index_report")}, "train": train_sum,
+            "members": members, **({"member_index": "own"} if own else {}), **extra}
     save_ensemble(Path(out_dir), meta)
     return TrainedRecommender(path=Path(out_dir), meta=meta)
 
@@ -356,15 +384,18 @@ def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra
 
 # 7. constrained-decoding evaluation ----------------------------------------------------------
 def evaluate(rec: TrainedRecommender, instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig) -> EvalReport:
+    from sidrec.artifacts import load_model, member_parts
     from sidrec.evaluation.evaluate import evaluate_llm
-    from sidrec.model.sid_model import Encoder, load_recommender
+    from sidrec.model.sid_model import Encoder
 
     set_threads(cfg)
-    model, tok, _ = load_recommender(Path(rec.path), cfg.model.backbone)
+    model, tok, meta = load_model(Path(rec.path), cfg.model.backbone)
     model = model.to(resolve_device(cfg))
     encoder = Encoder(tok, model.vocab)
     parts = {p: instructions.part(p) for p in ("valid", "test")}
-    metrics, preds = evaluate_llm(model, encoder, bundle.items, parts, cfg.eval, cfg.seed, compute_dtype(cfg), progress_enabled())
+    own = member_parts(Path(rec.path)) if meta.get("member_index") == "own" else None  # each member's own prompts
+    metrics, preds = evaluate_llm(model, encoder, bundle.items, parts, cfg.eval, cfg.seed, compute_dtype(cfg), progress_enabled(),
+                                  member_parts=own)
     return EvalReport(metrics=metrics, predictions=preds, meta={"beams": cfg.eval.beams})
 
 

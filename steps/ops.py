@@ -124,13 +124,14 @@ def extend_index(features: sidrec.artifacts.EntityFeatures, config: dict) -> Ann
 
 
 @step(output_materializers=TrainedRecommenderMaterializer, enable_cache=False)
-def warm_finetune(instructions: InstructionSet, sid_index: IndexBundle, config: dict) -> Annotated[TrainedRecommender, "recommender"]:
+def warm_finetune(dataset: Dataset, features: sidrec.artifacts.EntityFeatures, instructions: InstructionSet,
+                  sid_index: IndexBundle, config: dict) -> Annotated[TrainedRecommender, "recommender"]:
     cfg = _cfg(config)
     from sidrec.ops.tracking import live_training
 
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
     with live_training() as log:  # with the stack's experiment tracker: live loss curve and system metrics in MLflow
-        rec = sidrec.ops.drift.warm_finetune(instructions, sid_index, cfg, out, log=log)
+        rec = sidrec.ops.drift.warm_finetune(instructions, sid_index, cfg, out, log=log, ds=dataset, features=features)
     _meta(train=rec.meta["train"], warm_start=rec.meta.get("warm_start", {}))
     return rec
 

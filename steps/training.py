@@ -109,13 +109,13 @@ def instruction_dataset(dataset: Dataset, sid_index: IndexBundle, config: dict) 
 
 @step(output_materializers=TrainedRecommenderMaterializer,
       cache_policy=_deps(sidrec.training.loop, sidrec.model.sid_model, sidrec.index.keywords, sidrec.model.sid_init, sidrec.evaluation.evaluate, sidrec.model.decode))
-def finetune(dataset: Dataset, instructions: InstructionSet, sid_index: IndexBundle,
+def finetune(dataset: Dataset, features: EntityFeatures, instructions: InstructionSet, sid_index: IndexBundle,
              config: dict) -> Annotated[TrainedRecommender, "recommender"]:
     from sidrec.ops.tracking import live_training
 
     out = Path(tempfile.mkdtemp(prefix="sidrec-model-")) / "recommender"
     with live_training() as log:  # with the stack's experiment tracker: live loss curve and system metrics in MLflow
-        rec = sidrec.stages.finetune(instructions, sid_index, _cfg(config), out, ds=dataset, log=log)
+        rec = sidrec.stages.finetune(instructions, sid_index, _cfg(config), out, ds=dataset, log=log, features=features)
     _meta(**{"train": rec.meta["train"]})
     return rec
 

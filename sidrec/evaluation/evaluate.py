@@ -32,20 +32,37 @@ def seen_rows(rows: pd.DataFrame, index) -> list[set[int]]:
 
 
 def evaluate_llm(model, encoder, index, parts: dict[str, pd.DataFrame], cfg, seed: int,
-                 dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> tuple[dict, pd.DataFrame]:
-    """Constrained beam search for every row of each part (``valid``/``test``) -> metrics, predictions."""
-    from sidrec.model.decode import recommend
+                 dtype: torch.dtype = torch.bfloat16, progress: bool = True,
+                 member_parts: list[dict[str, pd.DataFrame]] | None = None) -> tuple[dict, pd.DataFrame]:
+    """Constrained beam search for every row of each part (``valid``/``test``) -> metrics, predictions.
 
-    trie = index.build_trie()
+    ``model`` an ``IndexEnsemble`` (members on their own SID indexes): ``member_parts[k]`` are member k's rows of the
+    same users (its prompts), and the members' lists are fused at the item level (``sidrec.model.fusion``)."""
+    from sidrec.model.decode import recommend
+    from sidrec.model.fusion import IndexEnsemble, recommend_fused
+
+    fused = isinstance(model, IndexEnsemble)
+    if fused and (member_parts is None or len(member_parts) != len(model)):
+        raise ValueError("an IndexEnsemble is evaluated on its members' own rows: pass member_parts, one per member")
+    trie = None if fused else index.build_trie()
     metrics: dict[str, float] = {}
     preds = []
     limits = {"valid": cfg.valid_max_users, "test": cfg.test_max_users}
     for part, rows in parts.items():
         rows = _sample(rows, limits.get(part), seed)
-        prompts = [encoder.encode(p) for p in rows["prompt"]]
         t0 = time.perf_counter()
-        ranked, scores, emitted = recommend(model, prompts, index, cfg.beams, cfg.batch_size, trie,
-                                            encoder.pad_id, dtype, progress, desc=f"decode {part}")
+        if fused:
+            own = [_sample(mp[part], limits.get(part), seed) for mp in member_parts]
+            for k, r in enumerate(own):
+                if r["user_id"].tolist() != rows["user_id"].tolist() or r["target_item"].tolist() != rows["target_item"].tolist():
+                    raise ValueError(f"member {k}'s {part} rows are not the run's users and targets in the run's order")
+            prompts = [[enc.encode(p) for p in r["prompt"]] for enc, r in zip(model.encoders, own)]
+            ranked, scores, emitted = recommend_fused(model, prompts, cfg.beams, cfg.batch_size, dtype, progress,
+                                                      desc=f"decode {part}")
+        else:
+            prompts = [encoder.encode(p) for p in rows["prompt"]]
+            ranked, scores, emitted = recommend(model, prompts, index, cfg.beams, cfg.batch_size, trie,
+                                                encoder.pad_id, dtype, progress, desc=f"decode {part}")
         seconds = time.perf_counter() - t0
         invalid = invalid_rate((ranked >= 0)[emitted][None, :]) if emitted.any() else 0.0  # of what was decoded
         if getattr(cfg, "exclude_history", False):

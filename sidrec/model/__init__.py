@@ -2,15 +2,17 @@
 
 ``sid_model`` (loading, truncation, SID rows, save/load), ``sid_init`` (semantic initialisation of the
 SID rows), ``item_head`` (the item-level head: every item scored at once, fused into the beam ranking),
-``decode`` (trie-constrained beam search), ``ensemble`` (seed-ensemble members decoded as one), ``assets``
+``decode`` (trie-constrained beam search), ``ensemble`` (seed-ensemble members decoded as one), ``fusion``
+(members on their own SID indexes, fused at the item level), ``assets``
 (fetching the backbone and demo data).
 May import: foundations.
 """
 from sidrec.exports import lazy_exports
 
-MODULES = ['assets', 'decode', 'ensemble', 'item_head', 'sid_init', 'sid_model']
+MODULES = ['assets', 'decode', 'ensemble', 'fusion', 'item_head', 'sid_init', 'sid_model']
 __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'Encoder': 'sid_model',
+    'IndexEnsemble': 'fusion',
     'ItemHead': 'item_head',
     'MODELS_DIR': 'sid_model',
     'REPO_ROOT': 'sid_model',
@@ -36,6 +38,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, MODULES, {
     'load_backbone': 'sid_model',
     'load_recommender': 'sid_model',
     'recommend': 'decode',
+    'recommend_fused': 'fusion',
     'save_ensemble': 'sid_model',
     'save_recommender': 'sid_model',
     'text_init': 'sid_init',

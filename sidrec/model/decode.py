@@ -37,12 +37,13 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def beam_search_batch(
     model, prompts: list[list[int]], num_levels: int, beams: int, trie=None, pad_id: int = 0,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.bfloat16, pool: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(codes [B, beams, L], scores [B, beams])``, best first; dead beams score -inf.
 
     With a trie the codes always form an existing SID (a dead beam only appears when the
-    catalog has fewer than ``beams`` entries).
+    catalog has fewer than ``beams`` entries). ``pool``: keep the item head's candidates too (the whole
+    re-ranked pool of ``beams + candidates``, best first, not cut to ``beams``; ``sidrec.model.fusion``).
     """
     vocab = model.vocab
     B = len(prompts)
@@ -113,7 +114,8 @@ def beam_search_batch(
                 more_scores = sid_log_prob(model, *prompt_state, h_prompt, more).masked_fill(~real, NEG_INF)
                 codes, scores = torch.cat([codes, more], 1), torch.cat([scores, more_scores], 1)
             codes, scores = fuse_beams(head, h_prompt, codes, scores, sort=extra > 0, item_logp=item_logp)
-            codes, scores = codes[:, :beams], scores[:, :beams]
+            if not pool:
+                codes, scores = codes[:, :beams], scores[:, :beams]
     if scores.shape[1] < beams:  # tiny catalogs: pad to the requested width
         pad = beams - scores.shape[1]
         scores = torch.cat([scores, torch.full((B, pad), NEG_INF, device=dev)], 1)

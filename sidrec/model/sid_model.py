@@ -521,6 +521,9 @@ def _load_ensemble(model_dir: Path, backbone: str, merge: bool):
     n = len(meta.get("members", []))
     if not n:
         raise ModelError(f"{model_dir}: members/ holds a seed ensemble but meta.json lists no members")
+    if meta.get("member_index") == "own":  # each member reads its own SID index, which this layer cannot load
+        raise ModelError(f"{model_dir}: an ensemble of members on their own SID indexes (train.member_index: own); "
+                         "load it with sidrec.artifacts.load_model")
     members, tok = [], None
     for k in range(n):
         m, t, _ = load_recommender(model_dir / "members" / str(k), backbone, merge)

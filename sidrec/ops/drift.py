@@ -235,10 +235,14 @@ def index_for_retrain(cfg: RunConfig, features) -> tuple:
         return build_index(features, cfg), {"source": "fresh", "reason": f"index input dim {x.shape[1]} != champion quantizer {champ.state.input_dim}"}
     try:
         if cfg.retrain.new_item_sids == "llm" and parts.get("recommender") is not None:
-            from sidrec.model.sid_model import Encoder, load_recommender
+            from sidrec.artifacts import load_model
+            from sidrec.model.fusion import IndexEnsemble
+            from sidrec.model.sid_model import Encoder
             from sidrec.runtime import compute_dtype
 
-            model, tok, _ = load_recommender(parts["recommender"], cfg.model.backbone)
+            model, tok, _ = load_model(parts["recommender"], cfg.model.backbone)
+            if isinstance(model, IndexEnsemble):  # members on their own indexes: the champion's index is member 0's
+                model = model.members[0]
             bundle, n_new = extend_index_by_generation(champ, model, Encoder(tok, model.vocab), features.item_ids,
                                                        features.item_texts, dtype=compute_dtype(cfg))
         else:
@@ -319,9 +323,10 @@ def _warm_item_head(head, old: dict, sid_rows_new) -> bool:
     return True
 
 
-def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None):
+def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None, ds=None, features=None):
     """``sidrec.stages.finetune`` that starts from the champion when compatible (meta ``warm_start``);
-    ``log(step, metrics)`` as in ``stages.finetune``."""
+    ``log(step, metrics)`` as in ``stages.finetune``; ``ds`` and ``features``: what an ensemble with
+    ``train.member_index: own`` builds its other members' indexes from."""
     from sidrec.artifacts import TrainedRecommender
     from sidrec.model.sid_model import save_recommender
     from sidrec.runtime import compute_dtype, progress_enabled, seed_everything, set_threads
@@ -331,7 +336,7 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None)
     if cfg.train.members > 1:  # each member starts from its own seed; a warm start is one model's
         from sidrec.stages import finetune_members
 
-        return finetune_members(instructions, bundle, cfg, out_dir, log,
+        return finetune_members(instructions, bundle, cfg, out_dir, log, ds, features=features,
                                 warm_start={"warm": False, "reason": "train.members > 1: a seed ensemble trains fresh"})
     set_threads(cfg)
     seed_everything(cfg.seed)

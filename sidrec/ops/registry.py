@@ -213,7 +213,7 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
     from sidrec.evaluation.evaluate import evaluate_llm
 
     known = rec.index  # SIDIndex: `id in known`
-    users, prompts, targets, seen = [], [], [], []
+    users, prompts, targets, seen, hists = [], [], [], [], []
     all_seen = split["seen"] if "seen" in split.columns else split["history"]
     for u, hist, t, before in zip(split["user_id"], split["history"], split["target"], all_seen):
         seen.append(list(before))
@@ -222,6 +222,7 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
             seen.pop()
             continue
         users.append(u)
+        hists.append(hist)
         prompts.append(rec.prompt_format.render([rec.index.sid_of(h) for h in hist]))
         targets.append(t)
     total = len(split)
@@ -230,7 +231,12 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
         return {**zeros, "test/invalid_rate": 0.0, "test/users": total, "test/scored_share": 0.0}
     rows = pd.DataFrame({"user_id": users, "prompt": prompts, "target_item": targets, "seen": seen})
     ecfg = cfg.eval.model_copy(update={"test_max_users": None, "valid_max_users": None})
-    metrics, _ = evaluate_llm(rec.model, rec.encoder, rec.index, {"test": rows}, ecfg, cfg.seed, rec.dtype, progress=False)
+    member_parts = None
+    if getattr(rec, "fused", False):  # members on their own indexes: each reads the histories in its own SIDs
+        member_parts = [{"test": rows.assign(prompt=[rec.prompt_format.render([ix.sid_of(h) for h in hist]) for hist in hists])}
+                        for ix in rec.model.indexes]
+    metrics, _ = evaluate_llm(rec.model, rec.encoder, rec.index, {"test": rows}, ecfg, cfg.seed, rec.dtype, progress=False,
+                              member_parts=member_parts)
     share = len(users) / total
     out = {k: (v * share if k.split("/")[1].startswith(("recall_at", "ndcg_at")) else v) for k, v in metrics.items()}
     out["test/users"] = total

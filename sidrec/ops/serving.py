@@ -6,7 +6,8 @@ MLflow executes it under a generated module name, where the last lines call
 ``mlflow.models.set_model(SIDRecPyfunc())``. No Python object is pickled: the model is this source
 file + its artifacts, all in safe formats:
 
-- ``recommender``: LoRA adapter + SID embeddings (safetensors) + tokenizer + vocab/meta JSON
+- ``recommender``: LoRA adapter + SID embeddings (safetensors) + tokenizer + vocab/meta JSON (an ensemble: one such
+  folder per member under ``members/<k>``, with the member's own SID index when ``train.member_index`` is ``own``)
 - ``index``: the IndexBundle folder (SID index Parquet, quantizer safetensors, report JSON)
 - ``items``: ``items.csv`` with ``item_id,title``
 - ``data_profile`` (optional): ``data_profile.json``, the training data summary used by the drift report
@@ -53,13 +54,16 @@ class Recommender:
     """The loaded model: backbone + adapter (merged) + SID embeddings, the SID index + trie, item titles."""
 
     def __init__(self, recommender_dir, index_dir, items_csv, config: Optional[dict] = None):
-        from sidrec.artifacts import IndexBundle
-        from sidrec.model.sid_model import Encoder, load_recommender
+        from sidrec.artifacts import IndexBundle, load_model
+        from sidrec.model.fusion import IndexEnsemble
+        from sidrec.model.sid_model import Encoder
 
         cfg = dict(config or {})
         self.config = cfg
         self.backbone = cfg.get("backbone") or json.loads((Path(recommender_dir) / "meta.json").read_text())["backbone"]
-        self.model, tok, self.meta = load_recommender(Path(recommender_dir), self.backbone)
+        # one model, a seed ensemble, or members on their own SID indexes (each renders the history in its own SIDs)
+        self.model, tok, self.meta = load_model(Path(recommender_dir), self.backbone)
+        self.fused = isinstance(self.model, IndexEnsemble)
         self.encoder = Encoder(tok, self.model.vocab)
         self.bundle = IndexBundle.load(Path(index_dir))
         self.index = self.bundle.items
@@ -84,6 +88,11 @@ class Recommender:
     def prompt(self, history: Sequence[str]) -> list[int]:
         return self.encoder.encode(self.prompt_format.render([self.index.sid_of(h) for h in history]))
 
+    def member_prompts(self, histories: list[list[str]]) -> list[list[list[int]]]:
+        """An own-index ensemble's prompts: per member, every history in that member's own SIDs."""
+        return [[enc.encode(self.prompt_format.render([ix.sid_of(h) for h in hist])) for hist in histories]
+                for enc, ix in zip(self.model.encoders, self.model.indexes)]
+
     def recommend(self, histories: list[list[str]], k: int | None = None) -> list[pd.DataFrame]:
         """Top-``k`` items per history (trie-constrained beam search, best first)."""
         from sidrec.model.decode import recommend
@@ -98,9 +107,13 @@ class Recommender:
         if any(not h for h in histories):
             raise DataError("an empty history: give at least one item id")
         beams = max(self.beams, k) + (10 if self.exclude_history else 0)  # room for the history items dropped below
-        prompts = [self.prompt(h) for h in histories]
-        rows, scores, _ = recommend(self.model, prompts, self.index, beams, 16, self.trie, self.encoder.pad_id,
-                                    self.dtype, progress=False)
+        if self.fused:
+            from sidrec.model.fusion import recommend_fused
+
+            rows, scores, _ = recommend_fused(self.model, self.member_prompts(histories), beams, 16, self.dtype, progress=False)
+        else:
+            rows, scores, _ = recommend(self.model, [self.prompt(h) for h in histories], self.index, beams, 16, self.trie,
+                                        self.encoder.pad_id, self.dtype, progress=False)
         if self.exclude_history:
             from sidrec.evaluation.metrics import drop_seen
 

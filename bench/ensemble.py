@@ -44,6 +44,7 @@ def _decode(path: Path, cfg, users: list[str], bs: int = 16):
     import numpy as np
 
     from sidrec.artifacts import IndexBundle, InstructionSet
+    from sidrec.model.decode import prefill
     from sidrec.model.fusion import member_pool
     from sidrec.model.sid_model import Encoder, load_recommender
     from sidrec.runtime import compute_dtype
@@ -55,7 +56,6 @@ def _decode(path: Path, cfg, users: list[str], bs: int = 16):
     enc = Encoder(tok, model.vocab)
     dtype = compute_dtype(cfg)
     trie = bundle.items.build_trie()
-    lookup = {tuple(c): i for i, c in enumerate(bundle.items.codes.tolist())}
     beams = cfg.eval.beams
     prompts = [enc.encode(p) for p in rows["prompt"]]
     U, W = len(prompts), beams + int(model.item_head.candidates)
@@ -64,7 +64,8 @@ def _decode(path: Path, cfg, users: list[str], bs: int = 16):
     order = np.argsort([len(p) for p in prompts], kind="stable")
     for s0 in range(0, U, bs):
         idx = order[s0:s0 + bs]
-        r, s = member_pool(model, [prompts[i] for i in idx], bundle.items, lookup, trie, beams, enc.pad_id, dtype)
+        state = prefill(model, [prompts[i] for i in idx], enc.pad_id, dtype)
+        r, s = member_pool(model, state, bundle.items, trie, beams, dtype)
         pool[idx, : r.shape[1]], fused[idx, : s.shape[1]] = r, s
     top = np.take_along_axis(pool, np.argsort(-fused, axis=1, kind="stable")[:, :beams], 1)
     ctx = dict(model=model, bundle=bundle, prompts=prompts, enc=enc, dtype=dtype)
@@ -76,14 +77,15 @@ def _rescore(ctx, rows_wanted, bs: int = 8):
     (``sidrec.model.fusion.member_scores``)."""
     import numpy as np
 
+    from sidrec.model.decode import prefill
     from sidrec.model.fusion import member_scores
 
     U, K = rows_wanted.shape
     out = np.full((U, K), -np.inf, dtype=np.float32)
     for s0 in range(0, U, bs):
         idx = np.arange(s0, min(U, s0 + bs))
-        out[idx] = member_scores(ctx["model"], [ctx["prompts"][i] for i in idx], ctx["bundle"].items, rows_wanted[idx],
-                                 ctx["enc"].pad_id, ctx["dtype"])
+        state = prefill(ctx["model"], [ctx["prompts"][i] for i in idx], ctx["enc"].pad_id, ctx["dtype"])
+        out[idx] = member_scores(ctx["model"], state, ctx["bundle"].items, rows_wanted[idx])
     return out
 
 

@@ -238,7 +238,7 @@ def rerank_sweep(rec, instr, bundle, cfg, valid_users: int = 2000, candidates=CA
 
     from sidrec.evaluation.evaluate import _sample
     from sidrec.evaluation.metrics import ranking_metrics
-    from sidrec.model.decode import NEG_INF, _left_pad, beam_search_batch, sid_log_prob
+    from sidrec.model.decode import NEG_INF, beam_search_batch, prefill, sid_log_prob
     from sidrec.model.item_head import head_candidates, item_log_prob
     from sidrec.model.sid_model import Encoder, load_recommender
     from sidrec.runtime import compute_dtype
@@ -269,14 +269,11 @@ def rerank_sweep(rec, instr, bundle, cfg, valid_users: int = 2000, candidates=CA
                 idx = order[s0:s0 + bs]
                 batch = [prompts[i] for i in idx]
                 codes, sc = beam_search_batch(model, batch, bundle.items.num_levels, beams, trie, enc.pad_id, dtype)
-                ids, mask = _left_pad(batch, enc.pad_id)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                state = prefill(model, batch, enc.pad_id, dtype)
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
-                    h_prompt = h[:, -1]
-                    lp = item_log_prob(head, h_prompt)
+                    lp = item_log_prob(head, state.h)
                     more, real = head_candidates(head, lp, codes, c_max)
-                    more_sc = sid_log_prob(model, cache, mask, pos[:, -1] + 1, h_prompt, more).masked_fill(~real, NEG_INF)
+                    more_sc = sid_log_prob(model, state, more).masked_fill(~real, NEG_INF)
                 all_codes = torch.cat([codes, more], 1)
                 r = head.rows_of(all_codes)
                 s = torch.cat([sc, more_sc.float()], 1)
@@ -390,7 +387,9 @@ def main(argv=None) -> int:
                 t3 = time.perf_counter()
                 report = stages.evaluate(rec, instr, bundle, vcfg)
                 ev_s = time.perf_counter() - t3
+                t4 = time.perf_counter()
                 members = _members_alone(rec, instr, bundle, vcfg) if vcfg.train.members > 1 else None
+                members_s = time.perf_counter() - t4
                 if members:  # paired against the better member on test Recall@10
                     best = max(range(len(members)), key=lambda k: members[k]["test/recall_at_10"])
                     for k, mm in enumerate(members):
@@ -417,7 +416,8 @@ def main(argv=None) -> int:
                 "dynamic_log": rec.meta.get("dynamic_log", []),
                 "metrics": {k: v for k, v in report.metrics.items()},
                 **({"fusion_sweep": sweep} if sweep is not None else {}),
-                **({"members": members, "paired_vs_better_member": members_paired} if members is not None else {}),
+                **({"members": members, "paired_vs_better_member": members_paired, "members_eval_seconds": round(members_s, 1)}
+                   if members is not None else {}),
                 **({"rerank_sweep": rerank} if rerank is not None else {}),
             }
             result["variants"][label] = entry

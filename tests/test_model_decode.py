@@ -149,3 +149,29 @@ def test_lora_training_reduces_loss_and_only_touches_adapter(tiny):
         if "lora_" not in n:
             assert torch.equal(p, base_before[n]), f"frozen weight {n} changed"
     assert 0.0 <= res.padding_share < 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_forcing_many_sids_as_one_tree_equals_one_pass_per_sid(tiny, dtype):
+    """``sid_log_prob`` scores K SIDs after each prompt in one pass (the K SIDs' tokens share the prompt's cache under
+    a tree mask): on left-padded prompts of different lengths it equals a plain pass over prompt + SID per item, and
+    the prompts' state is left as it was (it is reused for the next batch of items)."""
+    from sidrec.model.decode import prefill, sid_log_prob
+
+    index = _index()
+    model, enc = _model(tiny, index, seed=3)
+    prompts = [enc.encode("History: " + index.sid(1) + index.sid(4) + " Next:"), enc.encode("Next:"),
+               enc.encode("A longer history: " + "".join(index.sid(i) for i in (2, 3, 5, 8)) + " Next:")]
+    rng = np.random.default_rng(0)
+    rows = np.stack([rng.choice(len(index.entity_ids), 6, replace=False) for _ in prompts])
+    codes = torch.as_tensor(np.asarray(index.codes))[torch.as_tensor(rows)]  # [3, 6, L]
+    state = prefill(model, prompts, enc.pad_id, dtype)
+    before = state.cache.get_seq_length()
+    got = sid_log_prob(model, state, codes)
+    again = sid_log_prob(model, state, codes[:, 2:4])
+    assert state.cache.get_seq_length() == before
+    want = torch.tensor([[_sequence_logprob(model, p, codes[u, k].tolist(), model.vocab) for k in range(codes.shape[1])]
+                         for u, p in enumerate(prompts)])
+    tol = 1e-4 if dtype == torch.float32 else 0.15
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=tol)
+    np.testing.assert_allclose(again.numpy(), got[:, 2:4].numpy(), atol=1e-5)

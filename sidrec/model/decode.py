@@ -9,11 +9,19 @@ A model with an item head (``sidrec.model.item_head``) re-ranks the finished bea
 by ``beam score + fusion * log p_item``, the item head's log-probability from the state after the prompt;
 with ``candidates`` set on the head, its own top items join the beams first, each scored by the SID head
 exactly as the search would have scored it (``sid_log_prob``, teacher forcing from the prompt's cache).
+
+Neither the search nor the teacher forcing copies the prompt's cache once per hypothesis. The hypotheses of one
+prompt are a tree whose trunk is the prompt: their tokens are appended after the prompt in one sequence, each at the
+position it would have right after the prompt, and a 4-D attention mask lets a token see the prompt's real tokens,
+its own ancestors and itself, nothing else (``path`` in the search, :func:`tree_mask` for given SIDs). A step costs
+one pass over ``batch x beams`` new tokens against ``batch`` caches that only grow, instead of ``batch x beams``
+copies of the cache reordered at every level; the result is the same (tests compare it with one pass per SID).
 """
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -34,40 +42,70 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+@dataclass
+class Prefill:
+    """The prompts after one forward pass: their KV ``cache``, attention ``mask`` [B, P] (left padding is 0),
+    the ``next_pos`` [B] an item's first token takes, the last prompt state ``h`` [B, H] (what the first SID level
+    and the item head read) and the compute ``dtype``. Whoever needs the cache changed works on a copy."""
+
+    cache: object
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    h: torch.Tensor
+    dtype: torch.dtype
+
+
+def _autocast(dev: torch.device, dtype: torch.dtype):
+    return torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@torch.no_grad()
+def prefill(model, prompts: list[list[int]], pad_id: int = 0, dtype: torch.dtype = torch.bfloat16) -> Prefill:
+    """One forward pass over the (left-padded) prompts."""
+    dev = next(model.parameters()).device
+    ids, mask = (t.to(dev) for t in _left_pad(prompts, pad_id))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with _autocast(dev, dtype):
+        h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    return Prefill(cache, mask, pos[:, -1] + 1, h[:, -1], dtype)
+
+
 @torch.no_grad()
 def beam_search_batch(
     model, prompts: list[list[int]], num_levels: int, beams: int, trie=None, pad_id: int = 0,
-    dtype: torch.dtype = torch.bfloat16, pool: bool = False,
+    dtype: torch.dtype = torch.bfloat16, pool: bool = False, state: Optional[Prefill] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(codes [B, beams, L], scores [B, beams])``, best first; dead beams score -inf.
 
     With a trie the codes always form an existing SID (a dead beam only appears when the
     catalog has fewer than ``beams`` entries). ``pool``: keep the item head's candidates too (the whole
     re-ranked pool of ``beams + candidates``, best first, not cut to ``beams``; ``sidrec.model.fusion``).
+    ``state``: the prompts' :func:`prefill`, if the caller already has it (it is left unchanged; ``prompts`` is then
+    not read).
     """
     vocab = model.vocab
-    B = len(prompts)
+    B = len(prompts) if state is None else state.mask.shape[0]
     dev = next(model.parameters()).device
     if trie is not None and trie.device != dev:
         trie = trie.to(dev)
-    ids, mask = (t.to(dev) for t in _left_pad(prompts, pad_id))
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-        h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    h = h[:, -1]  # [B, H]
-    h_prompt = h  # the state before the item: what the item head (if any) scores every item from
-    next_pos = pos[:, -1] + 1
     head = getattr(model, "item_head", None) if trie is not None else None
     extra = head.candidates if head is not None else 0
-    prompt_state = (copy.deepcopy(cache), mask, next_pos) if extra > 0 else None  # the search reorders the cache in place
+    reuse = state is not None or extra > 0  # the prompts' state outlives the search (left as it was)
+    if state is None:
+        state = prefill(model, prompts, pad_id, dtype)
+    cache = copy.deepcopy(state.cache) if reuse else state.cache  # the search appends the hypotheses' tokens to it
+    h = h_prompt = state.h  # [B, H] the state before the item: what the item head (if any) scores every item from
+    # every hypothesis's tokens stay in one tree per prompt: level t appends the k hypotheses' level-t tokens after the
+    # prompt, and ``path`` [B, k, T] marks which appended tokens lie on each hypothesis's path (tree_mask's idea)
+    path = torch.zeros(B, 1, 0, dtype=torch.bool, device=dev)
 
     scores = torch.zeros(B, 1, device=dev)  # one live hypothesis per prompt to start
     nodes = torch.zeros(B, 1, dtype=torch.long, device=dev)
     codes = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
     for level in range(num_levels):
         k_in = scores.shape[1]
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model.sid_logits(h, level)
+        with _autocast(dev, dtype):
+            logits = model.sid_logits(h.reshape(B * k_in, -1), level)
         logp = torch.log_softmax(logits.float(), dim=-1).view(B, k_in, -1)
         n_codes = logp.shape[-1]
         if trie is not None:
@@ -87,31 +125,25 @@ def beam_search_batch(
         scores = top
         if level == num_levels - 1:
             break
-        # advance the model by one token for every surviving hypothesis
-        flat_src = (src + torch.arange(B, device=dev).unsqueeze(1) * k_in).view(-1)
-        if k_in == 1:
-            cache.batch_repeat_interleave(k_out)
-            mask = mask.repeat_interleave(k_out, dim=0)
-            next_pos = next_pos.repeat_interleave(k_out, dim=0)
-        else:
-            cache.reorder_cache(flat_src)
-            mask = mask.index_select(0, flat_src)
-            next_pos = next_pos.index_select(0, flat_src)
-        tok = vocab.code_ids(level, code.view(-1, 1))
-        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=dev)], dim=1)
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            h, cache = model.hidden(tok, attention_mask=mask, position_ids=next_pos.unsqueeze(1), cache=cache, use_cache=True)
-        h = h[:, -1]
-        next_pos = next_pos + 1
+        # advance the model by one token for every surviving hypothesis: its token sees the prompt, its path, itself
+        path = torch.cat([path.gather(1, src.unsqueeze(-1).expand(-1, -1, path.shape[-1])),
+                          torch.eye(k_out, dtype=torch.bool, device=dev).expand(B, -1, -1)], -1)  # [B, k_out, T]
+        seen = torch.cat([state.mask.bool()[:, None, :].expand(-1, k_out, -1), path], -1)
+        attn = torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+        tok = vocab.code_ids(level, code)  # [B, k_out]
+        pos = (state.next_pos + level)[:, None].expand(-1, k_out)
+        with _autocast(dev, dtype):
+            h, cache = model.hidden(tok, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+        # h [B, k_out, H]: the state after each hypothesis's latest token
     if head is not None:  # re-rank the candidates with the item head (sidrec.model.item_head)
         from sidrec.model.item_head import fuse_beams, head_candidates, item_log_prob
 
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        with _autocast(dev, dtype):
             # once, for the candidates and the fusion (neither needs it with fusion 0 and no candidates)
             item_logp = item_log_prob(head, h_prompt) if extra > 0 or float(head.fusion) != 0.0 else None
             if extra > 0:  # the head's own top items join the beams, scored by the SID head as a search would score them
                 more, real = head_candidates(head, item_logp, codes, extra)
-                more_scores = sid_log_prob(model, *prompt_state, h_prompt, more).masked_fill(~real, NEG_INF)
+                more_scores = sid_log_prob(model, state, more).masked_fill(~real, NEG_INF)
                 codes, scores = torch.cat([codes, more], 1), torch.cat([scores, more_scores], 1)
             codes, scores = fuse_beams(head, h_prompt, codes, scores, sort=extra > 0, item_logp=item_logp)
             if not pool:
@@ -123,26 +155,39 @@ def beam_search_batch(
     return codes.cpu(), scores.cpu()
 
 
+def tree_mask(mask: torch.Tensor, branches: int, depth: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive 4-D attention mask [B, 1, Q, P + Q] (Q = ``branches x depth``) for ``branches`` token runs of
+    ``depth`` tokens each, laid end to end after prompts with 2-D mask ``mask`` [B, P]: a token sees the prompt's
+    real tokens, and the earlier tokens of its own run and itself, nothing else (0 = seen, the dtype's minimum = not)."""
+    B, P = mask.shape
+    q = torch.arange(branches * depth, device=mask.device)
+    run, step = q // depth, q % depth
+    own = (run[:, None] == run[None, :]) & (step[:, None] >= step[None, :])  # [Q, Q]
+    seen = torch.cat([mask.bool()[:, None, :].expand(B, len(q), P), own.expand(B, -1, -1)], -1)
+    out = torch.zeros(seen.shape, dtype=dtype, device=mask.device).masked_fill(~seen, torch.finfo(dtype).min)
+    return out[:, None]
+
+
 @torch.no_grad()
-def sid_log_prob(model, cache, mask: torch.Tensor, next_pos: torch.Tensor, h_prompt: torch.Tensor, codes: torch.Tensor
-                 ) -> torch.Tensor:
-    """The SID head's log-probability of given SIDs after the prompts, level by level as the beam search sums it
-    (teacher forcing): ``codes`` [B, K, L]; ``cache`` the prompts' KV cache after the prefill (consumed),
-    ``mask`` / ``next_pos`` its attention mask and next positions, ``h_prompt`` [B, H] the last prompt state."""
+def sid_log_prob(model, state: Prefill, codes: torch.Tensor) -> torch.Tensor:
+    """[B, K] the SID head's log-probability of given SIDs ``codes`` [B, K, L] after the prompts of ``state``, level
+    by level as the beam search sums it (teacher forcing). The K SIDs of a prompt are one tree over its cache
+    (:func:`tree_mask`); ``state`` is left unchanged."""
     B, K, L = codes.shape
-    dev = h_prompt.device
-    score = torch.log_softmax(model.sid_logits(h_prompt, 0).float(), -1).gather(1, codes[:, :, 0])
-    if L == 1 or K == 0:
-        return score
-    cache.batch_repeat_interleave(K)
-    flat = codes.reshape(B * K, L)
-    tok = torch.stack([model.vocab.code_ids(level, flat[:, level]) for level in range(L - 1)], 1)  # [B*K, L-1]
-    mask = torch.cat([mask.repeat_interleave(K, 0), torch.ones(B * K, L - 1, dtype=mask.dtype, device=dev)], 1)
-    pos = next_pos.repeat_interleave(K, 0).unsqueeze(1) + torch.arange(L - 1, device=dev)
-    h, _ = model.hidden(tok, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    for level in range(1, L):
-        lp = torch.log_softmax(model.sid_logits(h[:, level - 1], level).float(), -1)
-        score = score + lp.gather(1, flat[:, level : level + 1]).view(B, K)
+    dev = state.h.device
+    with _autocast(dev, state.dtype):
+        score = torch.log_softmax(model.sid_logits(state.h, 0).float(), -1).gather(1, codes[:, :, 0])
+        if L == 1 or K == 0:
+            return score
+        d = L - 1
+        tok = torch.stack([model.vocab.code_ids(level, codes[:, :, level]) for level in range(d)], -1).reshape(B, K * d)
+        pos = state.next_pos[:, None] + torch.arange(d, device=dev).repeat(K)  # [B, K*d]
+        attn = tree_mask(state.mask, K, d, state.dtype)
+        h, _ = model.hidden(tok, attention_mask=attn, position_ids=pos, cache=copy.deepcopy(state.cache), use_cache=True)
+        h = h.view(B, K, d, -1)
+        for level in range(1, L):
+            lp = torch.log_softmax(model.sid_logits(h[:, :, level - 1], level).float(), -1)
+            score = score + lp.gather(2, codes[:, :, level : level + 1]).squeeze(-1)
     return score
 
 
@@ -158,7 +203,6 @@ def recommend(
     model.eval()
     if trie is not None:  # move the tables once, not per batch
         trie = trie.to(next(model.parameters()).device)
-    lookup = {tuple(c): i for i, c in enumerate(index.codes.tolist())}
     U = len(prompts)
     rows = np.full((U, beams), -1, dtype=np.int64)
     scores = np.full((U, beams), -np.inf, dtype=np.float32)
@@ -174,7 +218,8 @@ def recommend(
             for b in range(beams):
                 if np.isfinite(sc[j, b]):
                     emitted[u, b] = True
-                    rows[u, b] = lookup.get(tuple(codes[j, b]), -1)
+                    row = index.row_for_codes(codes[j, b])
+                    rows[u, b] = -1 if row is None else row
             scores[u] = sc[j]
     return rows, scores, emitted
 

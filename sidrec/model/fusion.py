@@ -18,7 +18,6 @@ per member.
 """
 from __future__ import annotations
 
-import copy
 import math
 import numpy as np
 import torch
@@ -27,8 +26,8 @@ from tqdm.auto import tqdm
 
 from sidrec.errors import ModelError
 
-# teacher-forced sequences per forward pass when the members score each other's items (batch x items)
-RESCORE_ROWS = 256
+# items teacher-forced per forward pass (batch x items) when the members score each other's items
+RESCORE_ROWS = 1024
 
 
 class IndexEnsemble(nn.Module):
@@ -50,62 +49,48 @@ class IndexEnsemble(nn.Module):
         self.encoders = [Encoder(tokenizer, m.vocab) for m in members]
         self.tries = [ix.build_trie() for ix in indexes]
         self.vocab = members[0].vocab
-        self._lookups = [{tuple(c): i for i, c in enumerate(ix.codes.tolist())} for ix in indexes]
 
     def __len__(self) -> int:
         return len(self.members)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _autocast(dev: torch.device, dtype: torch.dtype):
-    return torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 @torch.no_grad()
-def member_pool(model, prompts: list[list[int]], index, lookup: dict, trie, beams: int, pad_id: int,
-                dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """One member's pool for a batch of prompts: ``(rows [B, W], scores [B, W])``, its ``beams`` constrained beams
-    plus its item head's candidates, fused as its own decoding fuses them (rows of ``index``; -1 / -inf: none)."""
+def member_pool(model, state, index, trie, beams: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """One member's pool for a batch of prompts (their ``decode.prefill`` ``state``): ``(rows [B, W], scores [B, W])``,
+    its ``beams`` constrained beams plus its item head's candidates, fused as its own decoding fuses them (rows of
+    ``index``; -1 / -inf: none)."""
     from sidrec.model.decode import beam_search_batch
 
-    codes, scores = beam_search_batch(model, prompts, index.num_levels, beams, trie, pad_id, dtype, pool=True)
-    rows = np.array([[lookup.get(tuple(c), -1) for c in b] for b in codes.tolist()], dtype=np.int64).reshape(scores.shape)
+    codes, scores = beam_search_batch(model, None, index.num_levels, beams, trie, dtype=dtype, pool=True, state=state)
+    found = [[index.row_for_codes(c) for c in b] for b in codes.tolist()]
+    rows = np.array([[-1 if r is None else r for r in b] for b in found], dtype=np.int64).reshape(scores.shape)
     scores = scores.float().numpy()
     dead = (rows < 0) | ~np.isfinite(scores)
     return np.where(dead, -1, rows), np.where(dead, -np.inf, scores).astype(np.float32)
 
 
 @torch.no_grad()
-def member_scores(model, prompts: list[list[int]], index, rows: np.ndarray, pad_id: int, dtype: torch.dtype) -> np.ndarray:
-    """[B, K] one member's fused scores of the catalog rows ``rows`` [B, K] (-1: padding, scored -inf) after each of
-    its ``prompts``, on its own SIDs: the SID head's log-probability by teacher forcing (``decode.sid_log_prob``), as
-    its search sums it, plus ``fusion x`` its item head's log-probability."""
-    from sidrec.model.decode import _left_pad, sid_log_prob
+def member_scores(model, state, index, rows: np.ndarray) -> np.ndarray:
+    """[B, K] one member's fused scores of the catalog rows ``rows`` [B, K] (-1: padding, scored -inf) after the
+    prompts of ``state`` (``decode.prefill``), on its own SIDs: the SID head's log-probability by teacher forcing
+    (``decode.sid_log_prob``), as its search sums it, plus ``fusion x`` its item head's log-probability."""
+    from sidrec.model.decode import _autocast, sid_log_prob
     from sidrec.model.item_head import item_log_prob
 
     B, K = rows.shape
     out = np.full((B, K), -np.inf, dtype=np.float32)
     if K == 0 or not (rows >= 0).any():
         return out
-    dev = _device(model)
-    ids, mask = (t.to(dev) for t in _left_pad(prompts, pad_id))
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    dev = state.h.device
     r = torch.from_numpy(rows).to(dev)
     codes = torch.tensor(np.asarray(index.codes), dtype=torch.long, device=dev)[r.clamp(min=0)]  # [B, K, L] (a copy)
     head = getattr(model, "item_head", None)
-    with _autocast(dev, dtype):
-        h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        hp = h[:, -1]
-        item = (item_log_prob(head, hp).gather(1, r.clamp(min=0)) * float(head.fusion)
+    with _autocast(dev, state.dtype):
+        item = (item_log_prob(head, state.h).gather(1, r.clamp(min=0)) * float(head.fusion)
                 if head is not None and float(head.fusion) != 0.0 else torch.zeros(B, K, device=dev))
         step = max(1, RESCORE_ROWS // max(B, 1))
-        parts = []
-        for c0 in range(0, K, step):  # a copy of the prompts' cache per chunk of items (sid_log_prob consumes it)
-            parts.append(sid_log_prob(model, copy.deepcopy(cache), mask, pos[:, -1] + 1, hp, codes[:, c0:c0 + step]))
-    s = torch.cat(parts, 1).float() + item.float()
+        s = torch.cat([sid_log_prob(model, state, codes[:, c0:c0 + step]) for c0 in range(0, K, step)], 1)
+    s = s.float() + item.float()
     return torch.where(r >= 0, s, torch.full_like(s, float("-inf"))).cpu().numpy()
 
 
@@ -113,9 +98,12 @@ def fuse_batch(ens: IndexEnsemble, prompts: list[list[list[int]]], beams: int, d
                ) -> tuple[np.ndarray, np.ndarray]:
     """One batch of users: ``prompts[k]`` are member k's prompts (the same users in the same order). Returns the
     fused top ``beams`` ``(rows [B, beams], scores [B, beams])``, best first (-1 / -inf where the catalog runs out)."""
+    from sidrec.model.decode import prefill
+
     B = len(prompts[0])
-    pools = [member_pool(m, p, ix, lk, trie, beams, enc.pad_id, dtype)
-             for m, p, ix, lk, trie, enc in zip(ens.members, prompts, ens.indexes, ens._lookups, ens.tries, ens.encoders)]
+    states = [prefill(m, p, enc.pad_id, dtype) for m, p, enc in zip(ens.members, prompts, ens.encoders)]
+    pools = [member_pool(m, st, ix, trie, beams, dtype)
+             for m, st, ix, trie in zip(ens.members, states, ens.indexes, ens.tries)]
     union = [np.unique(np.concatenate([pl[0][u] for pl in pools])) for u in range(B)]
     union = [x[x >= 0] for x in union]
     width = max(1, max(len(x) for x in union))
@@ -139,7 +127,7 @@ def fuse_batch(ens: IndexEnsemble, prompts: list[list[list[int]]], beams: int, d
             slots.append(j_miss)
         n_miss = max(len(j) for j in slots)
         if n_miss:
-            got = member_scores(ens.members[k], prompts[k], ens.indexes[k], missing[:, :n_miss], ens.encoders[k].pad_id, dtype)
+            got = member_scores(ens.members[k], states[k], ens.indexes[k], missing[:, :n_miss])
             for u, j_miss in enumerate(slots):
                 mine[u, j_miss] = got[u, : len(j_miss)]
         total += mine

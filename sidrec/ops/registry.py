@@ -223,7 +223,7 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
             continue
         users.append(u)
         hists.append(hist)
-        prompts.append(rec.prompt_format.render([rec.index.sid_of(h) for h in hist]))
+        prompts.append(rec.prompt_text(hist))
         targets.append(t)
     total = len(split)
     if not users:  # every target (or history) is outside this model's catalog: all misses
@@ -233,8 +233,7 @@ def score_recommender(rec, split: pd.DataFrame, cfg: RunConfig) -> dict:
     ecfg = cfg.eval.model_copy(update={"test_max_users": None, "valid_max_users": None})
     member_parts = None
     if getattr(rec, "fused", False):  # members on their own indexes: each reads the histories in its own SIDs
-        member_parts = [{"test": rows.assign(prompt=[rec.prompt_format.render([ix.sid_of(h) for h in hist]) for hist in hists])}
-                        for ix in rec.model.indexes]
+        member_parts = [{"test": rows.assign(prompt=texts)} for texts in rec.member_texts(hists)]
     metrics, _ = evaluate_llm(rec.model, rec.encoder, rec.index, {"test": rows}, ecfg, cfg.seed, rec.dtype, progress=False,
                               member_parts=member_parts)
     share = len(users) / total

@@ -85,13 +85,20 @@ class Recommender:
     def unknown(self, history: Sequence[str]) -> list[str]:
         return [h for h in history if h not in self.index]
 
+    def prompt_text(self, history: Sequence[str]) -> str:
+        """The prompt of a history (known items only), in the training format and the run's SIDs."""
+        return self.prompt_format.render([self.index.sid_of(h) for h in history])
+
     def prompt(self, history: Sequence[str]) -> list[int]:
-        return self.encoder.encode(self.prompt_format.render([self.index.sid_of(h) for h in history]))
+        return self.encoder.encode(self.prompt_text(history))
+
+    def member_texts(self, histories: list[list[str]]) -> list[list[str]]:
+        """An own-index ensemble's prompt texts: per member, every history rendered in that member's own SIDs."""
+        return [[self.prompt_format.render([ix.sid_of(h) for h in hist]) for hist in histories] for ix in self.model.indexes]
 
     def member_prompts(self, histories: list[list[str]]) -> list[list[list[int]]]:
-        """An own-index ensemble's prompts: per member, every history in that member's own SIDs."""
-        return [[enc.encode(self.prompt_format.render([ix.sid_of(h) for h in hist])) for hist in histories]
-                for enc, ix in zip(self.model.encoders, self.model.indexes)]
+        """:meth:`member_texts`, tokenized by each member's encoder (what ``recommend_fused`` reads)."""
+        return [[enc.encode(t) for t in texts] for enc, texts in zip(self.model.encoders, self.member_texts(histories))]
 
     def recommend(self, histories: list[list[str]], k: int | None = None) -> list[pd.DataFrame]:
         """Top-``k`` items per history (trie-constrained beam search, best first)."""

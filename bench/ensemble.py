@@ -65,7 +65,7 @@ def _decode(path: Path, cfg, users: list[str], bs: int = 16):
     for s0 in range(0, U, bs):
         idx = order[s0:s0 + bs]
         state = prefill(model, [prompts[i] for i in idx], enc.pad_id, dtype)
-        r, s = member_pool(model, state, bundle.items, trie, beams, dtype)
+        r, s = member_pool(model, state, bundle.items, trie, beams)
         pool[idx, : r.shape[1]], fused[idx, : s.shape[1]] = r, s
     top = np.take_along_axis(pool, np.argsort(-fused, axis=1, kind="stable")[:, :beams], 1)
     ctx = dict(model=model, bundle=bundle, prompts=prompts, enc=enc, dtype=dtype)

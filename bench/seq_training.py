@@ -268,8 +268,8 @@ def rerank_sweep(rec, instr, bundle, cfg, valid_users: int = 2000, candidates=CA
             for s0 in range(0, U, bs):
                 idx = order[s0:s0 + bs]
                 batch = [prompts[i] for i in idx]
-                codes, sc = beam_search_batch(model, batch, bundle.items.num_levels, beams, trie, enc.pad_id, dtype)
                 state = prefill(model, batch, enc.pad_id, dtype)
+                codes, sc = beam_search_batch(model, None, bundle.items.num_levels, beams, trie, state=state)
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                     lp = item_log_prob(head, state.h)
                     more, real = head_candidates(head, lp, codes, c_max)

@@ -50,6 +50,15 @@ def compute_dtype(cfg: RunConfig) -> "torch.dtype":
     return dtype_named(cfg.model.dtype, "cuda" if cuda else "cpu")
 
 
+def autocast(device, dtype: "torch.dtype"):
+    """The compute-dtype context of a forward pass on ``device`` (a ``torch.device`` or its type): autocast to
+    ``dtype``, off for float32."""
+    import torch
+
+    kind = device if isinstance(device, str) else device.type
+    return torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def compute_dtype_name(cfg: RunConfig) -> str:
     """:func:`compute_dtype` as a plain name (``float32``, ``bfloat16``): what run metadata, tags and cache keys record."""
     return str(compute_dtype(cfg)).removeprefix("torch.")
@@ -146,7 +155,7 @@ def progress_enabled() -> bool:
     return os.environ.get("SIDREC_PROGRESS", "1") != "0"
 
 
-__all__ = ["compute_dtype", "cpu_bf16_slowdown", "dtype_named", "progress_enabled", "resolve_device", "seed_everything", "set_threads", "state_home"]
+__all__ = ["autocast", "compute_dtype", "cpu_bf16_slowdown", "dtype_named", "progress_enabled", "resolve_device", "seed_everything", "set_threads", "state_home"]
 
 
 def file_lock(path: Path):

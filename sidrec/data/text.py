@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from sidrec.runtime import autocast
+
 _FIELD_LABELS = {"genres": "Genres", "year": None, "title": None, "text": None}
 
 
@@ -99,7 +101,7 @@ def backbone_embeddings(
         for j, i in enumerate(idx):
             ids[j, : len(enc[i])] = torch.tensor(enc[i])
             mask[j, : len(enc[i])] = 1
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with autocast("cpu", dtype):
             h = inner(input_ids=ids, attention_mask=mask).last_hidden_state
         h = h.float()
         m = mask.unsqueeze(-1).float()

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sidrec.runtime import autocast
+
 NEG_INF = float("-inf")
 
 
@@ -55,17 +57,13 @@ class Prefill:
     dtype: torch.dtype
 
 
-def _autocast(dev: torch.device, dtype: torch.dtype):
-    return torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 @torch.no_grad()
 def prefill(model, prompts: list[list[int]], pad_id: int = 0, dtype: torch.dtype = torch.bfloat16) -> Prefill:
     """One forward pass over the (left-padded) prompts."""
     dev = next(model.parameters()).device
     ids, mask = (t.to(dev) for t in _left_pad(prompts, pad_id))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with _autocast(dev, dtype):
+    with autocast(dev, dtype):
         h, cache = model.hidden(ids, attention_mask=mask, position_ids=pos, use_cache=True)
     return Prefill(cache, mask, pos[:, -1] + 1, h[:, -1], dtype)
 
@@ -80,8 +78,8 @@ def beam_search_batch(
     With a trie the codes always form an existing SID (a dead beam only appears when the
     catalog has fewer than ``beams`` entries). ``pool``: keep the item head's candidates too (the whole
     re-ranked pool of ``beams + candidates``, best first, not cut to ``beams``; ``sidrec.model.fusion``).
-    ``state``: the prompts' :func:`prefill`, if the caller already has it (it is left unchanged; ``prompts`` is then
-    not read).
+    ``state``: the prompts' :func:`prefill`, if the caller already has it (it is left unchanged; ``prompts``,
+    ``pad_id`` and ``dtype`` are then not read: the state's dtype is the search's).
     """
     vocab = model.vocab
     B = len(prompts) if state is None else state.mask.shape[0]
@@ -93,6 +91,7 @@ def beam_search_batch(
     reuse = state is not None or extra > 0  # the prompts' state outlives the search (left as it was)
     if state is None:
         state = prefill(model, prompts, pad_id, dtype)
+    dtype = state.dtype
     cache = copy.deepcopy(state.cache) if reuse else state.cache  # the search appends the hypotheses' tokens to it
     h = h_prompt = state.h  # [B, H] the state before the item: what the item head (if any) scores every item from
     # every hypothesis's tokens stay in one tree per prompt: level t appends the k hypotheses' level-t tokens after the
@@ -104,7 +103,7 @@ def beam_search_batch(
     codes = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
     for level in range(num_levels):
         k_in = scores.shape[1]
-        with _autocast(dev, dtype):
+        with autocast(dev, dtype):
             logits = model.sid_logits(h.reshape(B * k_in, -1), level)
         logp = torch.log_softmax(logits.float(), dim=-1).view(B, k_in, -1)
         n_codes = logp.shape[-1]
@@ -128,17 +127,16 @@ def beam_search_batch(
         # advance the model by one token for every surviving hypothesis: its token sees the prompt, its path, itself
         path = torch.cat([path.gather(1, src.unsqueeze(-1).expand(-1, -1, path.shape[-1])),
                           torch.eye(k_out, dtype=torch.bool, device=dev).expand(B, -1, -1)], -1)  # [B, k_out, T]
-        seen = torch.cat([state.mask.bool()[:, None, :].expand(-1, k_out, -1), path], -1)
-        attn = torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+        attn = _additive(torch.cat([state.mask.bool()[:, None, :].expand(-1, k_out, -1), path], -1), dtype)
         tok = vocab.code_ids(level, code)  # [B, k_out]
         pos = (state.next_pos + level)[:, None].expand(-1, k_out)
-        with _autocast(dev, dtype):
+        with autocast(dev, dtype):
             h, cache = model.hidden(tok, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
         # h [B, k_out, H]: the state after each hypothesis's latest token
     if head is not None:  # re-rank the candidates with the item head (sidrec.model.item_head)
         from sidrec.model.item_head import fuse_beams, head_candidates, item_log_prob
 
-        with _autocast(dev, dtype):
+        with autocast(dev, dtype):
             # once, for the candidates and the fusion (neither needs it with fusion 0 and no candidates)
             item_logp = item_log_prob(head, h_prompt) if extra > 0 or float(head.fusion) != 0.0 else None
             if extra > 0:  # the head's own top items join the beams, scored by the SID head as a search would score them
@@ -163,9 +161,13 @@ def tree_mask(mask: torch.Tensor, branches: int, depth: int, dtype: torch.dtype)
     q = torch.arange(branches * depth, device=mask.device)
     run, step = q // depth, q % depth
     own = (run[:, None] == run[None, :]) & (step[:, None] >= step[None, :])  # [Q, Q]
-    seen = torch.cat([mask.bool()[:, None, :].expand(B, len(q), P), own.expand(B, -1, -1)], -1)
-    out = torch.zeros(seen.shape, dtype=dtype, device=mask.device).masked_fill(~seen, torch.finfo(dtype).min)
-    return out[:, None]
+    return _additive(torch.cat([mask.bool()[:, None, :].expand(B, len(q), P), own.expand(B, -1, -1)], -1), dtype)
+
+
+def _additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, Q, K] the additive attention mask of ``seen`` [B, Q, K] (True: the query sees the key): 0 where seen,
+    the dtype's minimum where not."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
 
 
 @torch.no_grad()
@@ -175,7 +177,7 @@ def sid_log_prob(model, state: Prefill, codes: torch.Tensor) -> torch.Tensor:
     (:func:`tree_mask`); ``state`` is left unchanged."""
     B, K, L = codes.shape
     dev = state.h.device
-    with _autocast(dev, state.dtype):
+    with autocast(dev, state.dtype):
         score = torch.log_softmax(model.sid_logits(state.h, 0).float(), -1).gather(1, codes[:, :, 0])
         if L == 1 or K == 0:
             return score

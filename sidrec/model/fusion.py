@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sidrec.errors import ModelError
+from sidrec.runtime import autocast
 
 # items teacher-forced per forward pass (batch x items) when the members score each other's items
 RESCORE_ROWS = 1024
@@ -55,13 +56,13 @@ class IndexEnsemble(nn.Module):
 
 
 @torch.no_grad()
-def member_pool(model, state, index, trie, beams: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+def member_pool(model, state, index, trie, beams: int) -> tuple[np.ndarray, np.ndarray]:
     """One member's pool for a batch of prompts (their ``decode.prefill`` ``state``): ``(rows [B, W], scores [B, W])``,
     its ``beams`` constrained beams plus its item head's candidates, fused as its own decoding fuses them (rows of
     ``index``; -1 / -inf: none)."""
     from sidrec.model.decode import beam_search_batch
 
-    codes, scores = beam_search_batch(model, None, index.num_levels, beams, trie, dtype=dtype, pool=True, state=state)
+    codes, scores = beam_search_batch(model, None, index.num_levels, beams, trie, pool=True, state=state)
     found = [[index.row_for_codes(c) for c in b] for b in codes.tolist()]
     rows = np.array([[-1 if r is None else r for r in b] for b in found], dtype=np.int64).reshape(scores.shape)
     scores = scores.float().numpy()
@@ -74,7 +75,7 @@ def member_scores(model, state, index, rows: np.ndarray) -> np.ndarray:
     """[B, K] one member's fused scores of the catalog rows ``rows`` [B, K] (-1: padding, scored -inf) after the
     prompts of ``state`` (``decode.prefill``), on its own SIDs: the SID head's log-probability by teacher forcing
     (``decode.sid_log_prob``), as its search sums it, plus ``fusion x`` its item head's log-probability."""
-    from sidrec.model.decode import _autocast, sid_log_prob
+    from sidrec.model.decode import sid_log_prob
     from sidrec.model.item_head import item_log_prob
 
     B, K = rows.shape
@@ -85,7 +86,7 @@ def member_scores(model, state, index, rows: np.ndarray) -> np.ndarray:
     r = torch.from_numpy(rows).to(dev)
     codes = torch.tensor(np.asarray(index.codes), dtype=torch.long, device=dev)[r.clamp(min=0)]  # [B, K, L] (a copy)
     head = getattr(model, "item_head", None)
-    with _autocast(dev, state.dtype):
+    with autocast(dev, state.dtype):
         item = (item_log_prob(head, state.h).gather(1, r.clamp(min=0)) * float(head.fusion)
                 if head is not None and float(head.fusion) != 0.0 else torch.zeros(B, K, device=dev))
         step = max(1, RESCORE_ROWS // max(B, 1))
@@ -102,7 +103,7 @@ def fuse_batch(ens: IndexEnsemble, prompts: list[list[list[int]]], beams: int, d
 
     B = len(prompts[0])
     states = [prefill(m, p, enc.pad_id, dtype) for m, p, enc in zip(ens.members, prompts, ens.encoders)]
-    pools = [member_pool(m, st, ix, trie, beams, dtype)
+    pools = [member_pool(m, st, ix, trie, beams)
              for m, st, ix, trie in zip(ens.members, states, ens.indexes, ens.tries)]
     union = [np.unique(np.concatenate([pl[0][u] for pl in pools])) for u in range(B)]
     union = [x[x >= 0] for x in union]

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sidrec.model.item_head import item_head_loss
+from sidrec.runtime import autocast
 from sidrec.training.ema import WeightAverage
 
 log_ = logging.getLogger(__name__)
@@ -528,7 +529,7 @@ def train(
                 raise ValueError(f"before_step returned {len(new_rows)} rows for {len(enc.input_ids)} training rows")
             enc = encode_rows(encoder, new_rows)
         ids, mask, tgt = (t.to(device) for t in collate(enc, idx, encoder.pad_id))
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             h, _ = model.hidden(ids, attention_mask=mask)
             loss, _ = target_loss(model, h, ids, tgt, cfg.label_smoothing)
             extra, extra_logs = hooks.extra_loss(model, step, (h, ids, tgt))

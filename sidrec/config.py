@@ -265,7 +265,20 @@ class ModelConfig(_Strict):
     item_head_input: bool = Field(False, description="with an item head, each item's own row is also added to the input "
                                   "embedding at the last token of its SID wherever it appears (history, windows), as "
                                   "SASRec reads and predicts one item table; zero at step 0")
+    item_head_distill: float = Field(0.0, ge=0, description="with an item head, weight of a distillation term in its loss: "
+                                     "KL from the run's own SASRec (baselines.sasrec, trained on the training split, its epoch "
+                                     "chosen on valid) to the head's distribution at every target item (sidrec.model.distill); "
+                                     "training only, the SASRec is neither saved with the model nor used at decoding; 0: off")
+    item_head_distill_temperature: float = Field(1.0, gt=0, description="softmax temperature of both sides of the "
+                                                 "distillation term (its KL is multiplied by the temperature squared)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _distill_needs_head(self):
+        if self.item_head_distill > 0 and self.item_head <= 0:
+            raise ValueError("model.item_head_distill > 0 needs the item head it trains: set model.item_head > 0 "
+                             "(e.g. 1.0) or item_head_distill: 0")
+        return self
 
 
 class TrainConfig(_Strict):

@@ -13,7 +13,7 @@ import torch
 
 from sidrec.artifacts import EntityFeatures, EvalReport, IndexBundle, InstructionSet, TrainedRecommender
 from sidrec.config import RunConfig
-from sidrec.errors import ModelError
+from sidrec.errors import ConfigError, ModelError
 # the runtime helpers live in sidrec.runtime (a leaf); re-exported here for the steps and benches
 from sidrec.runtime import compute_dtype, compute_dtype_name, progress_enabled, resolve_device, seed_everything, set_threads, state_home  # noqa: F401
 
@@ -200,7 +200,10 @@ def render_instructions(ds, items, users, cfg: RunConfig):
 
 
 # 6. LoRA fine-tuning ------------------------------------------------------------------------
-def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
+def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None, teacher_ds=None):
+    """``(model, tokenizer, encoder)`` at step 0. ``ds``: the dataset the SID rows are initialised from (text or
+    keywords) and the item head's teacher trains on; ``teacher_ds``: the teacher's dataset when ``ds`` is not given
+    (a warm start keeps the champion's rows)."""
     from sidrec.model.sid_model import Encoder, SIDRecModel, SIDVocab, add_lora, load_backbone
 
     lm, tok = load_backbone(cfg.model.backbone, cfg.model.layers)
@@ -235,7 +238,26 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None):
     if cfg.model.item_head > 0:  # the item-level head (sidrec.model.item_head), its rows from the SID rows just set
         model.attach_item_head(bundle.items.codes, bundle.items.level_sizes, cfg.model.item_head_fusion, cfg.model.item_head,
                                cfg.model.item_head_candidates, cfg.model.item_head_input)
-    return model.to(device or resolve_device(cfg)), tok, Encoder(tok, vocab)
+    model = model.to(device or resolve_device(cfg))
+    if cfg.model.item_head_distill > 0:  # soft targets from the run's own SASRec (sidrec.model.distill), training only
+        model.item_head.teacher = item_teacher(ds if ds is not None else teacher_ds, bundle.items, cfg).to(
+            next(model.parameters()).device)
+    return model, tok, Encoder(tok, vocab)
+
+
+def item_teacher(ds, items, cfg: RunConfig):
+    """The item head's teacher (``model.item_head_distill``): the run's SASRec baseline (same data, settings and seed,
+    from the store when it was trained before), its items mapped to the head's rows (``items``: the item SID index)."""
+    from sidrec.evaluation.evaluate import same_run_sasrec
+    from sidrec.model.distill import ItemTeacher
+
+    if ds is None:
+        raise ConfigError("model.item_head_distill needs the dataset to train its SASRec teacher on; this path builds the "
+                          "model without it (set model.item_head_distill: 0 here)")
+    sasrec, _ = same_run_sasrec(ds, cfg.baselines.sasrec, cfg.seed, cfg.data.max_history, progress_enabled(), sasrec_store())
+    index = ds.item_index()
+    rows = [index[e] for e in items.entity_ids]
+    return ItemTeacher(sasrec, rows, cfg.model.item_head_distill, cfg.model.item_head_distill_temperature)
 
 
 def calibrate(model, encoder, train_rows, cfg: RunConfig, sid: bool = True) -> None:

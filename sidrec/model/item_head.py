@@ -49,6 +49,7 @@ class ItemHead(nn.Module):
         super().__init__()
         self.candidates = int(candidates)
         self.item_input = bool(item_input)
+        self.teacher = None  # optional soft targets in training (sidrec.model.distill.ItemTeacher); never saved
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[1] != len(level_sizes):
             raise ValueError(f"item head: codes of shape {tuple(codes.shape)} do not match {len(level_sizes)} levels")
@@ -152,7 +153,9 @@ def item_targets(ids: torch.Tensor, pred_mask: torch.Tensor, base_vocab: int, he
 
 
 def item_head_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor) -> Optional[torch.Tensor]:
-    """Mean full-softmax cross-entropy of the item head over a batch's target items (None: no head, or no item)."""
+    """Mean full-softmax cross-entropy of the item head over a batch's target items (None: no head, or no item); with a
+    teacher (``head.teacher``, :class:`sidrec.model.distill.ItemTeacher`) and in training mode, plus its weight times
+    the distillation term (:func:`sidrec.model.distill.distill_loss`)."""
     head = getattr(model, "item_head", None)
     if head is None:
         return None
@@ -160,7 +163,16 @@ def item_head_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor)
     if rows.numel() == 0:
         return None
     hs = h[pos[:, 0], pos[:, 1]]
-    return torch.nn.functional.cross_entropy(head.logits(hs).float(), rows)
+    logits = head.logits(hs)
+    loss = torch.nn.functional.cross_entropy(logits.float(), rows)
+    teacher = getattr(head, "teacher", None)  # model.item_head_distill: soft targets from a teacher (sidrec.model.distill)
+    if teacher is not None and head.training:
+        from sidrec.model.distill import distill_loss
+
+        kl = distill_loss(teacher, head, ids, pos, logits, model.vocab.base_vocab)
+        if kl is not None:
+            loss = loss + teacher.weight * kl
+    return loss
 
 
 def item_log_prob(head: ItemHead, h_prompt: torch.Tensor) -> torch.Tensor:

@@ -340,7 +340,7 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None,
                                 warm_start={"warm": False, "reason": "train.members > 1: a seed ensemble trains fresh"})
     set_threads(cfg)
     seed_everything(cfg.seed)
-    model, tok, encoder = build_model(cfg, bundle)
+    model, tok, encoder = build_model(cfg, bundle, teacher_ds=ds)
     info = {"warm": False, "reason": "retrain.warm_start is off"}
     if cfg.retrain.warm_start:
         root = download_champion(cfg)

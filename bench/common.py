@@ -205,3 +205,20 @@ def seqrec_prompts(ds, index, encoder, n: int, part: str = "test", max_history: 
 
     rows = eval_rows(ds, index, part, max_history, prompt_history).head(n)
     return [encoder.encode(p) for p in rows["prompt"]]
+
+
+def paired_at_10(preds, single) -> dict:
+    """``preds`` minus ``single`` on the same test users, user by user (an ensemble against one member, a variant
+    against a base model): mean difference of hit@10 and NDCG@10 and the standard error of each (from
+    ``stages.evaluate``'s predictions: the target's rank, 0 = not in the list; users of ``preds`` only)."""
+    def per_user(p):
+        t = p[p["split"] == "test"].set_index("user_id")["hit_rank"]
+        return t
+
+    a, b = per_user(preds), per_user(single).reindex(per_user(preds).index)
+    out = {}
+    for name, f in (("recall_at_10", lambda r: ((r >= 1) & (r <= 10)).astype(float)),
+                    ("ndcg_at_10", lambda r: np.where((r >= 1) & (r <= 10), 1.0 / np.log2(np.maximum(r, 1) + 1.0), 0.0))):
+        d = f(a.to_numpy()) - f(b.to_numpy())
+        out[name] = {"diff": round(float(d.mean()), 5), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 5)}
+    return out

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--users", type=int, default=1000, help="seeded sample of test users (0: all)")
     ap.add_argument("--sidrec", default=None, help="import sidrec from this checkout instead (to time older code)")
     ap.add_argument("--label", required=True)
+    ap.add_argument("--predictions", default=None, metavar="PARQUET",
+                    help="also write the per-user ranks here (for bench/paired.py)")
     ap.add_argument("--out", required=True, help="bench/results/<out>.json (entries are appended)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     parts = [{"test": p["test"]} for p in member_parts(model_dir, ("test",))] if fused else None
     env = common.env_info()
     t0 = time.perf_counter()
-    metrics, _ = evaluate_llm(model, Encoder(tok, model.vocab), index, {"test": rows}, ecfg, cfg.seed,
+    metrics, preds = evaluate_llm(model, Encoder(tok, model.vocab), index, {"test": rows}, ecfg, cfg.seed,
                               compute_dtype(cfg), progress=False, member_parts=parts)
     seconds = time.perf_counter() - t0
     users = int(metrics["test/users"])
@@ -69,6 +71,9 @@ def main(argv=None) -> int:
              "member": args.member, "fused": fused, "users": users, "seconds": round(seconds, 1),
              "seconds_per_1000_users": round(1000 * seconds / max(users, 1), 1), "env": env,
              "metrics": {k: round(float(v), 5) for k, v in metrics.items()}}
+    if args.predictions:
+        Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
+        preds.to_parquet(args.predictions, index=False)
     out = common.RESULTS / f"{args.out}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(out.read_text()) if out.is_file() else []

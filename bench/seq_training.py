@@ -119,6 +119,10 @@ VARIANTS: dict[str, dict] = {
     "item-head-input-ema": {"model": {"item_head": 1.0, "item_head_input": True}, "train": {"ema": 0.995}},
     # issue 11: two members, each on its own index (seed, seed + 1), fused at the item level (sidrec.model.fusion);
     # every member is also evaluated alone on the same users (``members`` in the result)
+    # the item head also learns the same-run SASRec's next-item distribution (model.item_head_distill; sidrec.model.distill)
+    "item-head-input-distill": {"model": {"item_head": 1.0, "item_head_input": True, "item_head_distill": 1.0}},
+    "item-head-input-distill-t2": {"model": {"item_head": 1.0, "item_head_input": True, "item_head_distill": 1.0,
+                                             "item_head_distill_temperature": 2.0}},
     "item-head-input-own2": {"model": {"item_head": 1.0, "item_head_input": True}, "train": {"members": 2, "member_index": "own"}},
     "item-head-hi-lr": {"model": {"item_head": 1.0}, "train": {"lr": 4.0e-3, "embedding_lr": 2.0e-2}},
 }
@@ -150,24 +154,6 @@ def _members_alone(rec, instr, bundle, cfg) -> list[dict]:
         report = stages.evaluate(TrainedRecommender.load(d), m_instr, m_bundle, mcfg)
         out.append({k2: v for k2, v in report.metrics.items() if k2.startswith(("test/", "valid/"))})
         out[-1]["_predictions"] = report.predictions
-    return out
-
-
-def _paired_at_10(preds, single) -> dict:
-    """The ensemble minus one member on the same test users, user by user: mean difference of hit@10 and NDCG@10
-    and the standard error of each (from ``stages.evaluate``'s predictions: the target's rank, 0 = not in the list)."""
-    import numpy as np
-
-    def per_user(p):
-        t = p[p["split"] == "test"].set_index("user_id")["hit_rank"]
-        return t
-
-    a, b = per_user(preds), per_user(single).reindex(per_user(preds).index)
-    out = {}
-    for name, f in (("recall_at_10", lambda r: ((r >= 1) & (r <= 10)).astype(float)),
-                    ("ndcg_at_10", lambda r: np.where((r >= 1) & (r <= 10), 1.0 / np.log2(np.maximum(r, 1) + 1.0), 0.0))):
-        d = f(a.to_numpy()) - f(b.to_numpy())
-        out[name] = {"diff": round(float(d.mean()), 5), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 5)}
     return out
 
 
@@ -395,7 +381,7 @@ def main(argv=None) -> int:
                     for k, mm in enumerate(members):
                         pp = mm.pop("_predictions")
                         if k == best:
-                            members_paired = {"against_member": k, **_paired_at_10(report.predictions, pp)}
+                            members_paired = {"against_member": k, **common.paired_at_10(report.predictions, pp)}
                 sweep = None
                 if args.unfused and vcfg.model.item_head > 0:  # the same model: beams alone, fused, the item head alone
                     sweep = fusion_sweep(rec, instr, bundle, vcfg)
@@ -407,6 +393,7 @@ def main(argv=None) -> int:
                     rec.save(kept / "model")
                     bundle.save(kept / "index")
                     instr.save(kept / "instructions")
+                    report.predictions.to_parquet(kept / "predictions.parquet")  # per-user ranks, for paired comparisons
             train = rec.meta["train"]
             entry = {
                 "overrides": over, "fine_tune_seconds": round(ft_s, 1), "eval_seconds": round(ev_s, 1),

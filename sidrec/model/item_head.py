@@ -171,6 +171,7 @@ def item_head_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor)
 
         kl = distill_loss(teacher, head, ids, pos, logits, model.vocab.base_vocab)
         if kl is not None:
+            teacher.record(kl.detach())
             loss = loss + teacher.weight * kl
     return loss
 

@@ -126,6 +126,14 @@ def target_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor,
     return loss, n
 
 
+def _distill_log(model) -> dict:
+    """``train/distill_kl``: the item head's distillation term (``model.item_head_distill``) averaged since the last
+    log line, when it has a teacher."""
+    teacher = getattr(getattr(model, "item_head", None), "teacher", None)
+    kl = teacher.pop_mean() if teacher is not None else None
+    return {} if kl is None else {"train/distill_kl": kl}
+
+
 def train_steps(cfg, n_rows: int) -> int:
     """Optimizer steps of a run: ``ceil(epochs * rows / batch_size)`` when ``cfg.epochs`` is set, else ``cfg.steps``."""
     epochs = getattr(cfg, "epochs", None)
@@ -550,7 +558,7 @@ def train(
             bar.set_postfix(loss=f"{avg:.3f}")
             if log is not None:
                 log(step, {"train/loss": avg, "train/lr": opt.param_groups[-1]["lr"],
-                           **{k: float(v) for k, v in extra_logs.items()}})
+                           **{k: float(v) for k, v in extra_logs.items()}, **_distill_log(model)})
         if eval_every and ((step + 1) % eval_every == 0 or step == len(batches) - 1) and hooks.selectable(step):
             selection(model, step + 1)
         if run_dir is not None and rank == 0 and (step + 1) % every == 0 and step + 1 < len(batches):

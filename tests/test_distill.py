@@ -56,20 +56,49 @@ def test_teacher_reads_each_windows_items_before_every_target(ml, index, rows):
     wins = train_windows(ml, H).head(10)
     for j, its in enumerate(wins["items"]):
         assert items[j, : lengths[j]].tolist() == [row_of[x] for x in its]
-    t = teacher.logits(items, lengths)
-    fed = echo.seen[-1]
-    for j in range(len(wins)):
-        k = int(lengths[j])
-        assert fed[j, -k:].tolist() == (perm[items[j, :k].numpy()] + 1).tolist() and not fed[j, :-k].any()
-    # the echo teacher's peak after items[:c + 1] is the last of them, in head-row order
     pos, targets = item_targets(ids, tgt[:, 1:], base, head)
     _, _, rank = window_items(head, ids, base)
     jj = rank[pos[:, 0], pos[:, 1] + 1]
     assert (jj >= 1).all()  # every target (items 2..n) has a history
     assert (items[pos[:, 0], jj] == targets).all()
-    prev = items[pos[:, 0], jj - 1]
-    peak = t[pos[:, 0], jj - 1].argmax(-1)
-    assert torch.equal(peak, prev)
+    t, ok = teacher.logits(items, lengths, pos[:, 0], jj - 1)
+    fed = echo.seen[-1]
+    for j in range(len(wins)):
+        k = int(lengths[j])
+        assert fed[j, -k:].tolist() == (perm[items[j, :k].numpy()] + 1).tolist() and not fed[j, :-k].any()
+    # the echo teacher's peak after items[:c + 1] is the last of them, in head-row order
+    assert ok.all() and t.shape == (len(pos), n)
+    assert torch.equal(t.argmax(-1), items[pos[:, 0], jj - 1])
+
+
+def test_a_short_teacher_reads_each_windows_last_items_only(ml, index, rows):
+    """A teacher with ``max_len`` 3 is fed each window's last 3 items; a target whose previous item lies before them
+    gets no teacher score (ok False, no term), every other one the teacher's score after its previous item."""
+    model, _, ids, _, tgt = _batch(index, rows)
+    head, base = model.item_head, model.vocab.base_vocab
+    n = len(index.entity_ids)
+    echo = _EchoTeacher(n, max_len=3)
+    teacher = ItemTeacher(echo, np.arange(n), weight=1.0)
+    items, lengths, rank = window_items(head, ids, base)
+    pos, _ = item_targets(ids, tgt[:, 1:], base, head)
+    jj = rank[pos[:, 0], pos[:, 1] + 1]
+    t, ok = teacher.logits(items, lengths, pos[:, 0], jj - 1)
+    fed = echo.seen[-1]
+    assert fed.shape[1] == 3
+    for b in range(len(lengths)):
+        k = int(lengths[b])
+        kk = min(k, 3)
+        assert fed[b, 3 - kk:].tolist() == (items[b, k - kk:k] + 1).tolist() and not fed[b, :3 - kk].any()
+    assert torch.equal(ok, jj - 1 >= lengths[pos[:, 0]] - 3)
+    assert 0 < int(ok.sum()) < len(ok) and t.shape == (int(ok.sum()), n)
+    assert torch.equal(t.argmax(-1), items[pos[ok, 0], jj[ok] - 1])
+
+
+def test_a_teacher_must_say_its_catalog_size():
+    with pytest.raises(ValueError, match="n_items"):
+        ItemTeacher(torch.nn.Linear(2, 2), np.arange(2), weight=1.0)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        ItemTeacher(_EchoTeacher(4), np.array([0, 4]), weight=1.0)
 
 
 def test_distill_is_zero_when_the_student_agrees_and_positive_otherwise(index, rows):
@@ -84,7 +113,8 @@ def test_distill_is_zero_when_the_student_agrees_and_positive_otherwise(index, r
     pos, _ = item_targets(ids, tgt[:, 1:], base, head)
     items, lengths, rank = window_items(head, ids, base)
     j = rank[pos[:, 0], pos[:, 1] + 1]
-    same = teacher.logits(items, lengths)[pos[:, 0], j - 1]
+    same, ok = teacher.logits(items, lengths, pos[:, 0], j - 1)
+    assert ok.all()
     assert float(distill_loss(teacher, head, ids, pos, same, base)) == pytest.approx(0.0, abs=1e-5)
     other = torch.randn(same.shape, generator=torch.Generator().manual_seed(1))
     assert float(distill_loss(teacher, head, ids, pos, other, base)) > 0.01

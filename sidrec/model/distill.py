@@ -13,7 +13,7 @@ and the student reads the same window's SID tokens. Only training changes: the t
 never used at decoding, and sees only the training split (``sidrec.stages.build_model`` takes the same-run SASRec,
 whose epoch was chosen on valid, never test).
 
-The teacher is duck-typed: any ``torch.nn.Module`` with ``max_len`` and ``forward(seq [B, L]) -> [B, L, n_items]``
+The teacher is duck-typed: any ``torch.nn.Module`` with ``n_items``, ``max_len`` and ``forward(seq [B, L]) -> [B, L, n_items]``
 over left-padded shifted item ids (0 = padding), as :class:`sidrec.evaluation.baselines.SASRec`. This module does not
 import it (the model package sits below evaluation).
 """
@@ -38,7 +38,9 @@ class ItemTeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.rows = torch.as_tensor(head_to_teacher, dtype=torch.long)
-        n_teacher = int(getattr(model, "n_items", self.rows.max().item() + 1 if self.rows.numel() else 0))
+        if getattr(model, "n_items", None) is None:
+            raise ValueError("item teacher: the model must say how many items it scores (an n_items attribute)")
+        n_teacher = int(model.n_items)
         if self.rows.numel() and (int(self.rows.min()) < 0 or int(self.rows.max()) >= n_teacher):
             raise ValueError(f"item teacher: item indices must lie in [0, {n_teacher})")
         self.weight = float(weight)
@@ -61,14 +63,15 @@ class ItemTeacher:
         return self
 
     @torch.no_grad()
-    def logits(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """[B, W, n_items] in item-head row order: the teacher's scores for the next item after each of the ``lengths``
-        [B] first items of ``items`` [B, W] (item-head rows, left-aligned; entries past a row's length are ignored).
-        Column j of row b scores the item that follows ``items[b, :j + 1]``. Each row is fed as the teacher was trained
-        (left-padded, its last ``max_len`` items)."""
+    def logits(self, items: torch.Tensor, lengths: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's scores where M targets need them: ``(scores [M', n_items] in item-head row order, ok [M])``.
+        Target m is the item after ``items[row[m], :col[m] + 1]``; ``items`` [B, W] are item-head rows, left-aligned,
+        the first ``lengths`` [B] of each row real. Each row is fed as the teacher was trained (left-padded, its last
+        ``max_len`` items), in one forward pass; ``ok`` is False where item ``col[m]`` itself falls before those
+        ``max_len`` items, and ``scores`` holds the ``ok`` targets only."""
         b, w = items.shape
-        max_len = int(getattr(self.model, "max_len", w))
-        width = min(w, max_len)
+        width = min(w, int(getattr(self.model, "max_len", w)))
         seq = torch.zeros(b, width, dtype=torch.long, device=items.device)
         cols = torch.arange(w, device=items.device)
         # item j of row b goes to column width - n_b + j (right-aligned); items cut by max_len are dropped
@@ -76,18 +79,17 @@ class ItemTeacher:
         keep = (cols[None] < lengths[:, None]) & (dest >= 0)
         rb, rj = keep.nonzero(as_tuple=True)
         seq[rb, dest[rb, rj]] = self.rows[items[rb, rj]] + 1
+        at = width - lengths[row] + col  # where the teacher has read item col of the target's row
+        ok = at >= 0
         scores = self.model(seq)  # [B, width, n_teacher]
-        scores = scores[..., self.rows]  # item-head row order
-        out = scores.new_full((b, w, scores.shape[-1]), float("nan"))
-        out[rb, rj] = scores[rb, dest[rb, rj]]
-        return out
+        return scores[row[ok], at[ok]][:, self.rows], ok
 
-
-def window_items(head, ids: torch.Tensor, base_vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def window_items(head, ids: torch.Tensor, base_vocab: int, starts: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The catalog items spelled in each row of ``ids`` [B, T], in order: ``(items [B, W], lengths [B], rank [B, T'])``
     where ``rank[b, s]`` (``T' = T - levels + 1``) is the index in ``items[b]`` of the item whose SID starts at token
-    ``s`` (-1 where none starts)."""
-    rows = head.rows_starting(ids - base_vocab)  # [B, T']
+    ``s`` (-1 where none starts). ``starts``: ``head.rows_starting(ids - base_vocab)`` when the caller has it."""
+    rows = head.rows_starting(ids - base_vocab) if starts is None else starts  # [B, T']
     found = rows >= 0
     rank = torch.where(found, found.long().cumsum(1) - 1, torch.full_like(rows, -1))
     lengths = found.sum(1)
@@ -99,23 +101,21 @@ def window_items(head, ids: torch.Tensor, base_vocab: int) -> tuple[torch.Tensor
 
 
 def distill_loss(teacher: ItemTeacher, head, ids: torch.Tensor, pos: torch.Tensor, student: torch.Tensor,
-                 base_vocab: int) -> Optional[torch.Tensor]:
+                 base_vocab: int, starts: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``T^2 * KL(teacher || student)`` at temperature T, averaged over the targets ``pos`` [M, 2] (as
     :func:`sidrec.model.item_head.item_targets` gives them: row, and the position that predicts the item's first SID
     token) whose item has at least one item before it in its row; ``student`` [M, n_items] are the head's logits there.
-    None when no target has a history."""
-    items, lengths, rank = window_items(head, ids, base_vocab)
+    ``starts`` as :func:`window_items` takes it. None when no target has a history."""
+    items, lengths, rank = window_items(head, ids, base_vocab, starts)
     j = rank[pos[:, 0], pos[:, 1] + 1]  # the target's index among its row's items (position p predicts token p + 1)
     has = j >= 1
     if not bool(has.any()):
         return None
-    t_all = teacher.logits(items, lengths)  # [B, W, n_items]
-    t = t_all[pos[has, 0], j[has] - 1].float()  # the teacher after the items before the target
-    ok = torch.isfinite(t).all(-1)  # the target's history fell inside the teacher's max_len
-    if not bool(ok.any()):
+    t, ok = teacher.logits(items, lengths, pos[has, 0], j[has] - 1)  # the teacher after the items before the target
+    if not bool(ok.any()):  # no target's history falls inside the teacher's max_len
         return None
     temp = teacher.temperature
-    p_t = torch.log_softmax(t[ok] / temp, dim=-1)
+    p_t = torch.log_softmax(t.float() / temp, dim=-1)
     p_s = torch.log_softmax(student[has][ok].float() / temp, dim=-1)
     kl = torch.nn.functional.kl_div(p_s, p_t, log_target=True, reduction="batchmean")
     return kl * temp * temp

@@ -137,17 +137,19 @@ class ItemHead(nn.Module):
         return torch.where(found, self._order[pos], torch.full_like(keys, -1))
 
 
-def item_targets(ids: torch.Tensor, pred_mask: torch.Tensor, base_vocab: int, head: ItemHead
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def item_targets(ids: torch.Tensor, pred_mask: torch.Tensor, base_vocab: int, head: ItemHead,
+                 starts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the item head is trained in a batch: ``(positions [M, 2], rows [M])``.
 
     ``ids`` [B, T] are the token ids, ``pred_mask`` [B, T-1] the supervised predictions (position p
     predicts token p + 1). A position counts when it predicts an item-level-0 SID token and the next
-    ``levels`` tokens, all supervised, form the SID of a catalog item; its row is that item's."""
+    ``levels`` tokens, all supervised, form the SID of a catalog item; its row is that item's. ``starts``:
+    ``head.rows_starting(ids - base_vocab)`` when the caller has it."""
     L = head.num_levels
     if ids.shape[1] - 1 < L:
         return torch.zeros(0, 2, dtype=torch.long, device=ids.device), torch.zeros(0, dtype=torch.long, device=ids.device)
-    rows = head.rows_starting(ids[:, 1:] - base_vocab)  # [B, T - L]: the item whose SID position p starts predicting
+    # [B, T - L]: the item whose SID position p starts predicting (its first token is token p + 1)
+    rows = head.rows_starting(ids[:, 1:] - base_vocab) if starts is None else starts[:, 1:]
     keep = (rows >= 0) & pred_mask.unfold(1, L, 1).all(-1)  # ... with all L of its tokens supervised
     return keep.nonzero(), rows[keep]
 
@@ -159,7 +161,9 @@ def item_head_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor)
     head = getattr(model, "item_head", None)
     if head is None:
         return None
-    pos, rows = item_targets(ids, tgt[:, 1:], model.vocab.base_vocab, head)
+    base = model.vocab.base_vocab
+    starts = head.rows_starting(ids - base) if ids.shape[1] > head.num_levels else None  # read by the teacher too
+    pos, rows = item_targets(ids, tgt[:, 1:], base, head, starts)
     if rows.numel() == 0:
         return None
     hs = h[pos[:, 0], pos[:, 1]]
@@ -169,7 +173,7 @@ def item_head_loss(model, h: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor)
     if teacher is not None and head.training:
         from sidrec.model.distill import distill_loss
 
-        kl = distill_loss(teacher, head, ids, pos, logits, model.vocab.base_vocab)
+        kl = distill_loss(teacher, head, ids, pos, logits, base, starts)
         if kl is not None:
             teacher.record(kl.detach())
             loss = loss + teacher.weight * kl

@@ -151,16 +151,19 @@ class IndexConfig(_Strict):
     entities: Literal["items", "items+users"] = "items"
     quantizer: Literal["rq_kmeans", "rq_vae", "lsh"] = Field("rq_kmeans", description="static: rq_kmeans | rq_vae | lsh (S-LSH); dynamic: rq_kmeans (the learned index starts as it)")
     levels: int = Field(3, ge=1, le=8, description="M: SID length before collision resolution")
-    codebook_size: Union[int, Literal["auto"]] = Field(256, description="N codes per level, or 'auto' to scale down for small catalogs")
+    codebook_size: Union[int, Literal["auto"]] = Field(
+        "auto", description="N codes per level, or 'auto': the smallest power of two >= 2 x the catalog's M-th root, in [4, 256] "
+        "(sidrec.index.quantize.auto_codebook_size: 32 for 1.3k items, 64 for 4-17k, 128 for 42k)")
     kmeans_iters: int = Field(50, ge=1)
     rqvae: RQVAEConfig = Field(default_factory=RQVAEConfig)
     dynamic: "DynamicConfig" = Field(default_factory=lambda: DynamicConfig())
     sa_init: bool = Field(False, description="TS-Rec SA-Init: SID token embeddings start as the mean pretrained embedding of their items' keywords "
                           "(same as model.sid_init: keywords)")
     collisions: Literal["extra_level", "nearest_free"] = Field(
-        "extra_level", description="how items with the same M codes get unique SIDs: extra_level appends a disambiguation level "
-        "(M+1 tokens per item); nearest_free moves each colliding item to the nearest free code of the last level(s), so every "
-        "item costs M tokens (rq_kmeans / rq_vae only)")
+        "nearest_free", description="how items with the same M codes get unique SIDs: nearest_free moves each colliding item to "
+        "the nearest free code of the last level(s), so every item costs M tokens (rq_kmeans / rq_vae); extra_level appends a "
+        "disambiguation level (M+1 tokens per item). Unset: nearest_free with codebook_size auto (which always leaves it "
+        "room), else extra_level")
     balance: Literal["none", "last"] = Field(
         "none", description="last: the last level's codes are balanced by per-code prices fitted on the catalog and kept in "
         "the quantizer (new items are placed by the same rule): fewer raw collisions (rq_kmeans; a dynamic index starts from "
@@ -173,6 +176,17 @@ class IndexConfig(_Strict):
     seed: Optional[int] = Field(
         None, ge=0, description="seed of the static index (its quantizer and collaborative vectors); unset: the run's seed. "
         "Set it to retrain the recommender with another seed on the same SIDs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collisions_default_by_quantizer(cls, data):
+        """Unset ``collisions``: nearest_free (M tokens per item at any catalog size) where the codebook is sized to the
+        catalog (``codebook_size: auto`` gives N^M >= 8x the items, so every item finds a free code), else extra_level
+        (an explicit N may be too small to hold the catalog in M levels; LSH has no codebooks to move an item along)."""
+        if isinstance(data, dict) and "collisions" not in data:
+            auto = data.get("codebook_size", "auto") == "auto" and data.get("quantizer", "rq_kmeans") != "lsh"
+            data = {**data, "collisions": "nearest_free" if auto else "extra_level"}
+        return data
 
     @field_validator("codebook_size")
     @classmethod

@@ -346,6 +346,29 @@ def test_balanced_last_level_spreads_a_real_catalog_and_new_items_follow_the_sam
     assert res.collisions == 0 and res.raw_collision_rate == raw_collision_rate(raw_b)
 
 
+def test_an_index_config_that_says_nothing_gives_a_real_catalog_unique_m_token_sids(ml100k_dir):
+    """Issue 14: with the defaults (codebook_size auto, collisions unset -> nearest_free) every item of a real catalog
+    gets its own M-level SID, however many raw collisions the quantizer leaves: no extra level. An explicit N, which
+    may be too small to hold the catalog in M levels, and LSH keep the extra level unless collisions is set."""
+    from sidrec.config import DataConfig, parse_config
+    from sidrec.data.dataset import load_dataset
+    from sidrec.index.collab import cooccurrence_vectors
+    from sidrec.index.quantize import auto_codebook_size, quantize
+
+    ml = load_dataset(DataConfig(format="recbole", path=str(ml100k_dir), max_users=300, kcore=5))
+    x = cooccurrence_vectors(ml.train_sequences().values(), ml.items["item_id"].tolist(), dim=16, window=3)
+    cfg = parse_config({}).index
+    assert (cfg.codebook_size, cfg.collisions) == ("auto", "nearest_free")
+    res = quantize(x, cfg.model_copy(update={"kmeans_iters": 10}), seed=0, progress=False)
+    n = auto_codebook_size(x.shape[0], cfg.levels)
+    assert res.level_sizes == [n] * cfg.levels and res.codes.shape == (x.shape[0], cfg.levels)
+    assert res.collisions == 0 and _unique_rows(res.codes) and res.raw_collision_rate > 0
+    assert parse_config({"index": {"codebook_size": 8}}).index.collisions == "extra_level"
+    assert parse_config({"index": {"quantizer": "lsh"}}).index.collisions == "extra_level"
+    assert parse_config({"index": {"codebook_size": 8, "collisions": "nearest_free"}}).index.collisions == "nearest_free"
+    assert parse_config({"index": {"collisions": "extra_level"}}).index.collisions == "extra_level"
+
+
 @pytest.mark.parametrize("index", [{"quantizer": "rq_vae"}, {"quantizer": "lsh", "collisions": "extra_level"}])
 def test_balance_is_refused_where_it_does_not_apply(index):
     from sidrec.config import parse_config

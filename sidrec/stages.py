@@ -313,6 +313,8 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
     if cfg.train.processes > 1:  # data-parallel over torchrun processes (one per GPU, or gloo on CPU)
         from sidrec.training.parallel import finetune_distributed
 
+        if cfg.model.item_head_distill > 0:  # the teacher is trained here, once, into the store; each process loads it
+            item_teacher(ds, bundle.items, cfg)
         path, meta = finetune_distributed(instructions, bundle, cfg, out_dir, ds, log)
         return TrainedRecommender(path=path, meta=meta)
     set_threads(cfg)

@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _setup(ml100k_dir, processes: int):
+def _setup(ml100k_dir, processes: int, **model):
     from sidrec.artifacts import EntityFeatures
     from sidrec.config import parse_config
     from sidrec.stages import build_index, ingest, instruct
@@ -19,7 +19,8 @@ def _setup(ml100k_dir, processes: int):
         "data": {"format": "recbole", "path": str(ml100k_dir), "max_users": 20, "kcore": 3},
         "index": {"codebook_size": 8, "levels": 2, "kmeans_iters": 5},
         "tasks": {"sid_to_text": 0.0},
-        "model": {"backbone": "tiny", "dtype": "float32", "device": "cpu", "lora": {"r": 2, "dropout": 0.1}},
+        "model": {"backbone": "tiny", "dtype": "float32", "device": "cpu", "lora": {"r": 2, "dropout": 0.1}, **model},
+        "baselines": {"sasrec": {"hidden": 16, "layers": 1, "heads": 1, "max_epochs": 2}},
         "train": {"steps": 6, "batch_size": 2, "warmup_steps": 1, "threads": 2, "log_every": 1,
                   "checkpoint_every": None, "processes": processes},
     })
@@ -64,3 +65,29 @@ def test_processes_config_is_validated():
         parse_config({"train": {"processes": 0}})
     with pytest.raises(ConfigError, match="model.device"):
         parse_config({"model": {"device": "tpu"}})
+
+
+def test_two_process_distillation_trains_its_teacher_once_before_the_processes(ml100k_dir, tmp_path, monkeypatch):
+    """With ``model.item_head_distill`` the parent trains the SASRec teacher into the store before it starts the
+    processes, and gives them the dataset; each process loads that teacher (no process trains another one)."""
+    from sidrec.stages import finetune
+    from sidrec.training import parallel
+
+    monkeypatch.setenv("SIDREC_PROGRESS", "0")
+    monkeypatch.setenv("SIDREC_HOME", str(tmp_path / "home"))
+    instructions, bundle, cfg, ds = _setup(ml100k_dir, 2, sid_init="random", item_head=1.0, item_head_distill=1.0)
+    store = tmp_path / "home" / "cache" / "sasrec"
+    seen = {}
+    real = parallel.launch
+
+    def spy(job, processes, *args, **kwargs):
+        seen["stored"] = sorted(p.name for p in store.iterdir()) if store.exists() else []
+        seen["dataset"] = (job / "dataset").exists()
+        return real(job, processes, *args, **kwargs)
+
+    monkeypatch.setattr(parallel, "launch", spy)
+    rec = finetune(instructions, bundle, cfg, tmp_path / "model", ds=ds)
+    assert seen["dataset"] and len(seen["stored"]) == 1
+    assert sorted(p.name for p in store.iterdir()) == seen["stored"]
+    a, b = rec.meta["replica_checksums"]
+    assert a == b

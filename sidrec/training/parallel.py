@@ -80,7 +80,7 @@ def finetune_distributed(instructions, bundle, cfg, out_dir: Path, ds=None, log=
         (job / "config.json").write_text(cfg.model_dump_json())
         instructions.part("train").reset_index(drop=True).to_parquet(job / "train.parquet")
         bundle.save(job / "bundle")
-        if ds is not None and (cfg.index.sa_init or cfg.model.sid_init != "random"):
+        if ds is not None and (cfg.index.sa_init or cfg.model.sid_init != "random" or cfg.model.item_head_distill > 0):
             ds.save(job / "dataset")
         launch(job, cfg.train.processes)
         meta = json.loads((job / "recommender" / "meta.json").read_text())

@@ -175,7 +175,8 @@ def ml100k_index(ds, levels: int = 3, codebook="auto", seed: int = 42):
         emb_file.parent.mkdir(parents=True, exist_ok=True)
         np.save(emb_file, emb)
     t_emb = time.perf_counter() - t0
-    res = quantize(emb, IndexConfig(quantizer="rq_kmeans", levels=levels, codebook_size=codebook), seed, progress=False)
+    res = quantize(emb, IndexConfig(quantizer="rq_kmeans", levels=levels, codebook_size=codebook,
+                                   collisions="extra_level"), seed, progress=False)
     index = SIDIndex(entity_ids=ds.items["item_id"].tolist(), codes=res.codes, level_sizes=list(res.level_sizes))
     index.save(d)
     build = {"embedder": "all-MiniLM-L6-v2", "quantizer": "rq_kmeans", "levels_raw": levels, "codebook": codebook,

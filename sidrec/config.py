@@ -162,8 +162,8 @@ class IndexConfig(_Strict):
     collisions: Literal["extra_level", "nearest_free"] = Field(
         "nearest_free", description="how items with the same M codes get unique SIDs: nearest_free moves each colliding item to "
         "the nearest free code of the last level(s), so every item costs M tokens (rq_kmeans / rq_vae); extra_level appends a "
-        "disambiguation level (M+1 tokens per item). Unset: nearest_free with codebook_size auto (which always leaves it "
-        "room), else extra_level")
+        "disambiguation level (M+1 tokens per item). Unset: nearest_free with codebook_size auto and M >= 3 (room for "
+        "8x the catalog), else extra_level")
     balance: Literal["none", "last"] = Field(
         "none", description="last: the last level's codes are balanced by per-code prices fitted on the catalog and kept in "
         "the quantizer (new items are placed by the same rule): fewer raw collisions (rq_kmeans; a dynamic index starts from "
@@ -180,12 +180,14 @@ class IndexConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _collisions_default_by_quantizer(cls, data):
-        """Unset ``collisions``: nearest_free (M tokens per item at any catalog size) where the codebook is sized to the
-        catalog (``codebook_size: auto`` gives N^M >= 8x the items, so every item finds a free code), else extra_level
-        (an explicit N may be too small to hold the catalog in M levels; LSH has no codebooks to move an item along)."""
+        """Unset ``collisions``: nearest_free (M tokens per item) where the codebook is sized to the catalog with room to
+        spare (``codebook_size: auto`` and M >= 3: N^M >= 8x the items up to 2M items, 16.7M codes at N's cap of 256),
+        else extra_level (an explicit N, or M <= 2, may be too small to hold the catalog in M levels; LSH has no
+        codebooks to move an item along). Decided when the config is parsed; a ``model_copy`` does not re-decide it."""
         if isinstance(data, dict) and "collisions" not in data:
-            auto = data.get("codebook_size", "auto") == "auto" and data.get("quantizer", "rq_kmeans") != "lsh"
-            data = {**data, "collisions": "nearest_free" if auto else "extra_level"}
+            roomy = (data.get("codebook_size", "auto") == "auto" and data.get("quantizer", "rq_kmeans") != "lsh"
+                     and int(data.get("levels", 3)) >= 3)
+            data = {**data, "collisions": "nearest_free" if roomy else "extra_level"}
         return data
 
     @field_validator("codebook_size")

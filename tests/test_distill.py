@@ -92,6 +92,12 @@ def test_a_short_teacher_reads_each_windows_last_items_only(ml, index, rows):
     assert torch.equal(ok, jj - 1 >= lengths[pos[:, 0]] - 3)
     assert 0 < int(ok.sum()) < len(ok) and t.shape == (int(ok.sum()), n)
     assert torch.equal(t.argmax(-1), items[pos[ok, 0], jj[ok] - 1])
+    # the term reads only the targets the teacher scored: zero when the student agrees there, whatever elsewhere
+    student = torch.randn(len(pos), n, generator=torch.Generator().manual_seed(2))
+    student[ok] = t
+    assert float(distill_loss(teacher, head, ids, pos, student, base)) == pytest.approx(0.0, abs=1e-5)
+    student[ok] = t.flip(-1)
+    assert float(distill_loss(teacher, head, ids, pos, student, base)) > 0.01
 
 
 def test_a_teacher_must_say_its_catalog_size():

@@ -346,7 +346,7 @@ def test_balanced_last_level_spreads_a_real_catalog_and_new_items_follow_the_sam
     assert res.collisions == 0 and res.raw_collision_rate == raw_collision_rate(raw_b)
 
 
-def test_an_index_config_that_says_nothing_gives_a_real_catalog_unique_m_token_sids(ml100k_dir):
+def test_an_index_config_that_says_nothing_gives_a_real_catalog_unique_m_token_sids(ml100k_dir, tmp_path):
     """Issue 14: with the defaults (codebook_size auto, collisions unset -> nearest_free) every item of a real catalog
     gets its own M-level SID, however many raw collisions the quantizer leaves: no extra level. An explicit N, which
     may be too small to hold the catalog in M levels, and LSH keep the extra level unless collisions is set."""
@@ -367,6 +367,15 @@ def test_an_index_config_that_says_nothing_gives_a_real_catalog_unique_m_token_s
     assert parse_config({"index": {"quantizer": "lsh"}}).index.collisions == "extra_level"
     assert parse_config({"index": {"codebook_size": 8, "collisions": "nearest_free"}}).index.collisions == "nearest_free"
     assert parse_config({"index": {"collisions": "extra_level"}}).index.collisions == "extra_level"
+    assert parse_config({"index": {"levels": 2}}).index.collisions == "extra_level"  # 2 levels: too little room
+    four = parse_config({"index": {"levels": 4}}).index
+    assert (four.codebook_size, four.collisions) == ("auto", "nearest_free")
+    # a base file's explicit N counts: the merged mapping decides
+    from sidrec.config import load_config
+
+    (tmp_path / "base.yaml").write_text("index: {codebook_size: 16}\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\nindex: {levels: 3}\n")
+    assert load_config(tmp_path / "run.yaml").index.collisions == "extra_level"
 
 
 @pytest.mark.parametrize("index", [{"quantizer": "rq_vae"}, {"quantizer": "lsh", "collisions": "extra_level"}])

@@ -84,6 +84,7 @@ class ItemTeacher:
         scores = self.model(seq)  # [B, width, n_teacher]
         return scores[row[ok], at[ok]][:, self.rows], ok
 
+
 def window_items(head, ids: torch.Tensor, base_vocab: int, starts: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The catalog items spelled in each row of ``ids`` [B, T], in order: ``(items [B, W], lengths [B], rank [B, T'])``

@@ -185,8 +185,12 @@ class IndexConfig(_Strict):
         else extra_level (an explicit N, or M <= 2, may be too small to hold the catalog in M levels; LSH has no
         codebooks to move an item along). Decided when the config is parsed; a ``model_copy`` does not re-decide it."""
         if isinstance(data, dict) and "collisions" not in data:
+            try:
+                levels = int(data.get("levels", 3))
+            except (TypeError, ValueError):  # not a number: the levels field reports it by name
+                return data
             roomy = (data.get("codebook_size", "auto") == "auto" and data.get("quantizer", "rq_kmeans") != "lsh"
-                     and int(data.get("levels", 3)) >= 3)
+                     and levels >= 3)
             data = {**data, "collisions": "nearest_free" if roomy else "extra_level"}
         return data
 

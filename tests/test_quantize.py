@@ -368,6 +368,10 @@ def test_an_index_config_that_says_nothing_gives_a_real_catalog_unique_m_token_s
     assert parse_config({"index": {"codebook_size": 8, "collisions": "nearest_free"}}).index.collisions == "nearest_free"
     assert parse_config({"index": {"collisions": "extra_level"}}).index.collisions == "extra_level"
     assert parse_config({"index": {"levels": 2}}).index.collisions == "extra_level"  # 2 levels: too little room
+    from sidrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"index\.levels"):  # a bad levels value is still reported by its field
+        parse_config({"index": {"levels": "three"}})
     four = parse_config({"index": {"levels": 4}}).index
     assert (four.codebook_size, four.collisions) == ("auto", "nearest_free")
     # a base file's explicit N counts: the merged mapping decides

@@ -24,26 +24,22 @@ sys.path.insert(0, str(ROOT))
 
 from sidrec import stages  # noqa: E402
 from sidrec.config import load_config, parse_config  # noqa: E402
-from sidrec.index.collisions import raw_collision_rate  # noqa: E402
+from sidrec.index.collisions import code_stats, raw_collision_rate  # noqa: E402
 from sidrec.index.quantize import auto_codebook_size, fit_rq_kmeans  # noqa: E402
-
-
-def perplexity(codes: np.ndarray) -> float:
-    p = np.bincount(codes)
-    p = p[p > 0] / len(codes)
-    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 def analyse(x, w, n_codes: int, balance: str, seed: int = 0) -> dict:
     raw = fit_rq_kmeans(x, 3, n_codes, seed, 50, column_weights=w, balance=balance).assign(x)
+    stats = code_stats(raw, [n_codes] * 3, raw_levels=2)  # largest prefix cell, level-0 perplexity
     _, cell_inv, cell_cnt = np.unique(raw[:, :2], axis=0, return_inverse=True, return_counts=True)
     over = cell_cnt[cell_inv.ravel()] > n_codes  # items in a prefix cell holding more than N: inseparable in M levels
     _, full_inv, full_cnt = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
     return {"N": n_codes, "balance": balance, "raw": round(raw_collision_rate(raw), 3),
             "items_in_shared_codes": round(float((full_cnt[full_inv.ravel()] > 1).mean()), 3),
             "cells_used": int(len(cell_cnt)), "cells_possible": n_codes * n_codes,
-            "items_per_used_cell": round(float(len(x) / len(cell_cnt)), 2), "largest_cell": int(cell_cnt.max()),
-            "items_in_overfull_cells": round(float(over.mean()), 4), "level0_perplexity": round(perplexity(raw[:, 0]), 1)}
+            "items_per_used_cell": round(float(len(x) / len(cell_cnt)), 2), "largest_cell": int(stats["max_group_size"]),
+            "items_in_overfull_cells": round(float(over.mean()), 4),
+            "level0_perplexity": round(stats["perplexity_level_0"], 1)}
 
 
 def catalogs():

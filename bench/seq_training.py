@@ -118,6 +118,10 @@ VARIANTS: dict[str, dict] = {
     # issue 14 item 4: twice the codes per level that `auto` gives MovieLens-100k (32), the last level balanced: raw
     # collisions .43 -> .07 on the quickstart's index inputs (session 30)
     "static-codebook64-balanced": {"index": {"codebook_size": 64, "balance": "last"}},
+    # issue 14 item 4 on Scientific (5k items, `auto` gives 64): today's default for an `auto` codebook (nearest_free)
+    # against twice the codes with the last level balanced; configs/scientific.yaml pins extra_level, so both set it
+    "static-nearest-free": {"index": {"collisions": "nearest_free"}},
+    "static-codebook128-balanced": {"index": {"codebook_size": 128, "balance": "last", "collisions": "nearest_free"}},
     # ... with the moving average of the weights scored and kept (train.ema)
     "item-head-input-ema": {"model": {"item_head": 1.0, "item_head_input": True}, "train": {"ema": 0.995}},
     # issue 11: two members, each on its own index (seed, seed + 1), fused at the item level (sidrec.model.fusion);

@@ -152,8 +152,8 @@ class IndexConfig(_Strict):
     quantizer: Literal["rq_kmeans", "rq_vae", "lsh"] = Field("rq_kmeans", description="static: rq_kmeans | rq_vae | lsh (S-LSH); dynamic: rq_kmeans (the learned index starts as it)")
     levels: int = Field(3, ge=1, le=8, description="M: SID length before collision resolution")
     codebook_size: Union[int, Literal["auto"]] = Field(
-        "auto", description="N codes per level, or 'auto': the smallest power of two >= 2 x the catalog's M-th root, in [4, 256] "
-        "(sidrec.index.quantize.auto_codebook_size: 32 for 1.3k items, 64 for 4-17k, 128 for 42k)")
+        "auto", description="N codes per level, or 'auto': the smallest power of two >= 4 x the catalog's M-th root, in [4, 256] "
+        "(sidrec.index.quantize.auto_codebook_size; M = 3: 64 up to 4,096 items, 128 up to 32,768, 256 above)")
     kmeans_iters: int = Field(50, ge=1)
     rqvae: RQVAEConfig = Field(default_factory=RQVAEConfig)
     dynamic: "DynamicConfig" = Field(default_factory=lambda: DynamicConfig())
@@ -163,11 +163,12 @@ class IndexConfig(_Strict):
         "nearest_free", description="how items with the same M codes get unique SIDs: nearest_free moves each colliding item to "
         "the nearest free code of the last level(s), so every item costs M tokens (rq_kmeans / rq_vae); extra_level appends a "
         "disambiguation level (M+1 tokens per item). Unset: nearest_free with codebook_size auto and M >= 3 (room for "
-        "8x the catalog), else extra_level")
+        "64x the catalog), else extra_level")
     balance: Literal["none", "last"] = Field(
         "none", description="last: the last level's codes are balanced by per-code prices fitted on the catalog and kept in "
         "the quantizer (new items are placed by the same rule): fewer raw collisions (rq_kmeans; a dynamic index starts from "
-        "the balanced static one and refits the prices at each refresh)")
+        "the balanced static one and refits the prices at each refresh). Unset: last with codebook_size auto and quantizer "
+        "rq_kmeans, else none")
     keywords_per_token: int = Field(5, ge=1, description="TS-Rec: TF-IDF keywords kept per SID token/prefix")
     embedding: Literal["text", "hybrid"] = Field(
         "text", description="what the static quantizer indexes: text (the item text embedding) or hybrid (text + a "
@@ -179,11 +180,16 @@ class IndexConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _collisions_default_by_quantizer(cls, data):
+    def _defaults_by_index_shape(cls, data):
         """Unset ``collisions``: nearest_free (M tokens per item) where the codebook is sized to the catalog with room to
-        spare (``codebook_size: auto`` and M >= 3: N^M >= 8x the items up to 2M items, 16.7M codes at N's cap of 256),
-        else extra_level (an explicit N, or M <= 2, may be too small to hold the catalog in M levels; LSH has no
-        codebooks to move an item along). Decided when the config is parsed; a ``model_copy`` does not re-decide it."""
+        spare (``codebook_size: auto`` and M >= 3: N^M >= 64x the items up to 262k items, 16.7M codes at N's cap of
+        256), else extra_level (an explicit N, or M <= 2, may be too small to hold the catalog in M levels; LSH has no
+        codebooks to move an item along). Unset ``balance``: last where sidrec sizes the codebook (``auto``) of an
+        RQ-KMeans index, else none (an explicit N keeps the index a recorded run was measured on). Decided when the
+        config is parsed; a ``model_copy`` does not re-decide them."""
+        if isinstance(data, dict) and "balance" not in data:
+            auto = data.get("codebook_size", "auto") == "auto"
+            data = {**data, "balance": "last" if auto and data.get("quantizer", "rq_kmeans") == "rq_kmeans" else "none"}
         if isinstance(data, dict) and "collisions" not in data:
             try:
                 levels = int(data.get("levels", 3))

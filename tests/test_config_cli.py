@@ -52,6 +52,8 @@ def test_base_configs_are_merged_key_by_key(tmp_path):
     quick = load_config(REPO / "configs" / "quickstart.yaml").model_dump(mode="json")
     assert (abl["index"]["quantizer"], abl["name"]) == ("rq_vae", "static-rqvae")
     assert (abl["model"]["item_head"], quick["model"]["item_head"]) == (0.0, 1.0)  # the grid compares SID heads alone
+    assert (abl["index"]["balance"], quick["index"]["balance"]) == ("none", "last")  # balancing is RQ-KMeans'
+    abl["index"]["balance"] = quick["index"]["balance"]
     abl["index"]["quantizer"], abl["name"], abl["model"]["item_head"] = quick["index"]["quantizer"], quick["name"], 1.0
     assert abl == quick
 

@@ -118,8 +118,9 @@ VARIANTS: dict[str, dict] = {
     # issue 14 item 4: twice the codes per level that `auto` gives MovieLens-100k (32), the last level balanced: raw
     # collisions .43 -> .07 on the quickstart's index inputs (session 30)
     "static-codebook64-balanced": {"index": {"codebook_size": 64, "balance": "last"}},
-    # issue 14 item 4 on Scientific (5k items, `auto` gives 64): today's default for an `auto` codebook (nearest_free)
-    # against twice the codes with the last level balanced; configs/scientific.yaml pins extra_level, so both set it
+    # issue 14 item 4 on Scientific (4,385 items; the then `auto` gave 64, now pinned in configs/scientific*.yaml):
+    # the recorded index (64 codes, nearest_free, plain) against twice the codes with the last level balanced; both
+    # set nearest_free because configs/scientific.yaml pins extra_level (session 31; BENCHMARKS "Scale")
     "static-nearest-free": {"index": {"collisions": "nearest_free"}},
     "static-codebook128-balanced": {"index": {"codebook_size": 128, "balance": "last", "collisions": "nearest_free"}},
     # ... with the moving average of the weights scored and kept (train.ema)

@@ -187,16 +187,18 @@ class IndexConfig(_Strict):
         codebooks to move an item along). Unset ``balance``: last where sidrec sizes the codebook (``auto``) of an
         RQ-KMeans index, else none (an explicit N keeps the index a recorded run was measured on). Decided when the
         config is parsed; a ``model_copy`` does not re-decide them."""
-        if isinstance(data, dict) and "balance" not in data:
-            auto = data.get("codebook_size", "auto") == "auto"
-            data = {**data, "balance": "last" if auto and data.get("quantizer", "rq_kmeans") == "rq_kmeans" else "none"}
-        if isinstance(data, dict) and "collisions" not in data:
+        if not isinstance(data, dict):
+            return data
+        auto = data.get("codebook_size", "auto") == "auto"
+        quantizer = data.get("quantizer", "rq_kmeans")
+        if "balance" not in data:
+            data = {**data, "balance": "last" if auto and quantizer == "rq_kmeans" else "none"}
+        if "collisions" not in data:
             try:
                 levels = int(data.get("levels", 3))
             except (TypeError, ValueError):  # not a number: the levels field reports it by name
                 return data
-            roomy = (data.get("codebook_size", "auto") == "auto" and data.get("quantizer", "rq_kmeans") != "lsh"
-                     and levels >= 3)
+            roomy = auto and quantizer != "lsh" and levels >= 3
             data = {**data, "collisions": "nearest_free" if roomy else "extra_level"}
         return data
 

@@ -385,8 +385,8 @@ def test_an_index_config_that_says_nothing_gives_a_real_catalog_unique_m_token_s
 
     (tmp_path / "base.yaml").write_text("index: {codebook_size: 16}\n")
     (tmp_path / "run.yaml").write_text("base: base.yaml\nindex: {levels: 3}\n")
-    assert load_config(tmp_path / "run.yaml").index.collisions == "extra_level"
-    assert load_config(tmp_path / "run.yaml").index.balance == "none"
+    merged = load_config(tmp_path / "run.yaml").index
+    assert (merged.collisions, merged.balance) == ("extra_level", "none")
 
 
 @pytest.mark.parametrize("index,balance", [

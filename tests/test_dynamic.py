@@ -66,6 +66,8 @@ def test_learned_quantizer_starts_as_the_static_index(collab_x, collisions, tmp_
     new, stats = reassign(lq, index, max_churn=0.1, margin=0.05)
     assert stats["churn"] == 0.0 and np.array_equal(new.codes, res.codes)  # a refresh before training moves nothing
     assert stats["collision_rate_raw"] == pytest.approx(res.raw_collision_rate)
+    for k in ("overfull", "in_room", "prefix_cells", "largest_cell"):  # and where they come from, as the static report says
+        assert stats[f"raw_{k}"] == pytest.approx(res.stats[f"raw_{k}"]), k
     # the saved learned state (residual MLPs) assigns like the static state until it has trained
     lq.state().save(tmp_path / "q")
     loaded = QuantizerState.load(tmp_path / "q")

@@ -126,6 +126,18 @@ def test_raw_collision_rate_hand_made():
     assert raw_collision_rate(np.array([[0], [1], [2]])) == 0.0
 
 
+def test_prefix_cells_split_raw_collisions_between_the_earlier_levels_and_the_last():
+    from sidrec.index.collisions import prefix_cells
+
+    # cell (0, 0): 3 items, one repeat; cell (1, 0): 3 items, two repeats; cell (2, 5): 1 item
+    raw = np.array([[0, 0, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 0], [1, 0, 0], [2, 5, 0]])
+    roomy = prefix_cells(raw, last_size=3)
+    assert roomy == {"overfull": 0.0, "in_room": pytest.approx(3 / 7), "prefix_cells": pytest.approx(3 / 7), "largest_cell": 3.0}
+    assert roomy["in_room"] == pytest.approx(raw_collision_rate(raw))  # no cell overfull: every repeat is the last level's
+    tight = prefix_cells(raw, last_size=2)  # both 3-item cells now hold more items than the last level has codes
+    assert tight["overfull"] == pytest.approx(6 / 7) and tight["in_room"] == 0.0
+
+
 def test_quantize_with_duplicate_points_and_fewer_points_than_codes():
     # 5 distinct, far-apart points repeated [3, 1, 1, 1, 2] times; 8 codes > 5 distinct points
     rng = np.random.default_rng(3)
@@ -418,6 +430,10 @@ def test_the_default_index_balances_the_last_level_of_a_real_catalog(ml100k_dir)
     plain = quantize(x, cfg.model_copy(update={"balance": "none"}), seed=0, progress=False)
     assert res.level_sizes == [64] * 3 and res.collisions == 0 and _unique_rows(res.codes)
     assert res.raw_collision_rate < 0.5 * plain.raw_collision_rate, (res.raw_collision_rate, plain.raw_collision_rate)
+    # what balancing removes are the last level's collisions; the first two levels are the same codebooks, same cells
+    assert res.stats["raw_in_room"] < 0.5 * plain.stats["raw_in_room"]
+    assert res.stats["raw_overfull"] == plain.stats["raw_overfull"] and res.stats["raw_prefix_cells"] == plain.stats["raw_prefix_cells"]
+    assert res.stats["raw_in_room"] <= res.raw_collision_rate <= res.stats["raw_in_room"] + res.stats["raw_overfull"]
 
 
 @pytest.mark.parametrize("index", [{"quantizer": "rq_vae"}, {"quantizer": "lsh", "collisions": "extra_level"}])

@@ -128,6 +128,26 @@ def raw_collision_rate(raw_codes: np.ndarray) -> float:
     return 0.0 if n == 0 else float(count_duplicates(raw) / n)
 
 
+def prefix_cells(raw_codes: np.ndarray, last_size: int) -> dict[str, float]:
+    """Where raw collisions can come from, on codes of two or more levels: items sharing all codes but the
+    last form a prefix cell. ``overfull``: share of the items in a cell holding more than ``last_size``
+    items (no last-level assignment separates them: the earlier levels' doing); ``in_room``: share of the
+    items that repeat an earlier item's code although their cell has room (the last level's doing; the
+    raw collision rate is this plus the repeats inside overfull cells);
+    ``prefix_cells``: distinct cells per item; ``largest_cell``: items in the largest cell."""
+    raw = np.asarray(raw_codes, dtype=np.int64)
+    n = raw.shape[0]
+    if n == 0:
+        return {"overfull": 0.0, "in_room": 0.0, "prefix_cells": 0.0, "largest_cell": 0.0}
+    cell, cell_counts = _group_ids(raw[:, :-1])
+    code, code_counts = _group_ids(raw)
+    overfull = cell_counts[cell] > last_size
+    duplicate = np.ones(n, dtype=bool)
+    duplicate[np.unique(code, return_index=True)[1]] = False  # the first holder of a code does not collide
+    return {"overfull": float(overfull.mean()), "in_room": float((duplicate & ~overfull).mean()),
+            "prefix_cells": float(cell_counts.size / n), "largest_cell": float(cell_counts.max())}
+
+
 def code_stats(codes: np.ndarray, level_sizes: list[int], raw_levels: Optional[int] = None) -> dict[str, float]:
     """Usage statistics per level.
 

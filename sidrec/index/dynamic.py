@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sidrec.index.collisions import nearest_free_last
+from sidrec.index.collisions import nearest_free_last, prefix_cells
 from sidrec.index.kmeans import balance_prices, subtract_nearest_
 from sidrec.index.sid_index import SIDIndex
 from sidrec.model.sid_model import SIDRecModel
@@ -240,6 +240,10 @@ def reassign(q: LearnedQuantizer, index: SIDIndex, max_churn: float, margin: flo
              "quant_error": quant_error}
     util = code_stats(codes[:, :m], index.level_sizes[:m])
     stats.update({f"utilization/level_{k.split('_')[-1]}": float(v) for k, v in util.items() if k.startswith("utilization_level_")})
+    if m >= 2:  # where the raw collisions come from: the earlier levels (overfull cells) or the last (in_room)
+        stats.update({f"raw_{k}": v for k, v in prefix_cells(raw_np, index.level_sizes[m - 1]).items()})
+        raw_util = code_stats(raw_np, index.level_sizes[:m])
+        stats.update({f"raw_perplexity/level_{lv}": raw_util[f"perplexity_level_{lv}"] for lv in range(m)})
     return new_index, stats
 
 

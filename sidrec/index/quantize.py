@@ -33,6 +33,7 @@ from sidrec.index.collisions import (  # noqa: F401 -- re-exported: sidrec.index
     code_stats,
     count_duplicates,
     nearest_free_last,
+    prefix_cells,
     raw_collision_rate,
     resolve_collisions,
     spread_collisions,
@@ -546,6 +547,8 @@ def quantize(x: np.ndarray, cfg: IndexConfig, seed: int, progress: bool = True,
         codes, extra = resolve_collisions(raw)
     sizes = [n_codes] * m + extra
     stats = code_stats(codes, sizes, raw_levels=m)
+    if m >= 2:  # where the raw collisions come from (the dynamic index logs the same at each refresh)
+        stats.update({f"raw_{k}": v for k, v in prefix_cells(raw, n_codes).items()})
     return QuantizationResult(
         codes=codes,
         level_sizes=sizes,

@@ -205,8 +205,8 @@ def _plot_loss(curve: list, select_curve: Optional[list] = None, best_step: Opti
 
 
 def plot_refreshes(log: list[dict], path: Path, phases: str = "") -> None:
-    """The dynamic index per refresh: churn, raw collision rate (solid) and mean level utilization
-    (dashed) per entity family, with the tokenizer phases shaded (``phases``: "kind:start-end ...")."""
+    """The dynamic index per refresh: churn, raw collision rate (solid), the share of entities in overfull
+    prefix cells (dotted) and mean level utilization (dashed) per entity family, with the tokenizer phases shaded (``phases``: "kind:start-end ...")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +224,9 @@ def plot_refreshes(log: list[dict], path: Path, phases: str = "") -> None:
         ax.plot(steps, [e.get(f"churn/{fam}", float("nan")) for e in log], "o-", color=color, label=f"churn ({fam})")
         ax.plot(steps, [e.get(f"collision_rate_raw/{fam}", float("nan")) for e in log], "s-", color=color, alpha=0.5,
                 label=f"raw collisions ({fam})")
+        if any(f"raw_overfull/{fam}" in e for e in log):  # the part no last-level code can separate (earlier levels)
+            ax.plot(steps, [e.get(f"raw_overfull/{fam}", float("nan")) for e in log], "x:", color=color, alpha=0.5,
+                    label=f"in overfull cells ({fam})")
         util = [np.mean([v for k, v in e.items() if k.startswith(f"utilization/{fam}/")] or [np.nan]) for e in log]
         ax.plot(steps, util, "^--", color=color, alpha=0.5, label=f"utilization ({fam})")
     ax.set_xlabel("step (refresh at the end of each shaded tokenizer phase)")

@@ -107,6 +107,14 @@ def test_a_teacher_must_say_its_catalog_size():
         ItemTeacher(_EchoTeacher(4), np.array([0, 4]), weight=1.0)
 
 
+def test_the_log_reads_the_mean_of_the_recorded_terms_once():
+    teacher = ItemTeacher(_EchoTeacher(4), np.arange(4), weight=1.0)
+    assert teacher.pop_mean() is None
+    teacher.record(torch.tensor(1.0, requires_grad=True) * 2.0)  # a step's term, still in its graph
+    teacher.record(torch.tensor([4.0]))
+    assert teacher.pop_mean() == pytest.approx(3.0) and teacher.pop_mean() is None
+
+
 def test_distill_is_zero_when_the_student_agrees_and_positive_otherwise(index, rows):
     from sidrec.evaluation.baselines import SASRec
 

@@ -45,16 +45,17 @@ class ItemTeacher:
             raise ValueError(f"item teacher: item indices must lie in [0, {n_teacher})")
         self.weight = float(weight)
         self.temperature = float(temperature)
-        self._kl: list[float] = []  # the term's values since the training log last read them (pop_mean)
+        self._kl: list[torch.Tensor] = []  # the term's values since the training log last read them (pop_mean)
 
-    def record(self, kl: float) -> None:
-        self._kl.append(float(kl))
+    def record(self, kl: torch.Tensor) -> None:
+        """Keep one step's (detached) term; read back only when the log asks, so a GPU step does not wait on it."""
+        self._kl.append(torch.as_tensor(kl).detach().float().reshape(()))
 
     def pop_mean(self) -> Optional[float]:
         """Mean of the distillation term since the last call (None: none recorded), for the training log."""
         if not self._kl:
             return None
-        out, self._kl = sum(self._kl) / len(self._kl), []
+        out, self._kl = float(torch.stack(self._kl).mean()), []
         return out
 
     def to(self, device) -> "ItemTeacher":

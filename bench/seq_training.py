@@ -108,6 +108,11 @@ VARIANTS: dict[str, dict] = {
     "dynamic-items-fast-tok-balanced-item-head-input": {
         "index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3}},
         "model": {"item_head": 1.0, "item_head_input": True}},
+    # ... with the codebooks at a tenth of the tokenizer's rate (index.dynamic.codeword_lr; issue 13's collision target:
+    # codewords moving at 3e-3 re-sort the items inside a prefix cell, raw collisions .08 -> .12, session 33)
+    "dynamic-items-fast-tok-balanced-item-head-input-slow-books": {
+        "index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3, "codeword_lr": 3.0e-4}},
+        "model": {"item_head": 1.0, "item_head_input": True}},
     # ... with the moved items' head vectors kept at every refresh (index.dynamic.keep_item_vectors)
     "dynamic-items-fast-tok-balanced-item-head-input-keep": {
         "index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3, "keep_item_vectors": True}},

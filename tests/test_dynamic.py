@@ -207,6 +207,24 @@ def test_recommendation_gradient_reaches_codebooks_in_tokenizer_phases_only(ml):
     assert torch.equal(learned.folded().sid_embeddings, live)
 
 
+def test_codebooks_get_their_own_learning_rate_when_asked(ml):
+    """index.dynamic.codeword_lr: the codebooks of every family train at it, the rest of the quantizer at tokenizer_lr;
+    unset, the optimizer keeps one group for the whole index (a checkpoint written before the option still loads)."""
+    cfg, ds = ml
+    learned, _, _, hooks, _ = _pieces(cfg, ds)
+    books = {id(cb) for q in learned.quantizers for cb in q.codebooks}
+    one = hooks.param_groups(learned, cfg.train)
+    assert any(books <= {id(p) for p in g["params"]} and g["lr"] == hooks.tokenizer_lr for g in one)
+    assert parse_config({"index": {"mode": "dynamic", "dynamic": {"codeword_lr": 1e-5}}}).index.dynamic.codeword_lr == 1e-5
+    hooks.dcfg = hooks.dcfg.model_copy(update={"codeword_lr": 1e-5})
+    two = hooks.param_groups(learned, cfg.train)
+    assert len(two) == len(one) + 1
+    (own,) = [g for g in two if g["lr"] == 1e-5]
+    assert {id(p) for p in own["params"]} == books
+    rest = [id(p) for g in two if g is not own for p in g["params"]]
+    assert not books & set(rest) and len(rest) + len(own["params"]) == sum(len(g["params"]) for g in one)
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_a_refresh_keeps_the_item_heads_vectors_when_asked(ml, keep):
     """index.dynamic.keep_item_vectors: at a refresh the items that moved keep their item-head vectors (their own rows

@@ -399,7 +399,13 @@ class DynamicIndexHooks(TrainHooks):
         groups = [{"params": static[:n_tables], "lr": cfg.embedding_lr, "weight_decay": 0.0}]
         if static[n_tables:]:
             groups.append({"params": static[n_tables:], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-        groups.append({"params": [p for _, p in self._index_params(model)], "lr": self.tokenizer_lr, "weight_decay": 0.0})
+        index = self._index_params(model)
+        if self.dcfg.codeword_lr is None:
+            groups.append({"params": [p for _, p in index], "lr": self.tokenizer_lr, "weight_decay": 0.0})
+        else:  # the codebooks in a group of their own (only then: a checkpoint's optimizer keeps its groups)
+            books = {id(cb) for q in model.quantizers for cb in q.codebooks}
+            groups.append({"params": [p for _, p in index if id(p) not in books], "lr": self.tokenizer_lr, "weight_decay": 0.0})
+            groups.append({"params": [p for _, p in index if id(p) in books], "lr": self.dcfg.codeword_lr, "weight_decay": 0.0})
         groups.append({"params": [p for _, p in self._head_params()], "lr": cfg.lr, "weight_decay": 0.0})
         return groups
 

@@ -140,7 +140,7 @@ def prefix_cells(raw_codes: np.ndarray, last_size: int) -> dict[str, float]:
     if n == 0:
         return {"overfull": 0.0, "in_room": 0.0, "prefix_cells": 0.0, "largest_cell": 0.0}
     cell, cell_counts = _group_ids(raw[:, :-1])
-    code, code_counts = _group_ids(raw)
+    code, _ = _group_ids(raw)
     overfull = cell_counts[cell] > last_size
     duplicate = np.ones(n, dtype=bool)
     duplicate[np.unique(code, return_index=True)[1]] = False  # the first holder of a code does not collide

@@ -206,7 +206,8 @@ def _plot_loss(curve: list, select_curve: Optional[list] = None, best_step: Opti
 
 def plot_refreshes(log: list[dict], path: Path, phases: str = "") -> None:
     """The dynamic index per refresh: churn, raw collision rate (solid), the share of entities in overfull
-    prefix cells (dotted) and mean level utilization (dashed) per entity family, with the tokenizer phases shaded (``phases``: "kind:start-end ...")."""
+    prefix cells (dotted) and mean level utilization (dashed) per entity family, with the tokenizer phases
+    shaded (``phases``: "kind:start-end ...")."""
     import matplotlib
 
     matplotlib.use("Agg")

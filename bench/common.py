@@ -83,6 +83,24 @@ def set_threads(n: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
+def config_with_overrides(path, sets: list[str]) -> dict:
+    """The config at ``path`` as a dict with ``KEY=VALUE`` overrides (dotted keys, YAML values) applied; parse it
+    with ``sidrec.config.parse_config``."""
+    import yaml
+
+    from sidrec.config import load_config
+
+    base = load_config(path).model_dump(mode="json")
+    for kv in sets:
+        key, _, val = kv.partition("=")
+        node = base
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(val)
+    return base
+
+
 def write_json(path, obj) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

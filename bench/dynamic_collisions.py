@@ -8,10 +8,13 @@ library's own (``reassign``: prices refitted, at most 10% moved). Reports the ra
 comes from (``prefix_cells``) at both refreshes, four seeds per setting.
 
     .venv/bin/python bench/dynamic_collisions.py     # -> bench/results/dynamic_collisions.json
+    .venv/bin/python bench/dynamic_collisions.py --config configs/scientific-item-head.yaml --set index.codebook_size=128 \
+        --out scientific/dynamic_collisions           # any config's index inputs and index settings
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -23,8 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402
 from sidrec import stages  # noqa: E402
-from sidrec.config import load_config  # noqa: E402
+from sidrec.config import parse_config  # noqa: E402
 from sidrec.index.dynamic import LearnedQuantizer, reassign  # noqa: E402
 from sidrec.index.quantize import quantize  # noqa: E402
 from sidrec.index.sid_index import SIDIndex  # noqa: E402
@@ -59,8 +64,13 @@ def train(res, x: np.ndarray, share: float, seed: int, steps: int = 35, batch: i
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. index.codebook_size=128")
+    ap.add_argument("--out", default="dynamic_collisions", help="results name under bench/results/")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    cfg = parse_config(common.config_with_overrides(args.config, args.set), args.config)
     x, w = stages.index_inputs(stages.featurize(stages.ingest(cfg), cfg), cfg)
     res = quantize(x, cfg.index, stages.index_seed(cfg), column_weights=w, progress=False)
     out = {"static": {"collision_rate_raw": round(res.raw_collision_rate, 4),
@@ -76,7 +86,8 @@ def main() -> None:
         out["settings"][name] = {"runs": runs, "final_raw_mean": round(float(np.mean(final)), 4),
                                  "final_raw_range": [min(final), max(final)], "seconds": round(time.time() - t, 1)}
         print(name, "final raw collisions", final, "codewords moved", runs[0]["codeword_moved_rms"], flush=True)
-    path = ROOT / "bench" / "results" / "dynamic_collisions.json"
+    out["config"], out["overrides"] = str(args.config), list(args.set)
+    path = ROOT / "bench" / "results" / f"{args.out}.json"
     path.write_text(json.dumps(out, indent=1))
     print("wrote", path)
 

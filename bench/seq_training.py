@@ -323,19 +323,10 @@ def main(argv=None) -> int:
         print(json.dumps(VARIANTS, indent=1))
         return 0
 
-    import yaml
-
     from sidrec import stages
-    from sidrec.config import load_config, parse_config
+    from sidrec.config import parse_config
 
-    base = load_config(args.config).model_dump(mode="json")
-    for kv in args.set:
-        key, _, val = kv.partition("=")
-        node = base
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(val)
+    base = common.config_with_overrides(args.config, args.set)
     cfg = parse_config(base, args.config)
     stages.set_threads(cfg)
     t0 = time.perf_counter()

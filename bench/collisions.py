@@ -24,21 +24,21 @@ sys.path.insert(0, str(ROOT))
 
 from sidrec import stages  # noqa: E402
 from sidrec.config import load_config, parse_config  # noqa: E402
-from sidrec.index.collisions import code_stats, raw_collision_rate  # noqa: E402
+from sidrec.index.collisions import code_stats, prefix_cells, raw_collision_rate  # noqa: E402
 from sidrec.index.quantize import auto_codebook_size, fit_rq_kmeans  # noqa: E402
 
 
 def analyse(x, w, n_codes: int, balance: str, seed: int = 0) -> dict:
     raw = fit_rq_kmeans(x, 3, n_codes, seed, 50, column_weights=w, balance=balance).assign(x)
-    stats = code_stats(raw, [n_codes] * 3, raw_levels=2)  # largest prefix cell, level-0 perplexity
-    _, cell_inv, cell_cnt = np.unique(raw[:, :2], axis=0, return_inverse=True, return_counts=True)
-    over = cell_cnt[cell_inv.ravel()] > n_codes  # items in a prefix cell holding more than N: inseparable in M levels
+    stats = code_stats(raw, [n_codes] * 3)  # level-0 perplexity
+    cells = prefix_cells(raw, n_codes)  # overfull: items in a prefix cell holding more than N, inseparable in M levels
+    n_cells = int(round(cells["prefix_cells"] * len(raw)))
     _, full_inv, full_cnt = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
     return {"N": n_codes, "balance": balance, "raw": round(raw_collision_rate(raw), 3),
             "items_in_shared_codes": round(float((full_cnt[full_inv.ravel()] > 1).mean()), 3),
-            "cells_used": int(len(cell_cnt)), "cells_possible": n_codes * n_codes,
-            "items_per_used_cell": round(float(len(x) / len(cell_cnt)), 2), "largest_cell": int(stats["max_group_size"]),
-            "items_in_overfull_cells": round(float(over.mean()), 4),
+            "cells_used": n_cells, "cells_possible": n_codes * n_codes,
+            "items_per_used_cell": round(float(len(x) / n_cells), 2), "largest_cell": int(cells["largest_cell"]),
+            "items_in_overfull_cells": round(cells["overfull"], 4),
             "level0_perplexity": round(stats["perplexity_level_0"], 1)}
 
 

@@ -39,10 +39,10 @@ TOKENIZER_LR = 3e-3
 SHARES = {"1 (= tokenizer_lr)": 1.0, "1/10": 0.1, "1/50": 0.02, "0 (frozen)": 0.0}
 
 
-def train(res, x: np.ndarray, share: float, seed: int, steps: int = 35, batch: int = 64, dcfg=None) -> dict:
+def train(res, x: np.ndarray, share: float, seed: int, dcfg, steps: int = 35, batch: int = 64) -> dict:
     lq = LearnedQuantizer(res.state, x, hidden_dim=dcfg.hidden_dim, seed=seed)
     index = SIDIndex(entity_ids=[str(i) for i in range(len(x))], codes=res.codes, level_sizes=res.level_sizes)
-    books = [cb for cb in lq.codebooks]
+    books = list(lq.codebooks)
     rest = [p for p in lq.parameters() if all(p is not cb for cb in books)]
     opt = torch.optim.AdamW([{"params": rest, "lr": TOKENIZER_LR}, {"params": books, "lr": TOKENIZER_LR * share}],
                             weight_decay=0.0)
@@ -81,7 +81,7 @@ def main() -> None:
     dcfg = cfg.index.dynamic
     for name, share in SHARES.items():
         t = time.time()
-        runs = [train(res, x, share, seed, dcfg=dcfg) for seed in (42, 43, 44, 45)]
+        runs = [train(res, x, share, seed, dcfg) for seed in (42, 43, 44, 45)]
         final = [r["refreshes"][-1]["collision_rate_raw"] for r in runs]
         out["settings"][name] = {"runs": runs, "final_raw_mean": round(float(np.mean(final)), 4),
                                  "final_raw_range": [min(final), max(final)], "seconds": round(time.time() - t, 1)}

@@ -225,6 +225,28 @@ def test_codebooks_get_their_own_learning_rate_when_asked(ml):
     assert not books & set(rest) and len(rest) + len(own["params"]) == sum(len(g["params"]) for g in one)
 
 
+
+def test_the_checkpoint_key_follows_the_dynamic_settings(ml):
+    """A dynamic run resumes only under the same index settings (learning rates resolved): another codeword_lr is
+    another optimizer-group layout, so another key; the static hooks add nothing to theirs."""
+    from sidrec.stages import compute_dtype
+    from sidrec.training.loop import TrainHooks, run_key
+
+    cfg, ds = ml
+    learned, _, _, hooks, _ = _pieces(cfg, ds)
+    rows = hooks.part("train")
+
+    def key(settings):
+        return run_key(learned, rows, cfg.train, cfg.seed, compute_dtype(cfg), hooks.parameters(learned), settings)
+
+    base = key(hooks.settings())
+    assert hooks.settings()["dynamic"]["tokenizer_lr"] == hooks.tokenizer_lr
+    assert key(hooks.settings()) == base
+    hooks.dcfg = hooks.dcfg.model_copy(update={"codeword_lr": 1e-5})
+    assert key(hooks.settings()) != base
+    assert TrainHooks().settings() is None and key(None) != base
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_a_refresh_keeps_the_item_heads_vectors_when_asked(ml, keep):
     """index.dynamic.keep_item_vectors: at a refresh the items that moved keep their item-head vectors (their own rows

@@ -153,6 +153,30 @@ def test_damaged_checkpoint_falls_back_and_other_config_does_not_resume(tmp_path
     assert res.steps == 6 and res.resumed_from == 0 and not any((tmp_path / "ck").glob("*/ckpt-*"))
 
 
+def test_a_checkpoint_from_another_optimizer_layout_is_not_resumed(tmp_path):
+    """The optimizer's moments are stored by position; a checkpoint written with the parameters in other groups (another
+    order) would put them on the wrong tensors: it is skipped, and the same layout resumes."""
+    import torch
+
+    from sidrec.stages import build_model
+    from sidrec.training.loop import TrainResult, load_checkpoint, save_checkpoint, trainable_parameters
+
+    _, bundle, cfg = setup(tmp_path / "ck", steps=2, checkpoint_every=1)
+    torch.manual_seed(0)
+    model, _, _ = build_model(cfg, bundle)
+    named = trainable_parameters(model)
+    table, lora = named[0][1], next(p for _, p in named if p.shape != named[0][1].shape)
+    opt = torch.optim.AdamW([{"params": [table]}, {"params": [lora]}])
+    (table.sum() + lora.sum()).backward()
+    opt.step()
+    save_checkpoint(tmp_path / "run", 1, model, opt, TrainResult(losses=[1.0]), "k", params=named)
+    swapped = torch.optim.AdamW([{"params": [lora]}, {"params": [table]}])
+    assert load_checkpoint(tmp_path / "run", model, swapped, "k", params=named) is None
+    same = torch.optim.AdamW([{"params": [table]}, {"params": [lora]}])
+    meta = load_checkpoint(tmp_path / "run", model, same, "k", params=named)
+    assert meta is not None and torch.equal(same.state[table]["exp_avg"], opt.state[table]["exp_avg"])
+
+
 if __name__ == "__main__":  # child process for the kill test
     os.environ.setdefault("SIDREC_PROGRESS", "0")
     m = run_finetune(Path(sys.argv[1]), Path(sys.argv[2]))

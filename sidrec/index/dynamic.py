@@ -409,6 +409,12 @@ class DynamicIndexHooks(TrainHooks):
         groups.append({"params": [p for _, p in self._head_params()], "lr": cfg.lr, "weight_decay": 0.0})
         return groups
 
+    def settings(self) -> dict:
+        """The dynamic index's settings with its learning rates resolved (the checkpoint key: a run resumes only under
+        the same ones, so never with another optimizer-group layout)."""
+        d = self.dcfg.model_dump(mode="json") if hasattr(self.dcfg, "model_dump") else dict(vars(self.dcfg))
+        return {"dynamic": {**d, "tokenizer_lr": self.tokenizer_lr, "codeword_lr": self.dcfg.codeword_lr}}
+
     # -- phases
     def phase_at(self, step: int) -> Phase:
         for ph in self.phases:

@@ -222,6 +222,11 @@ class TrainHooks:
         ``(hidden_states, input_ids, target_mask)`` of the step's forward pass."""
         return None, {}
 
+    def settings(self) -> Optional[dict]:
+        """JSON-able settings of these hooks that change the run, hashed into the checkpoint key (:func:`run_key`);
+        None: nothing beyond the train config."""
+        return None
+
     def selectable(self, step: int) -> bool:
         """Whether model selection may score the model after 0-based ``step`` (e.g. only on a frozen index)."""
         return True
@@ -240,8 +245,11 @@ class TrainHooks:
 # ----------------------------------------------------------------------------------------------
 # checkpoints: safetensors (tensors) + JSON (scalars)
 # ----------------------------------------------------------------------------------------------
-def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype, params=None) -> str:
-    """Hash of everything that determines a training run (not where/how often it checkpoints)."""
+def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype, params=None,
+            hooks_settings: Optional[dict] = None) -> str:
+    """Hash of everything that determines a training run (not where/how often it checkpoints).
+    ``hooks_settings``: what the training hooks add (:meth:`TrainHooks.settings`, e.g. the dynamic index's resolved
+    learning rates), so a checkpoint is never resumed under other settings (or another optimizer-group layout)."""
     h = hashlib.sha256()
     tcfg = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(vars(cfg))
     for k in ("checkpoint_every", "checkpoint_dir", "log_every", "threads"):
@@ -250,6 +258,8 @@ def run_key(model, rows: pd.DataFrame, cfg, seed: int, dtype: torch.dtype, param
 
     h.update(json.dumps({"format": CHECKPOINT_FORMAT, "train": tcfg, "seed": int(seed), "dtype": str(dtype),
                          "world": world_info()[1]}, sort_keys=True).encode())
+    if hooks_settings is not None:  # absent for the static hooks: their keys are unchanged
+        h.update(json.dumps({"hooks": hooks_settings}, sort_keys=True).encode())
     cols = [c for c in ("prompt", "target", "target_kind") if c in rows.columns]
     h.update(pd.util.hash_pandas_object(rows[cols].reset_index(drop=True), index=True).to_numpy().tobytes())
     for name, p in params if params is not None else trainable_parameters(model):
@@ -353,6 +363,11 @@ def load_checkpoint(run_dir: Path, model, opt, key: str, params=None) -> Optiona
             continue
         opt_params = [p for g in opt.param_groups for p in g["params"]]
         if meta["n_params"] != len(opt_params):
+            continue
+        odd = [i for i, p in enumerate(opt_params) if f"opt/{i}/exp_avg" in tensors and tensors[f"opt/{i}/exp_avg"].shape != p.shape]
+        if odd:  # written with another optimizer-group layout: its moments would land on the wrong tensors
+            log_.warning("checkpoint %s: its optimizer state does not fit this run's parameters (first at %d); not resumed",
+                         ck, odd[0])
             continue
         with torch.no_grad():
             for name, p in params if params is not None else trainable_parameters(model):
@@ -521,7 +536,7 @@ def train(
     run_dir = None
     start = 0
     if checkpoint_dir is not None and every:
-        key = run_key(model, rows, cfg, seed, dtype, named)
+        key = run_key(model, rows, cfg, seed, dtype, named, hooks.settings())
         run_dir = Path(checkpoint_dir) / key
         meta = load_checkpoint(run_dir, model, opt, key, named)
         if meta is not None:

@@ -113,6 +113,13 @@ VARIANTS: dict[str, dict] = {
     "dynamic-items-fast-tok-balanced-item-head-input-slow-books": {
         "index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3, "codeword_lr": 3.0e-4}},
         "model": {"item_head": 1.0, "item_head_input": True}},
+    # issue 13, the dual index's ~20% loss on the shipped recipe taken apart (session 34): the users' SIDs and light user
+    # tasks on the static index (is it the user side or the moving index?), and the dual index with slow codewords
+    "static-dual-light-user-no-prompt-sid": {
+        "index": {"entities": "items+users"}, "tasks": {"user_pred": 0.03, "text_to_user": 0.015, "user_sid_in_prompt": False}},
+    "dynamic-dual-fast-tok-balanced-light-user-no-prompt-sid-slow-books": {
+        "index": {**_DUAL_BALANCED_FAST_TOK, "dynamic": {"tokenizer_lr": 3.0e-3, "codeword_lr": 3.0e-4}},
+        "tasks": {"user_pred": 0.03, "text_to_user": 0.015, "user_sid_in_prompt": False}},
     # ... with the moved items' head vectors kept at every refresh (index.dynamic.keep_item_vectors)
     "dynamic-items-fast-tok-balanced-item-head-input-keep": {
         "index": {"mode": "dynamic", "balance": "last", "dynamic": {"tokenizer_lr": 3.0e-3, "keep_item_vectors": True}},

@@ -100,9 +100,9 @@ class DynamicConfig(_Strict):
     tokenizer_lr: Optional[float] = Field(None, gt=0, description="learning rate of the quantizer (encoder, codebooks, token "
                                           "projections); default train.lr / 50 (ETEGRec's ratio)")
     codeword_lr: Optional[float] = Field(None, gt=0, description="learning rate of the quantizer's codebooks alone "
-                                         "(default: tokenizer_lr; not the retired joint design's codebook_lr). Codewords "
-                                         "that move fast re-sort the entities inside a prefix cell and raise the raw "
-                                         "collision rate (BENCHMARKS, session 33)")
+                                         "(default: tokenizer_lr / 10; not the retired joint design's codebook_lr). "
+                                         "Codewords that move at tokenizer_lr re-sort the entities inside a prefix cell "
+                                         "and raise the raw collision rate (BENCHMARKS, sessions 33-34)")
     hidden_dim: int = Field(256, ge=4, description="width of the quantizer's residual encoder/decoder MLPs")
     max_churn: float = Field(0.1, ge=0, le=1, description="at most this share of an entity family is re-assigned per refresh")
     churn_margin: float = Field(0.05, ge=0, description="re-assign an entity only if its new code's quantization error is "

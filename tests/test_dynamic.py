@@ -207,28 +207,38 @@ def test_recommendation_gradient_reaches_codebooks_in_tokenizer_phases_only(ml):
     assert torch.equal(learned.folded().sid_embeddings, live)
 
 
-def test_codebooks_get_their_own_learning_rate_when_asked(ml):
-    """index.dynamic.codeword_lr: the codebooks of every family train at it, the rest of the quantizer at tokenizer_lr;
-    unset, the optimizer keeps one group for the whole index (a checkpoint written before the option still loads)."""
+def test_codebooks_train_at_their_own_learning_rate(ml):
+    """index.dynamic.codeword_lr: the codebooks of every family train in a group of their own at it (default: a tenth
+    of tokenizer_lr), the rest of the quantizer at tokenizer_lr, every parameter in exactly one group."""
     cfg, ds = ml
     learned, _, _, hooks, _ = _pieces(cfg, ds)
     books = {id(cb) for q in learned.quantizers for cb in q.codebooks}
-    one = hooks.param_groups(learned, cfg.train)
-    assert any(books <= {id(p) for p in g["params"]} and g["lr"] == hooks.tokenizer_lr for g in one)
-    assert parse_config({"index": {"mode": "dynamic", "dynamic": {"codeword_lr": 1e-5}}}).index.dynamic.codeword_lr == 1e-5
-    hooks.dcfg = hooks.dcfg.model_copy(update={"codeword_lr": 1e-5})
-    two = hooks.param_groups(learned, cfg.train)
-    assert len(two) == len(one) + 1
-    (own,) = [g for g in two if g["lr"] == 1e-5]
-    assert {id(p) for p in own["params"]} == books
-    rest = [id(p) for g in two if g is not own for p in g["params"]]
-    assert not books & set(rest) and len(rest) + len(own["params"]) == sum(len(g["params"]) for g in one)
+    every = {id(p) for _, p in hooks.parameters(learned)}
 
+    def check(groups, lr):
+        (own,) = [g for g in groups if books & {id(p) for p in g["params"]}]
+        assert {id(p) for p in own["params"]} == books and own["lr"] == lr
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert len(ids) == len(set(ids)) and set(ids) == every
+        index = [id(p) for _, p in hooks._index_params(learned) if id(p) not in books]
+        (rest,) = [g for g in groups if set(index) & {id(p) for p in g["params"]}]
+        assert rest["lr"] == hooks.tokenizer_lr and set(index) == {id(p) for p in rest["params"]}
+
+    assert cfg.index.dynamic.codeword_lr is None
+    check(hooks.param_groups(learned, cfg.train), hooks.tokenizer_lr / 10)
+    assert parse_config({"index": {"mode": "dynamic", "dynamic": {"codeword_lr": 1e-5}}}).index.dynamic.codeword_lr == 1e-5
+    asked = cfg.model_copy(update={"index": cfg.index.model_copy(update={
+        "dynamic": cfg.index.dynamic.model_copy(update={"codeword_lr": 1e-5})})})
+    learned, _, _, hooks, _ = _pieces(asked, ds)
+    books = {id(cb) for q in learned.quantizers for cb in q.codebooks}
+    every = {id(p) for _, p in hooks.parameters(learned)}
+    check(hooks.param_groups(learned, cfg.train), 1e-5)
 
 
 def test_the_checkpoint_key_follows_the_dynamic_settings(ml):
-    """A dynamic run resumes only under the same index settings (learning rates resolved): another codeword_lr is
-    another optimizer-group layout, so another key; the static hooks add nothing to theirs."""
+    """A dynamic run resumes only under the same index settings, learning rates resolved (a checkpoint written before
+    the codebooks had a group of their own has a key without them: never resumed into the new layout); the static
+    hooks add nothing to theirs."""
     from sidrec.stages import compute_dtype
     from sidrec.training.loop import TrainHooks, run_key
 
@@ -242,7 +252,7 @@ def test_the_checkpoint_key_follows_the_dynamic_settings(ml):
     base = key(hooks.settings())
     assert hooks.settings()["dynamic"]["tokenizer_lr"] == hooks.tokenizer_lr
     assert key(hooks.settings()) == base
-    hooks.dcfg = hooks.dcfg.model_copy(update={"codeword_lr": 1e-5})
+    hooks.codeword_lr = 1e-5
     assert key(hooks.settings()) != base
     assert TrainHooks().settings() is None and key(None) != base
 

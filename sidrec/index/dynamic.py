@@ -12,7 +12,8 @@ ED2's dual index and regulator):
   row (what static training trains) plus a learned projection of how far its codeword has moved since
   the start -- zero at step 0 -- so the recommendation loss reaches the codebooks.
 * **Phases** (:func:`phase_plan`): recommender phases (index frozen; LoRA and SID rows train) and
-  tokenizer phases (LLM frozen; encoder, codebooks and projections train, at ``tokenizer_lr``, on the
+  tokenizer phases (LLM frozen; encoder and projections train at ``tokenizer_lr``, the codebooks at
+  ``codeword_lr``, a tenth of it by default (codewords that move fast re-sort the entities of a prefix cell), on the
   recommendation loss, ED2's token-level alignment, a reconstruction term, ED2's index-level alignment
   and the recommender's feedback -- the LLM's hidden state before an item aligned with the item's
   encoding), then a last recommender phase on the frozen index. Model selection runs only in that
@@ -369,6 +370,7 @@ class DynamicIndexHooks(TrainHooks):
         self.final_start = self.phases[-1].start
         self.total_steps = self.phases[-1].end
         self.tokenizer_lr = dcfg.tokenizer_lr or lr / 50
+        self.codeword_lr = dcfg.codeword_lr or self.tokenizer_lr / 10
         hidden, self.heads = model.sid_embeddings.shape[1], nn.ModuleDict()
         with torch.random.fork_rng():
             torch.manual_seed(seed + 7)
@@ -400,12 +402,9 @@ class DynamicIndexHooks(TrainHooks):
         if static[n_tables:]:
             groups.append({"params": static[n_tables:], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
         index = self._index_params(model)
-        if self.dcfg.codeword_lr is None:
-            groups.append({"params": [p for _, p in index], "lr": self.tokenizer_lr, "weight_decay": 0.0})
-        else:  # the codebooks in a group of their own (only then: a checkpoint's optimizer keeps its groups)
-            books = {id(cb) for q in model.quantizers for cb in q.codebooks}
-            groups.append({"params": [p for _, p in index if id(p) not in books], "lr": self.tokenizer_lr, "weight_decay": 0.0})
-            groups.append({"params": [p for _, p in index if id(p) in books], "lr": self.dcfg.codeword_lr, "weight_decay": 0.0})
+        books = {id(cb) for q in model.quantizers for cb in q.codebooks}  # the codebooks in a group of their own
+        groups.append({"params": [p for _, p in index if id(p) not in books], "lr": self.tokenizer_lr, "weight_decay": 0.0})
+        groups.append({"params": [p for _, p in index if id(p) in books], "lr": self.codeword_lr, "weight_decay": 0.0})
         groups.append({"params": [p for _, p in self._head_params()], "lr": cfg.lr, "weight_decay": 0.0})
         return groups
 
@@ -413,7 +412,7 @@ class DynamicIndexHooks(TrainHooks):
         """The dynamic index's settings with its learning rates resolved (the checkpoint key: a run resumes only under
         the same ones, so never with another optimizer-group layout)."""
         d = self.dcfg.model_dump(mode="json") if hasattr(self.dcfg, "model_dump") else dict(vars(self.dcfg))
-        return {"dynamic": {**d, "tokenizer_lr": self.tokenizer_lr, "codeword_lr": self.dcfg.codeword_lr}}
+        return {"dynamic": {**d, "tokenizer_lr": self.tokenizer_lr, "codeword_lr": self.codeword_lr}}
 
     # -- phases
     def phase_at(self, step: int) -> Phase:

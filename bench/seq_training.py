@@ -147,6 +147,13 @@ VARIANTS: dict[str, dict] = {
     "item-head-hi-lr": {"model": {"item_head": 1.0}, "train": {"lr": 4.0e-3, "embedding_lr": 2.0e-2}},
 }
 
+# Every variant above that sets tokenizer_lr without codeword_lr ran with the codebooks at tokenizer_lr (the default
+# until session 34, now tokenizer_lr / 10): pinned so that they go on measuring what their recorded results measured.
+for _v in VARIANTS.values():
+    _dyn = _v.get("index", {}).get("dynamic")
+    if _dyn and "tokenizer_lr" in _dyn and "codeword_lr" not in _dyn:
+        _v["index"] = {**_v["index"], "dynamic": {**_dyn, "codeword_lr": _dyn["tokenizer_lr"]}}
+
 
 def _merge(a: dict, b: dict) -> dict:
     out = copy.deepcopy(a)

@@ -117,6 +117,8 @@ VARIANTS: dict[str, dict] = {
     # tasks on the static index (is it the user side or the moving index?), and the dual index with slow codewords
     "static-dual-light-user-no-prompt-sid": {
         "index": {"entities": "items+users"}, "tasks": {"user_pred": 0.03, "text_to_user": 0.015, "user_sid_in_prompt": False}},
+    # ... the users' token families alone: users' SIDs in the vocabulary and index, in no prompt and no task
+    "static-dual-families-only": {"index": {"entities": "items+users"}, "tasks": {"user_sid_in_prompt": False}},
     "dynamic-dual-fast-tok-balanced-light-user-no-prompt-sid-slow-books": {
         "index": {**_DUAL_BALANCED_FAST_TOK, "dynamic": {"tokenizer_lr": 3.0e-3, "codeword_lr": 3.0e-4}},
         "tasks": {"user_pred": 0.03, "text_to_user": 0.015, "user_sid_in_prompt": False}},

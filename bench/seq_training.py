@@ -149,6 +149,28 @@ VARIANTS: dict[str, dict] = {
     "item-head-hi-lr": {"model": {"item_head": 1.0}, "train": {"lr": 4.0e-3, "embedding_lr": 2.0e-2}},
 }
 
+# Every dual variant above ran with the users' quantizer on their text embedding alone and random user SID rows
+# (index.hybrid.users and model.sid_init_users, new in session 35, both default to true): pinned so that they go on
+# measuring what their recorded results measured.
+for _v in VARIANTS.values():
+    if _v.get("index", {}).get("entities") == "items+users":
+        _v["index"] = {**_v["index"], "hybrid": {**_v["index"].get("hybrid", {}), "users": False}}
+        _v["model"] = {**_v.get("model", {}), "sid_init_users": False}
+
+# issue 13 (session 35): users' SIDs from their text plus the mean collaborative vector of their training items
+# (index.hybrid.users), in the items' space and scale; the item head on in both (the shipped recipe's)
+_LIGHT_USER = {"user_pred": 0.03, "text_to_user": 0.015}
+_DUAL_DYN = {"mode": "dynamic", "entities": "items+users", "dynamic": {"tokenizer_lr": 3.0e-3}}
+VARIANTS.update({
+    # ... with random user SID rows (model.sid_init_users false), as every dual run before
+    "static-dual-collab-users": {"index": {"entities": "items+users"}, "model": {"sid_init_users": False}, "tasks": _LIGHT_USER},
+    "dynamic-dual-collab-users": {"index": _DUAL_DYN, "model": {"item_head": 1.0, "sid_init_users": False}, "tasks": _LIGHT_USER},
+    # ... and the users' SID rows from their texts as the items' are (model.sid_init_users, the default)
+    "static-dual-collab-users-text-rows": {"index": {"entities": "items+users"}, "tasks": _LIGHT_USER},
+    "dynamic-dual-collab-users-text-rows": {"index": _DUAL_DYN, "model": {"item_head": 1.0}, "tasks": _LIGHT_USER},
+    "dynamic-dual-collab-users-text-rows-no-user-tasks": {"index": _DUAL_DYN, "model": {"item_head": 1.0}},
+})
+
 # Every variant above that sets tokenizer_lr without codeword_lr ran with the codebooks at tokenizer_lr (the default
 # until session 34, now tokenizer_lr / 10): pinned so that they go on measuring what their recorded results measured.
 for _v in VARIANTS.values():
@@ -374,7 +396,10 @@ def main(argv=None) -> int:
             if vcfg.index.entities == "items+users" and vfeat.user_embeddings is None:  # user texts, as featurize does
                 if users is None:
                     users = stages.featurize(ds, vcfg)
-                vfeat = dataclasses.replace(vfeat, user_embeddings=users.user_embeddings)
+                vfeat = dataclasses.replace(vfeat, user_ids=users.user_ids, user_texts=users.user_texts,
+                                            user_embeddings=users.user_embeddings)
+            if vcfg.index.entities == "items+users" and vfeat.item_collab is not None and vcfg.index.hybrid.users:
+                vfeat = dataclasses.replace(vfeat, user_collab=stages.user_collab_features(ds, vfeat.user_ids, vfeat.item_collab))
             dynamic = vcfg.index.mode == "dynamic"
             if key not in bundles and not dynamic:
                 bundles[key] = stages.build_index(vfeat, vcfg)

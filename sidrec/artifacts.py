@@ -43,6 +43,7 @@ class EntityFeatures:
     user_embeddings: Optional[np.ndarray] = None
     embedder: str = "backbone"
     item_collab: Optional[np.ndarray] = None  # index.embedding: hybrid (sidrec.index.collab), rows in item_ids order
+    user_collab: Optional[np.ndarray] = None  # ... and the mean of each user's training items' rows, in user_ids order
 
     def save(self, directory: Path) -> None:
         from safetensors.numpy import save_file
@@ -53,6 +54,8 @@ class EntityFeatures:
             tensors["user_embeddings"] = np.ascontiguousarray(self.user_embeddings, dtype=np.float32)
         if self.item_collab is not None:
             tensors["item_collab"] = np.ascontiguousarray(self.item_collab, dtype=np.float32)
+        if self.user_collab is not None:
+            tensors["user_collab"] = np.ascontiguousarray(self.user_collab, dtype=np.float32)
         save_file(tensors, str(directory / "embeddings.safetensors"))
         pd.DataFrame({"item_id": self.item_ids, "text": self.item_texts}).to_parquet(directory / "items.parquet", index=False)
         pd.DataFrame({"user_id": self.user_ids, "text": self.user_texts}).to_parquet(directory / "users.parquet", index=False)
@@ -70,6 +73,7 @@ class EntityFeatures:
             item_ids=items["item_id"].tolist(), item_texts=items["text"].tolist(), item_embeddings=t["item_embeddings"],
             user_ids=users["user_id"].tolist(), user_texts=users["text"].tolist(),
             user_embeddings=t.get("user_embeddings"), embedder=meta["embedder"], item_collab=t.get("item_collab"),
+            user_collab=t.get("user_collab"),
         )
 
 

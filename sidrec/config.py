@@ -148,6 +148,9 @@ class HybridConfig(_Strict):
     window: int = Field(5, ge=1, description="items at most this many positions apart in a training sequence co-occur")
     collab_share: float = Field(0.8, gt=0.0, lt=1.0, description="share of the quantizer's input variance given to the "
                                 "collaborative columns (the text columns get the rest)")
+    users: bool = Field(True, description="dual index (index.entities: items+users): the users' quantizer sees the user's "
+                        "text embedding plus the mean collaborative vector of the items in their training sequence, weighted "
+                        "as the items' are (false: the user text alone, every column standardised)")
 
 
 class IndexConfig(_Strict):
@@ -176,7 +179,7 @@ class IndexConfig(_Strict):
     keywords_per_token: int = Field(5, ge=1, description="TS-Rec: TF-IDF keywords kept per SID token/prefix")
     embedding: Literal["text", "hybrid"] = Field(
         "text", description="what the static quantizer indexes: text (the item text embedding) or hybrid (text + a "
-        "collaborative vector from the training split's item co-occurrence, index.hybrid; items only)")
+        "collaborative vector from the training split's item co-occurrence, index.hybrid; users too, see index.hybrid.users)")
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
     seed: Optional[int] = Field(
         None, ge=0, description="seed of the static index (its quantizer and collaborative vectors); unset: the run's seed. "
@@ -287,6 +290,8 @@ class ModelConfig(_Strict):
     sid_init: Literal["text", "keywords", "random"] = Field(
         "text", description="SID token rows at step 0: text (each code's row is the centred mean input embedding of the texts of "
         "the items that carry it, rescaled to the vocabulary's spread), keywords (TS-Rec SA-Init) or random (vocabulary mean + noise)")
+    sid_init_users: bool = Field(True, description="dual index with sid_init text: the users' SID rows start the same way from "
+                                 "the users' texts (profile + recently liked titles); false: random rows (vocabulary mean + noise)")
     item_head: float = Field(0.0, ge=0, description="weight of the item-level head's full-softmax loss (sidrec.model.item_head: every "
                              "item scored from the state before it, item vectors summed from per-code rows); 0: no item head")
     item_head_fusion: float = Field(1.0, ge=0, description="with an item head, decoding re-ranks the constrained beams by beam "

@@ -68,10 +68,14 @@ def featurize(ds, cfg: RunConfig) -> EntityFeatures:
 
     item_emb = emb(items, "items")
     user_emb = emb(utexts, "users") if want_users else None
+    item_collab = collab_features(ds, cfg) if cfg.index.embedding == "hybrid" else None
+    user_collab = None
+    if want_users and item_collab is not None and cfg.index.hybrid.users:  # users in the items' collaborative space
+        user_collab = user_collab_features(ds, user_ids, item_collab)
     return EntityFeatures(
         item_ids=ds.items["item_id"].tolist(), item_texts=items, item_embeddings=item_emb,
         user_ids=user_ids, user_texts=utexts, user_embeddings=user_emb, embedder=cfg.features.embedder,
-        item_collab=collab_features(ds, cfg) if cfg.index.embedding == "hybrid" else None,
+        item_collab=item_collab, user_collab=user_collab,
     )
 
 
@@ -123,6 +127,15 @@ def collab_features(ds, cfg: RunConfig) -> np.ndarray:
     return cooccurrence_vectors(ds.train_sequences().values(), ds.items["item_id"].tolist(), h.dim, h.window, index_seed(cfg))
 
 
+def user_collab_features(ds, user_ids: list[str], item_collab: np.ndarray) -> np.ndarray:
+    """Collaborative user vectors (dual index, ``index.hybrid.users``), rows in ``user_ids`` order: the mean of
+    ``item_collab``'s rows (``ds.items`` order) over each user's training sequence (never a valid or test item)."""
+    from sidrec.index.collab import user_vectors
+
+    seqs = ds.train_sequences()
+    return user_vectors([seqs.get(u, []) for u in user_ids], ds.items["item_id"].tolist(), item_collab)
+
+
 def index_inputs(features: EntityFeatures, cfg: RunConfig, collab: Optional[np.ndarray] = None):
     """What the static quantizer sees for ``features``' items: ``(x, column_weights)``. For
     ``index.embedding: hybrid`` the text embedding and the collaborative vectors (``collab``, default
@@ -137,6 +150,21 @@ def index_inputs(features: EntityFeatures, cfg: RunConfig, collab: Optional[np.n
         raise ConfigError("index.embedding: hybrid, but the text features have no collaborative vectors "
                           "(they were computed with index.embedding: text); re-run the text-features step")
     return hybrid_inputs(features.item_embeddings, collab, cfg.index.hybrid.collab_share)
+
+
+def user_index_inputs(features: EntityFeatures, cfg: RunConfig):
+    """What the users' quantizer sees (dual index): ``(x, column_weights)``. With ``index.embedding: hybrid`` and
+    ``index.hybrid.users`` the user's text embedding and the mean collaborative vector of their training items
+    (``features.user_collab``), weighted as the items' inputs are; else the text embedding alone."""
+    if cfg.index.embedding != "hybrid" or not cfg.index.hybrid.users:
+        return features.user_embeddings, None
+    from sidrec.index.collab import hybrid_inputs
+    from sidrec.errors import ConfigError
+
+    if features.user_collab is None:
+        raise ConfigError("index.hybrid.users: true, but the text features have no collaborative user vectors (they were "
+                          "computed without it); re-run the text-features step or set index.hybrid.users: false")
+    return hybrid_inputs(features.user_embeddings, features.user_collab, cfg.index.hybrid.collab_share)
 
 
 # 4. SID quantization (static) ---------------------------------------------------------------
@@ -163,7 +191,8 @@ def _static_index(features: EntityFeatures, cfg: RunConfig):
     }
     users = ures = None
     if cfg.index.entities == "items+users" and features.user_embeddings is not None:
-        ures = quantize(features.user_embeddings, cfg.index, index_seed(cfg) + 1)
+        xu, wu = user_index_inputs(features, cfg)
+        ures = quantize(xu, cfg.index, index_seed(cfg) + 1, column_weights=wu)
         users = SIDIndex(entity_ids=list(features.user_ids), codes=ures.codes, level_sizes=list(ures.level_sizes), prefix="u_")
         report["index/users/collision_rate_raw"] = float(ures.raw_collision_rate)
         report["index/users/collisions"] = int(ures.collisions)
@@ -223,6 +252,13 @@ def build_model(cfg: RunConfig, bundle: IndexBundle, ds=None, device=None, teach
         texts = item_texts(ds)
         vecs = item_text_vectors([texts[order[e]] for e in bundle.items.entity_ids], tok, base, 64)
         table, share = text_init(vocab, bundle.items, vecs, base, model.sid_embeddings.detach())
+        if bundle.users is not None and cfg.model.sid_init_users:  # the dual index's users: from their texts alike
+            from sidrec.data.text import user_texts
+
+            utext = dict(zip(*user_texts(ds, cfg.features.user_history_titles)))
+            uvecs = item_text_vectors([utext.get(e, "") for e in bundle.users.entity_ids], tok, base, 64)
+            table, ushare = text_init(vocab, bundle.users, uvecs, base, table, first_level=bundle.items.num_levels)
+            share += ushare
         with torch.no_grad():
             model.sid_embeddings.copy_(table)
         model.sid_init_share = share
@@ -472,7 +508,8 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
     x_items, _ = index_inputs(features, cfg)  # column weights are in the static state's scale already
     families = [Family("items", LearnedQuantizer(static.state, x_items, dcfg.hidden_dim, cfg.seed), static.items, 0)]
     if static.users is not None:
-        families.append(Family("users", LearnedQuantizer(user_state, features.user_embeddings, dcfg.hidden_dim, cfg.seed + 1),
+        x_users, _ = user_index_inputs(features, cfg)
+        families.append(Family("users", LearnedQuantizer(user_state, x_users, dcfg.hidden_dim, cfg.seed + 1),
                                static.users, static.items.num_levels))
     learned = LearnedIndexModel(model, families, cfg.seed)
     dtype = compute_dtype(cfg)

@@ -218,3 +218,60 @@ def test_sasrec_vectors_are_the_run_baselines_item_table_and_never_see_test_item
     n = len(ml.items)
     feats = EntityFeatures(item_ids=pool, item_texts=[""] * n, item_embeddings=_text(n), item_collab=vec)
     assert stages.build_index(feats, cfg).state.input_dim == 24 + 16
+
+
+def test_a_user_vector_is_the_mean_of_their_items():
+    from sidrec.index.collab import user_vectors
+
+    items = np.arange(12, dtype=np.float32).reshape(4, 3)
+    got = user_vectors([["a", "c"], ["b", "b", "d", "gone"], []], ["a", "b", "c", "d"], items)
+    assert np.allclose(got, [items[[0, 2]].mean(0), items[[1, 1, 3]].mean(0), np.zeros(3)])
+
+
+def test_the_users_index_sees_their_training_items_collaborative_vectors(ml, tmp_path):
+    """Dual index on a hybrid index: the users' quantizer input is [user text | mean collaborative vector of the user's
+    training items], weighted as the items' is, from the training split only; index.hybrid.users: false keeps the
+    user text alone."""
+    from sidrec import stages
+    from sidrec.artifacts import EntityFeatures
+    from sidrec.errors import ConfigError
+
+    dual = {"index": {**HYBRID["index"], "entities": "items+users"}}
+    cfg = parse_config(dual)
+    users = list(ml.train_sequences().keys())
+    n, m = len(ml.items), len(users)
+    item_collab = stages.collab_features(ml, cfg)
+    user_collab = stages.user_collab_features(ml, users, item_collab)
+    assert user_collab.shape == (m, 16)
+    row = {e: i for i, e in enumerate(ml.items["item_id"])}
+    first = ml.train_sequences()[users[0]]
+    assert np.allclose(user_collab[0], item_collab[[row[i] for i in first]].mean(0), atol=1e-5)
+    # a user's valid and test items (the last two of the sequence) never enter their vector
+    seqs = ml.sequences.copy()
+    pool = ml.items["item_id"].tolist()
+    rng = np.random.default_rng(1)
+    seqs["item_ids"] = [list(s[:-2]) + list(rng.choice(pool, 2)) for s in seqs["item_ids"]]
+    assert np.array_equal(stages.user_collab_features(dataclasses.replace(ml, sequences=seqs), users, item_collab), user_collab)
+
+    feats = EntityFeatures(item_ids=pool, item_texts=[""] * n, item_embeddings=_text(n), user_ids=users,
+                           user_texts=[""] * m, user_embeddings=_text(m, d=24, seed=1) * 50.0, item_collab=item_collab,
+                           user_collab=user_collab)
+    x, w = stages.user_index_inputs(feats, cfg)
+    assert x.shape == (m, 24 + 16) and w is not None
+    bundle = stages.build_index(feats, cfg)
+    text_only = stages.build_index(feats, parse_config({"index": {**dual["index"], "hybrid": {"dim": 16, "window": 3,
+                                                                                               "users": False}}}))
+    assert np.array_equal(bundle.items.codes, text_only.items.codes)  # the items' index is untouched
+
+    def spread(codes):  # mean squared distance of a user's collaborative vector to the mean of their first code's users
+        z = (user_collab - user_collab.mean(0)) / (user_collab.std(0) + 1e-8)
+        return float(np.mean([((z[codes[:, 0] == c] - z[codes[:, 0] == c].mean(0)) ** 2).sum(1).mean()
+                              for c in np.unique(codes[:, 0])]))
+
+    # users who take the same items now share first codes; a text-only users' index does not see it
+    assert spread(bundle.users.codes) < 0.8 * spread(text_only.users.codes)
+    assert stages.user_index_inputs(feats, parse_config({"index": {**dual["index"], "hybrid": {"users": False}}}))[1] is None
+    feats.save(tmp_path / "feat")
+    assert np.array_equal(EntityFeatures.load(tmp_path / "feat").user_collab, user_collab)
+    with pytest.raises(ConfigError, match="index.hybrid.users"):
+        stages.user_index_inputs(dataclasses.replace(feats, user_collab=None), cfg)

@@ -3,6 +3,7 @@ churn-bounded refreshes, the recommendation loss reaches the codebooks only in t
 targets follow the current index, and a crashed dynamic run resumes to exactly the uninterrupted result."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -384,3 +385,55 @@ def test_user_sids_can_stay_out_of_the_prompt(ml):
     users = off[off.task == "user_pred"]
     assert len(users) and users.target.str.contains("<u_").all()
     assert len(on) == len(off)
+
+
+def test_the_users_learned_quantizer_starts_from_their_hybrid_index(ml):
+    """A dual index on a hybrid index (index.hybrid.users): the users' learned quantizer reads the same [text | mean
+    collaborative vector of the user's training items] the static users' index was fitted on, so step 0 assigns
+    exactly as it did, and its quantization error is on the items' scale (the weighted columns carry unit variance
+    in all), not the text embedding's column count."""
+    from sidrec.stages import _static_index, collab_features, user_collab_features, user_index_inputs
+
+    cfg, ds = ml
+    cfg = _cfg(cfg.data.path, index={"embedding": "hybrid", "hybrid": {"dim": 8, "window": 3}})
+    feats = _features(ds)
+    item_collab = collab_features(ds, cfg)
+    feats = dataclasses.replace(feats, item_collab=item_collab,
+                                user_collab=user_collab_features(ds, feats.user_ids, item_collab))
+    static, user_state = _static_index(feats, cfg)
+    xu, _ = user_index_inputs(feats, cfg)
+    lq = LearnedQuantizer(user_state, xu, hidden_dim=16, seed=1)
+    z = lq.encode().detach()
+    codes, _ = lq.greedy(z)
+    assert np.array_equal(codes.numpy(), user_state.assign(xu))
+    err = float(((z - lq.quantized(codes).detach()) ** 2).sum(1).mean())
+    assert 0.0 < err < 1.0
+    text_only = _cfg(cfg.data.path, index={"embedding": "hybrid", "hybrid": {"dim": 8, "window": 3, "users": False}})
+    _, text_state = _static_index(feats, text_only)
+    lt = LearnedQuantizer(text_state, feats.user_embeddings, hidden_dim=16, seed=1)
+    zt = lt.encode().detach()
+    assert float(((zt - lt.quantized(lt.greedy(zt)[0]).detach()) ** 2).sum(1).mean()) > 5.0  # ~24 standardised text columns
+
+
+def test_the_users_sid_rows_start_from_their_texts(ml):
+    """model.sid_init text on a dual index: the users' SID rows start, like the items', as the centred mean text
+    embedding of the users carrying each code at the vocabulary's spread; sid_init_users false leaves them random.
+    The items' rows are the same either way."""
+    from sidrec.stages import _static_index, build_model
+
+    cfg, ds = ml
+    static, _ = _static_index(_features(ds), cfg)
+    on, _, _ = build_model(cfg, static, ds, device="cpu")
+    off, _, _ = build_model(_cfg(cfg.data.path, model={"sid_init_users": False}), static, ds, device="cpu")
+    vocab = on.vocab
+    L = static.items.num_levels
+    items = slice(0, vocab.level_offsets[L])
+    assert torch.equal(on.sid_embeddings[items], off.sid_embeddings[items])
+    base = on.base_embeddings().weight.detach().float()
+    mu, spread = base.mean(0), (base - base.mean(0)).norm(dim=1).mean()
+    used = np.unique(static.users.codes[:, 0])
+    rows_on = on.sid_embeddings.detach()[vocab.level_slice(L)][used]
+    rows_off = off.sid_embeddings.detach()[vocab.level_slice(L)][used]
+    assert not torch.allclose(rows_on, rows_off)
+    assert torch.isclose((rows_on - mu).norm(dim=1).pow(2).mean().sqrt(), spread, rtol=1e-3)
+    assert on.sid_init_share > off.sid_init_share

@@ -15,7 +15,8 @@ collaborative vectors with column weights that give each part a set share of the
 variance (the quantizer standardises every column, so a plain concatenation would weight the parts by
 their column counts). Within the collaborative part every SVD component then carries the same
 weight (the components are whitened; their singular values order them, they do not weight them).
-:func:`align` rotates vectors from a later run's SVD into an earlier run's basis (orthogonal
+:func:`user_vectors` gives a user (dual index) the mean of their training items' vectors, so users share the items'
+collaborative space. :func:`align` rotates vectors from a later run's SVD into an earlier run's basis (orthogonal
 Procrustes on the items both runs know), so a champion's quantizer can place new items.
 """
 from __future__ import annotations
@@ -110,6 +111,20 @@ def hybrid_inputs(text: np.ndarray, collab: np.ndarray, collab_share: float) -> 
     wc = np.where(live, np.sqrt(collab_share / n_live), 1.0)
     w = np.concatenate([np.full(dt, np.sqrt((1.0 - collab_share) / dt)), wc])
     return np.concatenate([text, collab], axis=1), w.astype(np.float32)
+
+
+def user_vectors(sequences: Iterable[Sequence[str]], item_ids: Sequence[str], item_vectors: np.ndarray) -> np.ndarray:
+    """One row per sequence (a user's *training* items): the mean of its items' rows of ``item_vectors`` (rows in
+    ``item_ids`` order; an item repeated in the sequence counts each time, an unknown one is skipped; a sequence with
+    no known item gets zeros)."""
+    row = {str(e): i for i, e in enumerate(item_ids)}
+    vectors = np.asarray(item_vectors, dtype=np.float32)
+    out = np.zeros((0, vectors.shape[1]), dtype=np.float32)
+    rows = []
+    for seq in sequences:
+        idx = [row[str(i)] for i in seq if str(i) in row]
+        rows.append(vectors[idx].mean(0) if idx else np.zeros(vectors.shape[1], dtype=np.float32))
+    return np.stack(rows).astype(np.float32) if rows else out
 
 
 def align(reference_ids: Sequence[str], reference: np.ndarray, ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:

@@ -31,9 +31,10 @@ def item_text_vectors(texts: Sequence[str], tokenizer, base_embeddings: torch.Te
 
 
 def text_init(vocab, index, item_vectors: torch.Tensor, base_embeddings: torch.Tensor,
-              fallback: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """SID table whose rows of ``index`` (the item index, levels first in ``vocab``) come from
-    ``item_vectors`` (rows in ``index.entity_ids`` order). Returns (table, share of rows set)."""
+              fallback: torch.Tensor, first_level: int = 0) -> tuple[torch.Tensor, float]:
+    """SID table whose rows of ``index`` come from ``item_vectors`` (rows in ``index.entity_ids`` order), the others
+    ``fallback``'s. ``first_level``: where ``index``'s levels start among ``vocab``'s (0: the item index, levels
+    first; the items' level count: the dual index's users). Returns (table, share of ``vocab``'s rows set here)."""
     E = base_embeddings.detach().float()
     mu = E.mean(0)
     spread = (E - mu).norm(dim=1).mean()  # a typical vocabulary row's distance from the mean
@@ -54,7 +55,7 @@ def text_init(vocab, index, item_vectors: torch.Tensor, base_embeddings: torch.T
         if rms <= 1e-8:  # one code (or identical texts): nothing distinguishes the rows
             continue
         rows = mu + d * (spread / rms)
-        start = vocab.level_offsets[level]
+        start = vocab.level_offsets[first_level + level]
         table[start + torch.nonzero(used).view(-1)] = rows
         set_rows += int(used.sum())
     return table, set_rows / max(len(vocab.tokens), 1)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -313,6 +314,24 @@ def _log_evaluation(tmp: Path, report, metrics: dict, recommender, instructions)
     mlflow.log_artifact(str(tmp / "instructions_sample.jsonl"), "instructions")
 
 
+def log_input_retrying(dataset, context: str, attempts: int = 4) -> None:
+    """``mlflow.log_input`` that survives a concurrent run logging the same dataset: MLflow's SQL store looks a
+    dataset up and then inserts it, so two runs of one experiment logging identical rows at the same moment can
+    both insert and one fails on the unique key. Once the other's insert has landed, a retry finds the dataset
+    and only links it. Other errors, and the last attempt's, propagate."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _log_model_and_data(cfg: RunConfig, dataset, bundle, instructions, recommender, eval_metrics: dict) -> str:
     """The recommender as a LoggedModel of the active run (tag ``sidrec.model_id``), the train / valid /
     test instruction rows as MLflow datasets (``log_input``), and the valid / test metrics linked to the
@@ -331,7 +350,7 @@ def _log_model_and_data(cfg: RunConfig, dataset, bundle, instructions, recommend
         cols = [c for c in ("user_id", "task", "prompt", "target", "target_item") if c in rows.columns]
         splits[split] = mlflow.data.from_pandas(rows[cols], name=f"{dataset.name}-{split}",
                                                 targets="target" if "target" in cols else None)
-        mlflow.log_input(splits[split], context=context)
+        log_input_retrying(splits[split], context)
     for split in ("valid", "test"):
         part = {k: float(v) for k, v in eval_metrics.items() if k.startswith(f"{split}/") and isinstance(v, (int, float))}
         if part:

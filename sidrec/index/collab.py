@@ -119,12 +119,12 @@ def user_vectors(sequences: Iterable[Sequence[str]], item_ids: Sequence[str], it
     no known item gets zeros)."""
     row = {str(e): i for i, e in enumerate(item_ids)}
     vectors = np.asarray(item_vectors, dtype=np.float32)
-    out = np.zeros((0, vectors.shape[1]), dtype=np.float32)
+    zero = np.zeros(vectors.shape[1], dtype=np.float32)
     rows = []
     for seq in sequences:
         idx = [row[str(i)] for i in seq if str(i) in row]
-        rows.append(vectors[idx].mean(0) if idx else np.zeros(vectors.shape[1], dtype=np.float32))
-    return np.stack(rows).astype(np.float32) if rows else out
+        rows.append(vectors[idx].mean(0) if idx else zero)
+    return np.stack(rows) if rows else np.zeros((0, vectors.shape[1]), dtype=np.float32)
 
 
 def align(reference_ids: Sequence[str], reference: np.ndarray, ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:

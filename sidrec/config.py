@@ -339,6 +339,9 @@ class TrainConfig(_Strict):
                                  "live weights")
     log_every: int = Field(10, ge=1)
     threads: Optional[int] = Field(None, ge=1, description="torch threads (default: all cores)")
+    deterministic: bool = Field(True, description="torch's deterministic kernels: the same seed gives the same model in any "
+                                "process (false: torch's default kernels, whose multi-threaded gradient sums differ between "
+                                "processes; see sidrec.runtime.deterministic_kernels)")
     processes: int = Field(1, ge=1, description="data-parallel fine-tuning processes (torchrun; one per GPU, or gloo on CPU); "
                            "each takes its own batch of batch_size per step, gradients are averaged")
     members: int = Field(1, ge=1, le=8, description="a seed ensemble: fine-tune this many recommenders on the same index and "

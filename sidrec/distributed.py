@@ -45,7 +45,7 @@ def _worker(job: Path) -> None:
         rank, world = world_info()
         cfg = RunConfig.model_validate_json((job / "config.json").read_text())
         torch.set_num_threads(max(1, (cfg.train.threads or os.cpu_count() or 1) // world))
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed, cfg.train.deterministic)
         bundle = IndexBundle.load(job / "bundle")
         ds = Dataset.load(job / "dataset") if (job / "dataset").exists() else None
         rows = pd.read_parquet(job / "train.parquet")

@@ -354,7 +354,7 @@ def finetune(instructions: InstructionSet, bundle: IndexBundle, cfg: RunConfig, 
         path, meta = finetune_distributed(instructions, bundle, cfg, out_dir, ds, log)
         return TrainedRecommender(path=path, meta=meta)
     set_threads(cfg)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.train.deterministic)
     model, tok, encoder = build_model(cfg, bundle, ds)
     calibrate(model, encoder, instructions.part("train"), cfg)
     losses, _log = recording_log(log)
@@ -466,7 +466,7 @@ def baselines(ds, cfg: RunConfig, reuse: bool = True) -> dict[str, float]:
     from sidrec.evaluation.evaluate import evaluate_baselines
 
     set_threads(cfg)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.train.deterministic)
     return evaluate_baselines(ds, cfg.baselines, cfg.eval.ks, cfg.seed, cfg.data.max_history, progress_enabled(),
                               max_users={"valid": cfg.eval.valid_max_users, "test": cfg.eval.test_max_users},
                               exclude_history=cfg.eval.exclude_history, store=sasrec_store() if reuse else None)
@@ -498,7 +498,7 @@ def dynamic_finetune(ds, features: EntityFeatures, cfg: RunConfig, out_dir: Path
     from sidrec.training.loop import train, train_steps
 
     set_threads(cfg)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.train.deterministic)
     static, user_state = _static_index(features, cfg)  # exactly what a static run trains on
     instr = instruct(ds, static, cfg)
     model, tok, encoder = build_model(cfg, static, ds, device="cpu")  # the learned index trains on the CPU (config refuses cuda)

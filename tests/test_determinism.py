@@ -70,3 +70,47 @@ def test_same_seed_same_everything(ml100k_dir, tmp_path):
 
     c = _run(_cfg(ml100k_dir, tmp_path, seed=1), tmp_path / "c")
     assert c["sids"] != a["sids"] or c["loss"] != a["loss"]
+
+
+def test_repeated_rows_gradients_sum_in_one_order_on_two_threads():
+    """The backward of ``x[index]`` with repeated rows (``index_put_`` accumulating; SID and item rows gathered for
+    a batch) on two CPU threads summed the repeats in a thread-timed order: same seed, different weights in two
+    processes after a few steps. ``train.deterministic`` (on by default, set by ``seed_everything`` and by the
+    training loop) sorts them: the same gradient to the bit, every time. (With it off, the six gradients here were
+    not all equal on a 2-core machine.)"""
+    import torch
+
+    from sidrec.runtime import seed_everything
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seed_everything(0)
+        index = torch.randint(0, 200, (6400,))
+        upstream = torch.randn(6400, 576)
+
+        def grad():
+            table = torch.zeros(50_000, 576, requires_grad=True)
+            table[index].backward(upstream)
+            return table.grad
+
+        first = grad()
+        assert all(torch.equal(first, grad()) for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)
+        seed_everything(0)
+
+
+def test_the_training_config_turns_the_deterministic_kernels_off_and_on():
+    import torch
+
+    from sidrec.config import TrainConfig
+    from sidrec.runtime import deterministic_kernels
+
+    try:
+        deterministic_kernels(TrainConfig(deterministic=False).deterministic)
+        assert not torch.are_deterministic_algorithms_enabled()
+        deterministic_kernels(TrainConfig().deterministic)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        deterministic_kernels(True)

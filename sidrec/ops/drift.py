@@ -339,7 +339,7 @@ def warm_finetune(instructions, bundle, cfg: RunConfig, out_dir: Path, log=None,
         return finetune_members(instructions, bundle, cfg, out_dir, log, ds, features=features,
                                 warm_start={"warm": False, "reason": "train.members > 1: a seed ensemble trains fresh"})
     set_threads(cfg)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.train.deterministic)
     model, tok, encoder = build_model(cfg, bundle, teacher_ds=ds)
     info = {"warm": False, "reason": "retrain.warm_start is off"}
     if cfg.retrain.warm_start:

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sidrec.model.item_head import item_head_loss
-from sidrec.runtime import autocast
+from sidrec.runtime import autocast, deterministic_kernels
 from sidrec.training.ema import WeightAverage
 
 log_ = logging.getLogger(__name__)
@@ -510,6 +510,7 @@ def train(
 
     hooks = hooks or TrainHooks()
     torch.manual_seed(seed)
+    deterministic_kernels(cfg.deterministic)
     rank, world = world_info()  # data-parallel (sidrec.training.parallel): each rank takes every world-th batch
     enc = encode_rows(encoder, rows)
     n_steps = train_steps(cfg, len(rows))

@@ -250,7 +250,8 @@ def _print_decision(rec: dict, as_json: bool) -> None:
         print(f"  decision log: {rec['decision_log']}")
 
 
-def run_recommend(history: str, k: int, as_json: bool, model: Optional[str], config: Optional[str]) -> list[dict]:
+def run_recommend(history: str, k: int, as_json: bool, model: Optional[str], config: Optional[str],
+                  user: Optional[str] = None) -> list[dict]:
     import mlflow
 
     from sidrec.errors import ConfigError
@@ -284,7 +285,7 @@ def run_recommend(history: str, k: int, as_json: bool, model: Optional[str], con
                                "is there a champion? see `run.py promote --help`") from None
     import pandas as pd
 
-    out = pf.predict(pd.DataFrame({"history": [ids], "k": [k]}))
+    out = pf.predict(pd.DataFrame({"history": [ids], "k": [k], **({"user_id": [user]} if user else {})}))
     recs = [{"item_id": str(r.item_id), "title": str(r.title), "score": float(r.score)} for r in out.itertuples()]
     if as_json:
         print(json.dumps(recs))
@@ -347,7 +348,7 @@ def _ops_command(args) -> int:
             else registry.promote(cfg, version=args.version, stage_hook=zenml_production_stage)
         _print_decision(rec, args.json)
     elif args.command == "recommend":
-        run_recommend(args.history, args.k, args.json, args.model, args.config)
+        run_recommend(args.history, args.k, args.json, args.model, args.config, args.user)
     elif args.command == "retrain":
         run_retrain(args.config, args.run_name)
     elif args.command == "schedule":
@@ -432,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Load a registered pyfunc model (default: models:/sidrec-<dataset>@champion) and print top-K.")
     rc.add_argument("--history", required=True, help="comma-separated item ids, oldest first, e.g. 50,172,133")
     rc.add_argument("--k", type=int, default=10, help="number of items (default 10)")
+    rc.add_argument("--user", default=None, help="the user's id: a dual-index model trained with user SIDs in its prompts "
+                    "puts the user's there (ignored otherwise, and for a user the index does not know)")
     rc.add_argument("--json", action="store_true", help="print one JSON array of {item_id, title, score}, best first")
     rc.add_argument("--model", default=None, help="model URI, e.g. models:/sidrec-ml-100k@champion")
     rc.add_argument("--config", default=None, help="YAML config (gives the tracking store and model name)")

@@ -253,6 +253,9 @@ class TasksConfig(_Strict):
     user_pred: float = Field(0.0, ge=0, description="ED2 (dual index): an item + users who liked it -> another such user")
     user_sid_in_prompt: bool = Field(True, description="dual index: every recommendation prompt starts with the user's SID "
                                      "(false: user SIDs appear only in the user tasks)")
+    user_prompt_levels: Optional[int] = Field(None, ge=1, description="dual index: how many of the user's SID tokens head a "
+                                              "prompt (None: all, which name one user; 1: the first code only, shared by a "
+                                              "group of similar users); the user tasks always use the whole SID")
     user_to_text: float = Field(0.0, ge=0, description="ED2 (dual index): user SID -> preference text")
     text_to_user: float = Field(0.0, ge=0, description="ED2 (dual index): preference text -> user SID")
     ts_align: float = Field(0.0, ge=0, description="TS-Rec TS-Align: SID prefix -> keywords of the items under it")

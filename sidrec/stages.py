@@ -430,7 +430,8 @@ def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra
 
     meta = {"backbone": cfg.model.backbone, "layers": cfg.model.layers, "train": summary, "loss_curve": losses,
             "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode,
-            "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
+            "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history,
+                                                      cfg.index.entities == "items+users").to_json(),
             "compute_dtype": compute_dtype_name(cfg),  # model.dtype as resolved where it trained
             **extra}
     if hasattr(model, "sa_init_share"):

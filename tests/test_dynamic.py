@@ -387,6 +387,56 @@ def test_user_sids_can_stay_out_of_the_prompt(ml):
     assert len(on) == len(off)
 
 
+def test_a_prompt_can_carry_only_the_head_of_the_users_sid(ml):
+    """tasks.user_prompt_levels 1: a recommendation prompt starts with the user's first code only (shared by a group
+    of users, so it cannot name one), while the user tasks still target the whole SID."""
+    import re
+
+    from sidrec.stages import _static_index, render_instructions
+
+    cfg, ds = ml
+    static, _ = _static_index(_features(ds), cfg)
+    full = render_instructions(ds, static.items, static.users, cfg)
+    head = render_instructions(ds, static.items, static.users, _cfg(cfg.data.path, tasks={"user_prompt_levels": 1}))
+    users = static.users
+    first = {e: users.token(0, int(users.codes[i][0])) for i, e in enumerate(users.entity_ids)}
+    rec = head[head.task == "seqrec"]
+    lead = rec.prompt.map(lambda p: re.match(r"((?:<u_[^>]*>)*)", p).group(1))
+    assert (lead == rec.user_id.map(first)).all()
+    assert users.num_levels > 1 and lead.map(lambda t: t.count("<u_")).eq(1).all()
+    assert rec.user_id.nunique() > lead.nunique()  # groups of users share a prompt head
+    full_rec = full[full.task == "seqrec"]
+    assert full_rec.prompt.map(lambda p: re.match(r"((?:<u_[^>]*>)*)", p).group(1).count("<u_")).eq(users.num_levels).all()
+    assert (rec.target.to_numpy() == full_rec.target.to_numpy()).all()  # the items' side is unchanged
+    tasks = head[head.task == "user_pred"]
+    assert len(tasks) and (tasks.target.to_numpy() == full[full.task == "user_pred"].target.to_numpy()).all()
+
+
+def test_a_dual_model_is_served_with_the_prompts_it_was_trained_and_tested_on(ml, tmp_path):
+    """Serving a dual index whose prompts start with the user's SID (here its first code, tasks.user_prompt_levels 1):
+    a test user's history with their user id renders exactly the test row's prompt; without a user id, or for a user
+    the index does not know, the same prompt without the head; recommend() takes one user id per history."""
+    from sidrec.errors import DataError
+    from sidrec.ops.serving import Recommender
+
+    cfg, ds = ml
+    rec, bundle, instr = _run(_cfg(cfg.data.path, tasks={"user_prompt_levels": 1}), ds, tmp_path / "m")
+    bundle.save(tmp_path / "index")
+    ds.items[["item_id", "title"]].to_csv(tmp_path / "items.csv", index=False)
+    served = Recommender(rec.path, tmp_path / "index", tmp_path / "items.csv")
+    assert served.prompt_format.user_levels == 1
+    test = instr.part("test").head(6)
+    for row in test.itertuples():
+        head = served.prompt_format.user_head(served.users, row.user_id)
+        assert head.count("<u_") == 1 and row.prompt.startswith(head)
+        assert served.prompt_text(list(row.seen), row.user_id) == row.prompt
+        assert served.prompt_text(list(row.seen)) == served.prompt_text(list(row.seen), "no-such-user") == row.prompt[len(head):]
+    out = served.recommend([list(h) for h in test.seen[:3]], 4, list(test.user_id[:3]))
+    assert [len(o) for o in out] == [4, 4, 4]
+    with pytest.raises(DataError, match="user ids for"):
+        served.recommend([list(h) for h in test.seen[:3]], 4, list(test.user_id[:2]))
+
+
 def test_the_users_learned_quantizer_starts_from_their_hybrid_index(ml):
     """A dual index on a hybrid index (index.hybrid.users): the users' learned quantizer reads the same [text | mean
     collaborative vector of the user's training items] the static users' index was fitted on, so step 0 assigns

@@ -64,27 +64,42 @@ class PromptFormat:
     valid/test rows, model selection, the promotion gate and serving.
 
     ``window``: ``<user sid><prefix><sid 1>...<sid k>`` of the last ``history`` items; ``prefix``: the
-    instruction template ``seqrec`` #0 over the last ``history`` items."""
+    instruction template ``seqrec`` #0 over the last ``history`` items. ``user_levels`` (a dual index): how many
+    of the user's SID tokens head the prompt (:meth:`user_head`): 0 none, -1 all of them."""
 
     mode: str = "prefix"
     prefix: str = ""
     history: int = 10
+    user_levels: int = 0
 
     @classmethod
-    def from_config(cls, tasks_cfg, max_history: int) -> "PromptFormat":
+    def from_config(cls, tasks_cfg, max_history: int, dual: bool = False) -> "PromptFormat":
+        users = 0
+        if dual and getattr(tasks_cfg, "user_sid_in_prompt", True):
+            users = int(getattr(tasks_cfg, "user_prompt_levels", None) or -1)
         if getattr(tasks_cfg, "seqrec_mode", "prefix") == "window":
-            return cls("window", tasks_cfg.window_prefix, int(max_history))
-        return cls("prefix", "", int(tasks_cfg.prompt_history))
+            return cls("window", tasks_cfg.window_prefix, int(max_history), users)
+        return cls("prefix", "", int(tasks_cfg.prompt_history), users)
 
     @classmethod
     def from_json(cls, d: Optional[dict], prompt_history: int = 10) -> "PromptFormat":
-        """From a saved model config; models saved before formats existed used the prefix template."""
+        """From a saved model config; models saved before formats existed used the prefix template (and models saved
+        before ``user_levels`` was recorded are served without a user SID, as they always were)."""
         if not d:
             return cls("prefix", "", int(prompt_history))
-        return cls(str(d["mode"]), str(d.get("prefix", "")), int(d["history"]))
+        return cls(str(d["mode"]), str(d.get("prefix", "")), int(d["history"]), int(d.get("user_levels", 0)))
 
     def to_json(self) -> dict:
-        return {"mode": self.mode, "prefix": self.prefix, "history": self.history}
+        return {"mode": self.mode, "prefix": self.prefix, "history": self.history, "user_levels": self.user_levels}
+
+    def user_head(self, users, user_id) -> str:
+        """The tokens of ``user_id``'s SID in ``users`` (the dual index's user side) that head its prompts: the first
+        ``user_levels``, all with -1; none with 0, without a user index, or for a user it does not know."""
+        if not self.user_levels or users is None or user_id is None or str(user_id) not in users:
+            return ""
+        codes = users.codes[users.row_of(str(user_id))]
+        codes = codes if self.user_levels < 0 else codes[: self.user_levels]
+        return "".join(users.token(lv, int(c)) for lv, c in enumerate(codes))
 
     def render(self, history_sids: list[str], user_sid: str = "") -> str:
         sids = list(history_sids)[-self.history:]
@@ -230,22 +245,22 @@ class Renderer:
 
     def __init__(self, ds, item_index, user_index=None, item_texts: Optional[list[str]] = None,
                  user_texts: Optional[dict[str, str]] = None, keywords: Optional[dict[str, list[str]]] = None,
-                 user_in_prompt: bool = False, prompt_format: Optional[PromptFormat] = None):
+                 prompt_format: Optional[PromptFormat] = None):
         self.item_sid = {e: item_index.sid(i) for i, e in enumerate(item_index.entity_ids)}
         self.item_index = item_index
+        self.user_index = user_index
         self.user_sid = {e: user_index.sid(i) for i, e in enumerate(user_index.entity_ids)} if user_index is not None else {}
         self.titles = _titles(ds.items)
         self.texts = dict(zip(ds.items["item_id"], item_texts)) if item_texts is not None else {}
         self.user_texts = user_texts or {}
         self.keywords = keywords or {}
-        self.user_in_prompt = user_in_prompt and user_index is not None
         self.format = prompt_format or PromptFormat()
 
     def __call__(self, s) -> tuple[str, str, str]:
         t = TEMPLATES[s.task][s.template]
         sid = self.item_sid
         if s.task == "seqrec":
-            usid = self.user_sid.get(s.user_id, "") if self.user_in_prompt else ""
+            usid = self.format.user_head(self.user_index, s.user_id)
             if self.format.mode == "window":
                 if s.split == "train":  # a window: the first item is context, the SIDs of every later item are targets
                     items = list(s.history) + [s.target_item]
@@ -300,9 +315,9 @@ def build_instructions(ds, index, cfg, n_train: Optional[int], max_history: int,
     dual = user_index is not None
     specs = sample_specs(ds, cfg, n_train, max_history, seed, dual=dual, index_levels=index.num_levels if keywords else 0)
     utexts = dict(zip(*user_texts(ds))) if dual else None
-    fmt = PromptFormat.from_config(cfg, max_history)
+    fmt = PromptFormat.from_config(cfg, max_history, dual)
     renderer = Renderer(ds, index, user_index, item_texts=item_texts(ds), user_texts=utexts, keywords=keywords,
-                        user_in_prompt=dual and getattr(cfg, "user_sid_in_prompt", True), prompt_format=fmt)
+                        prompt_format=fmt)
     parts = [renderer.render(specs)] + [renderer.render(eval_specs(ds, p, max_history, fmt.history)) for p in ("valid", "test")]
     out = pd.concat(parts, ignore_index=True)
     out["seen"] = [s if isinstance(s, list) else None for s in out["seen"]]  # train rows: none

@@ -44,15 +44,16 @@ def pip_requirements() -> list[str]:
 
 
 def serving_signature(default_k: int = 10):
-    """The pyfunc's MLflow signature: input rows ``history`` (comma-separated item ids) and an optional
-    per-row ``k``; the inference parameter ``k`` (default ``default_k``) for the whole request, which
+    """The pyfunc's MLflow signature: input rows ``history`` (comma-separated item ids), an optional
+    per-row ``k`` and an optional ``user_id`` (a dual index's user SID heads the prompt); the inference parameter ``k`` (default ``default_k``) for the whole request, which
     ``mlflow models serve`` and ``pyfunc.predict(..., params={"k": 5})`` pass only when declared here;
     one output row per recommended item."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "history"), ColSpec("long", "k", required=False)]),
+        inputs=Schema([ColSpec("string", "history"), ColSpec("long", "k", required=False),
+                       ColSpec("string", "user_id", required=False)]),
         outputs=Schema([ColSpec("long", "request"), ColSpec("long", "rank"), ColSpec("string", "item_id"),
                         ColSpec("string", "title"), ColSpec("double", "score")]),
         params=ParamSchema([ParamSpec("k", "long", int(default_k))]),
@@ -78,7 +79,8 @@ def log_recommender(cfg: RunConfig, recommender_dir, bundle, dataset):
         artifacts = {"recommender": str(recommender_dir), "index": str(tmp / "index"), "items": str(tmp / "items.csv"),
                      "data_profile": str(tmp / "data_profile.json")}
         model_config = {"backbone": cfg.model.backbone, "beams": cfg.eval.beams, "prompt_history": cfg.tasks.prompt_history,
-                        "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history).to_json(),
+                        "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history,
+                                                                 cfg.index.entities == "items+users").to_json(),
                         "dtype": cfg.model.dtype, "k": 10, "exclude_history": cfg.eval.exclude_history}
         example_history = ",".join(str(i) for i in dataset.items["item_id"].head(3))
         return mlflow.pyfunc.log_model(name="recommender", python_model=str(SERVING_FILE), artifacts=artifacts,

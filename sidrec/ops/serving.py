@@ -16,7 +16,8 @@ file + its artifacts, all in safe formats:
 weights are referenced, not copied), ``beams``, ``prompt_history``, ``dtype`` and ``k``.
 
 predict input: a DataFrame with a ``history`` column (a list of item ids or a comma-separated
-string) and an optional ``k`` column. Output: one row per recommendation with ``request`` (input
+string), an optional ``k`` column and an optional ``user_id`` column (a dual index trained with the users' SIDs at
+the head of its prompts puts the user's there too; a user the index does not know, or none, gets none). Output: one row per recommendation with ``request`` (input
 row number), ``rank``, ``item_id``, ``title``, ``score`` (beam log-probability), best first.
 """
 
@@ -67,6 +68,7 @@ class Recommender:
         self.encoder = Encoder(tok, self.model.vocab)
         self.bundle = IndexBundle.load(Path(index_dir))
         self.index = self.bundle.items
+        self.users = self.bundle.users  # a dual index's users (their SIDs head the prompts, per the prompt format)
         self.trie = self.index.build_trie()
         items = pd.read_csv(items_csv, dtype=str, keep_default_na=False)
         self.titles = dict(zip(items["item_id"], items["title"]))
@@ -85,12 +87,13 @@ class Recommender:
     def unknown(self, history: Sequence[str]) -> list[str]:
         return [h for h in history if h not in self.index]
 
-    def prompt_text(self, history: Sequence[str]) -> str:
-        """The prompt of a history (known items only), in the training format and the run's SIDs."""
-        return self.prompt_format.render([self.index.sid_of(h) for h in history])
+    def prompt_text(self, history: Sequence[str], user_id: Optional[str] = None) -> str:
+        """The prompt of a history (known items only), in the training format and the run's SIDs, headed by the
+        user's SID where the model was trained so (``PromptFormat.user_head``)."""
+        return self.prompt_format.render([self.index.sid_of(h) for h in history], self.prompt_format.user_head(self.users, user_id))
 
-    def prompt(self, history: Sequence[str]) -> list[int]:
-        return self.encoder.encode(self.prompt_text(history))
+    def prompt(self, history: Sequence[str], user_id: Optional[str] = None) -> list[int]:
+        return self.encoder.encode(self.prompt_text(history, user_id))
 
     def member_texts(self, histories: list[list[str]]) -> list[list[str]]:
         """An own-index ensemble's prompt texts: per member, every history rendered in that member's own SIDs."""
@@ -100,8 +103,10 @@ class Recommender:
         """:meth:`member_texts`, tokenized by each member's encoder (what ``recommend_fused`` reads)."""
         return [[enc.encode(t) for t in texts] for enc, texts in zip(self.model.encoders, self.member_texts(histories))]
 
-    def recommend(self, histories: list[list[str]], k: int | None = None) -> list[pd.DataFrame]:
-        """Top-``k`` items per history (trie-constrained beam search, best first)."""
+    def recommend(self, histories: list[list[str]], k: int | None = None,
+                  user_ids: Optional[Sequence[Optional[str]]] = None) -> list[pd.DataFrame]:
+        """Top-``k`` items per history (trie-constrained beam search, best first); ``user_ids`` (one per history, or
+        None) for a dual index whose prompts start with the user's SID."""
         from sidrec.model.decode import recommend
 
         k = int(k or self.default_k)
@@ -119,7 +124,10 @@ class Recommender:
 
             rows, scores, _ = recommend_fused(self.model, self.member_prompts(histories), beams, 16, self.dtype, progress=False)
         else:
-            rows, scores, _ = recommend(self.model, [self.prompt(h) for h in histories], self.index, beams, 16, self.trie,
+            users = list(user_ids) if user_ids is not None else [None] * len(histories)
+            if len(users) != len(histories):
+                raise DataError(f"{len(users)} user ids for {len(histories)} histories: give one per history (or None)")
+            rows, scores, _ = recommend(self.model, [self.prompt(h, u) for h, u in zip(histories, users)], self.index, beams, 16, self.trie,
                                         self.encoder.pad_id, self.dtype, progress=False)
         if self.exclude_history:
             from sidrec.evaluation.metrics import drop_seen
@@ -153,6 +161,8 @@ class SIDRecPyfunc(_pyfunc_base()):
         if "history" not in df.columns:
             raise DataError("predict input needs a 'history' column (list of item ids or 'id,id,...')")
         histories = [parse_history(h) for h in df["history"]]
+        user_ids = [None if u is None or (isinstance(u, float) and u != u) or not str(u).strip() else str(u).strip()
+                    for u in df["user_id"]] if "user_id" in df.columns else [None] * len(df)
         # a row's own k wins; then the request's params k (the signature's default when not sent)
         pk = (params or {}).get("k")
         ks = df["k"].tolist() if "k" in df.columns else [None] * len(df)
@@ -165,7 +175,7 @@ class SIDRecPyfunc(_pyfunc_base()):
             by_k.setdefault(k, []).append(i)
         results: dict[int, pd.DataFrame] = {}
         for k, idx in by_k.items():
-            for i, res in zip(idx, self.rec.recommend([histories[i] for i in idx], k)):
+            for i, res in zip(idx, self.rec.recommend([histories[i] for i in idx], k, [user_ids[i] for i in idx])):
                 results[i] = res
         for i in range(len(df)):
             frames.append(results[i].assign(request=i))

@@ -169,6 +169,12 @@ VARIANTS.update({
     "static-dual-collab-users-text-rows": {"index": {"entities": "items+users"}, "tasks": _LIGHT_USER},
     "dynamic-dual-collab-users-text-rows": {"index": _DUAL_DYN, "model": {"item_head": 1.0}, "tasks": _LIGHT_USER},
     "dynamic-dual-collab-users-text-rows-no-user-tasks": {"index": _DUAL_DYN, "model": {"item_head": 1.0}},
+    # session 36: only the first of the user's SID tokens in the prompt (tasks.user_prompt_levels 1): a group of ~20
+    # similar users shares it, so the prompt cannot name the one user whose training windows it memorises
+    "dynamic-dual-collab-users-text-rows-user-head": {"index": _DUAL_DYN, "model": {"item_head": 1.0},
+                                                      "tasks": {**_LIGHT_USER, "user_prompt_levels": 1}},
+    "dynamic-dual-collab-users-text-rows-no-user-tasks-user-head": {"index": _DUAL_DYN, "model": {"item_head": 1.0},
+                                                                    "tasks": {"user_prompt_levels": 1}},
 })
 
 # Every variant above that sets tokenizer_lr without codeword_lr ran with the codebooks at tokenizer_lr (the default

@@ -92,6 +92,8 @@ def test_pyfunc_predict(registered):
     for _, g in out.groupby("request"):
         assert g["score"].is_monotonic_decreasing and set(g["item_id"]) <= set(items)
         assert g["title"].str.len().gt(0).all()
+    user = pf.predict(pd.DataFrame({"history": [",".join(items[:3])], "k": [5], "user_id": [next(iter(ds.train_sequences()))]}))
+    pd.testing.assert_frame_equal(user, out[out["request"] == 0].reset_index(drop=True))  # an items-only model ignores it
     default_k = pf.predict(pd.DataFrame({"history": [",".join(items[:2])]}))
     assert len(default_k) == 10
     assert len(pf.predict(pd.DataFrame({"history": [",".join(items[:2])] * 2}), params={"k": 4})) == 8

@@ -45,9 +45,9 @@ def pip_requirements() -> list[str]:
 
 def serving_signature(default_k: int = 10):
     """The pyfunc's MLflow signature: input rows ``history`` (comma-separated item ids), an optional
-    per-row ``k`` and an optional ``user_id`` (a dual index's user SID heads the prompt); the inference parameter ``k`` (default ``default_k``) for the whole request, which
-    ``mlflow models serve`` and ``pyfunc.predict(..., params={"k": 5})`` pass only when declared here;
-    one output row per recommended item."""
+    per-row ``k`` and an optional ``user_id`` (a dual index's user SID heads the prompt); the inference
+    parameter ``k`` (default ``default_k``) for the whole request, which ``mlflow models serve`` and
+    ``pyfunc.predict(..., params={"k": 5})`` pass only when declared here; one output row per recommended item."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 

@@ -17,8 +17,9 @@ weights are referenced, not copied), ``beams``, ``prompt_history``, ``dtype`` an
 
 predict input: a DataFrame with a ``history`` column (a list of item ids or a comma-separated
 string), an optional ``k`` column and an optional ``user_id`` column (a dual index trained with the users' SIDs at
-the head of its prompts puts the user's there too; a user the index does not know, or none, gets none). Output: one row per recommendation with ``request`` (input
-row number), ``rank``, ``item_id``, ``title``, ``score`` (beam log-probability), best first.
+the head of its prompts puts the user's there too; a user the index does not know, or none, gets none). Output:
+one row per recommendation with ``request`` (input row number), ``rank``, ``item_id``, ``title``, ``score`` (beam
+log-probability), best first.
 """
 
 import json
@@ -90,7 +91,8 @@ class Recommender:
     def prompt_text(self, history: Sequence[str], user_id: Optional[str] = None) -> str:
         """The prompt of a history (known items only), in the training format and the run's SIDs, headed by the
         user's SID where the model was trained so (``PromptFormat.user_head``)."""
-        return self.prompt_format.render([self.index.sid_of(h) for h in history], self.prompt_format.user_head(self.users, user_id))
+        head = self.prompt_format.user_head(self.users, user_id)
+        return self.prompt_format.render([self.index.sid_of(h) for h in history], head)
 
     def prompt(self, history: Sequence[str], user_id: Optional[str] = None) -> list[int]:
         return self.encoder.encode(self.prompt_text(history, user_id))
@@ -118,17 +120,18 @@ class Recommender:
             raise UnknownItemsError(f"unknown item ids (not in this model's SID index): {', '.join(bad[:20])}{more}")
         if any(not h for h in histories):
             raise DataError("an empty history: give at least one item id")
+        users = list(user_ids) if user_ids is not None else [None] * len(histories)
+        if len(users) != len(histories):
+            raise DataError(f"{len(users)} user ids for {len(histories)} histories: give one per history (or None)")
         beams = max(self.beams, k) + (10 if self.exclude_history else 0)  # room for the history items dropped below
         if self.fused:
             from sidrec.model.fusion import recommend_fused
 
             rows, scores, _ = recommend_fused(self.model, self.member_prompts(histories), beams, 16, self.dtype, progress=False)
         else:
-            users = list(user_ids) if user_ids is not None else [None] * len(histories)
-            if len(users) != len(histories):
-                raise DataError(f"{len(users)} user ids for {len(histories)} histories: give one per history (or None)")
-            rows, scores, _ = recommend(self.model, [self.prompt(h, u) for h, u in zip(histories, users)], self.index, beams, 16, self.trie,
-                                        self.encoder.pad_id, self.dtype, progress=False)
+            prompts = [self.prompt(h, u) for h, u in zip(histories, users)]
+            rows, scores, _ = recommend(self.model, prompts, self.index, beams, 16, self.trie, self.encoder.pad_id, self.dtype,
+                                        progress=False)
         if self.exclude_history:
             from sidrec.evaluation.metrics import drop_seen
 

@@ -424,14 +424,19 @@ def finetune_members(instructions: InstructionSet, bundle: IndexBundle, cfg: Run
     return TrainedRecommender(path=Path(out_dir), meta=meta)
 
 
-def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra) -> dict:
-    """``meta.json`` of a fine-tuned recommender (static, distributed or warm-started training)."""
+def prompt_format(cfg: RunConfig):
+    """The run's :class:`~sidrec.data.tasks.PromptFormat`, as saved with its model and served (a dual index's users'
+    SIDs at the head of the prompt, per ``tasks.user_sid_in_prompt`` / ``tasks.user_prompt_levels``)."""
     from sidrec.data.tasks import PromptFormat
 
+    return PromptFormat.from_config(cfg.tasks, cfg.data.max_history, cfg.index.entities == "items+users")
+
+
+def recommender_meta(cfg: RunConfig, model, summary: dict, losses: list, **extra) -> dict:
+    """``meta.json`` of a fine-tuned recommender (static, distributed or warm-started training)."""
     meta = {"backbone": cfg.model.backbone, "layers": cfg.model.layers, "train": summary, "loss_curve": losses,
             "lora": cfg.model.lora.model_dump(), "index_mode": cfg.index.mode,
-            "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history,
-                                                      cfg.index.entities == "items+users").to_json(),
+            "prompt_format": prompt_format(cfg).to_json(),
             "compute_dtype": compute_dtype_name(cfg),  # model.dtype as resolved where it trained
             **extra}
     if hasattr(model, "sa_init_share"):

@@ -66,8 +66,8 @@ def log_recommender(cfg: RunConfig, recommender_dir, bundle, dataset):
     adapter + SID rows); returns mlflow's ModelInfo (``model_id``, ``model_uri``)."""
     import mlflow
 
-    from sidrec.data.tasks import PromptFormat
     from sidrec.ops.serving import SERVING_FILE
+    from sidrec.stages import prompt_format
 
     with tempfile.TemporaryDirectory(prefix="sidrec-model-") as tmp:
         tmp = Path(tmp)
@@ -79,8 +79,7 @@ def log_recommender(cfg: RunConfig, recommender_dir, bundle, dataset):
         artifacts = {"recommender": str(recommender_dir), "index": str(tmp / "index"), "items": str(tmp / "items.csv"),
                      "data_profile": str(tmp / "data_profile.json")}
         model_config = {"backbone": cfg.model.backbone, "beams": cfg.eval.beams, "prompt_history": cfg.tasks.prompt_history,
-                        "prompt_format": PromptFormat.from_config(cfg.tasks, cfg.data.max_history,
-                                                                 cfg.index.entities == "items+users").to_json(),
+                        "prompt_format": prompt_format(cfg).to_json(),
                         "dtype": cfg.model.dtype, "k": 10, "exclude_history": cfg.eval.exclude_history}
         example_history = ",".join(str(i) for i in dataset.items["item_id"].head(3))
         return mlflow.pyfunc.log_model(name="recommender", python_model=str(SERVING_FILE), artifacts=artifacts,

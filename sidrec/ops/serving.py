@@ -146,6 +146,11 @@ class Recommender:
         return out
 
 
+def _absent(value) -> bool:
+    """A request cell left empty: None, or NaN where pandas filled a column some rows lack."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _pyfunc_base():
     import mlflow.pyfunc
 
@@ -164,17 +169,17 @@ class SIDRecPyfunc(_pyfunc_base()):
         if "history" not in df.columns:
             raise DataError("predict input needs a 'history' column (list of item ids or 'id,id,...')")
         histories = [parse_history(h) for h in df["history"]]
-        user_ids = [None if u is None or (isinstance(u, float) and u != u) or not str(u).strip() else str(u).strip()
+        user_ids = [None if _absent(u) or not str(u).strip() else str(u).strip()
                     for u in df["user_id"]] if "user_id" in df.columns else [None] * len(df)
         # a row's own k wins; then the request's params k (the signature's default when not sent)
         pk = (params or {}).get("k")
         ks = df["k"].tolist() if "k" in df.columns else [None] * len(df)
-        ks = [pk if (k is None or (isinstance(k, float) and k != k)) else k for k in ks]
+        ks = [pk if _absent(k) else k for k in ks]
         frames = []
         # group by k so each group is one batched decode
         by_k: dict = {}
         for i, k in enumerate(ks):
-            k = None if k is None or (isinstance(k, float) and k != k) else int(k)
+            k = None if _absent(k) else int(k)
             by_k.setdefault(k, []).append(i)
         results: dict[int, pd.DataFrame] = {}
         for k, idx in by_k.items():

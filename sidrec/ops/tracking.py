@@ -9,8 +9,8 @@ import contextlib
 import json
 import os
 import subprocess
-import time
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
